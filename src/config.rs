@@ -1,0 +1,665 @@
+//! `pgconverge.yaml` (format 1): the types (serde + schemars), loading with errors that
+//! point at file:line:col and the key path, and the checks serde cannot make.
+//!
+//! Invariant: a `Config` that `parse` returns is valid; everything downstream may rely on
+//! prefixes being well-formed, versions positive, rollout naming declared environments
+//! and declared prefixes never colliding with the temporary or retired ones.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::model::{shorten, EnvName, Major, Prefix};
+
+/// Config files larger than this are refused before parsing: a real one is a few KiB, and
+/// the bound keeps megabytes of garbage from costing memory or time.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "pgconverge.yaml", description = "Desired PostgreSQL major versions per environment, for pgconverge (format 1).")]
+pub struct Config {
+    /// Format of this file; only 1 exists.
+    pub version: FormatVersion,
+    /// Where the services live. Default: the local provider with its defaults.
+    #[serde(default)]
+    pub provider: ProviderConfig,
+    /// How upgrades are carried out; any key may be overridden per environment.
+    #[serde(default)]
+    pub upgrade: UpgradeConfig,
+    /// Apply order; later environments wait for earlier ones. Environments not listed
+    /// follow in file order.
+    #[serde(default)]
+    pub rollout: Vec<EnvName>,
+    /// The environments, each with its declared services.
+    pub environments: OrderedMap<EnvName, EnvironmentConfig>,
+}
+
+/// `version: 1`.
+#[derive(Clone, Copy, Debug, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct FormatVersion(#[schemars(range(min = 1, max = 1))] u32);
+
+impl<'de> Deserialize<'de> for FormatVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n != 1 {
+            return Err(serde::de::Error::custom(format!(
+                "config format version {n} is not supported: this build reads version 1"
+            )));
+        }
+        Ok(Self(1))
+    }
+}
+
+/// Exactly one provider section; none means `local` with its defaults.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Real PostgreSQL servers on this machine, one per service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalConfig>,
+    /// The Divio Control Panel API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divio: Option<DivioConfig>,
+}
+
+/// The local provider.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Where servers, metadata and backups live, relative to this file. Default `.pgconverge`.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// Directories searched first for PostgreSQL binaries.
+    #[serde(default)]
+    pub bin_dirs: Vec<PathBuf>,
+    /// OS user for server processes when pgconverge runs as root. Default `postgres`.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// What deploy does.
+    #[serde(default)]
+    pub deploy: LocalDeployConfig,
+}
+
+/// Deploy on the local provider: write the environment's env file, then run a command.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalDeployConfig {
+    /// Env file, relative to root; `{env}` is the environment's name. Default `{env}.env`.
+    #[serde(default)]
+    pub env_file: Option<String>,
+    /// Shell command run after the env file is written; its exit status counts.
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+/// The Divio provider.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DivioConfig {
+    /// Application slug or uuid.
+    pub application: String,
+    /// Control Panel zone, or a full http(s) URL. Default `divio.com`.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Environment variable holding the API token. Default `DIVIO_TOKEN`.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+/// How a service is copied to its new version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Back up the old service and restore into the new one (the runbook's way).
+    DumpRestore,
+}
+
+/// How a restored copy is checked against its source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verify {
+    /// No check.
+    None,
+    /// Row counts, sequences and the lists of schema objects.
+    Counts,
+    /// Counts, plus an ordered hash of every table's rows.
+    Checksums,
+}
+
+impl Verify {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verify::None => "none",
+            Verify::Counts => "counts",
+            Verify::Checksums => "checksums",
+        }
+    }
+}
+
+/// Upgrade settings as written: every key optional, so that an environment overrides only
+/// what it names.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// Default `dump_restore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// Block writes to the old service from backup to cutover. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_writes: Option<bool>,
+    /// Default `counts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
+    /// Prefix of the new service during an upgrade. Default `NEW`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporary_prefix: Option<Prefix>,
+    /// Prefix of the old service once retired. Default `OLD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_prefix: Option<Prefix>,
+    /// Keep the retired service, detached, instead of deleting it. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_old: Option<bool>,
+    /// Allow restoring into an older major. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_downgrade: Option<bool>,
+}
+
+/// One environment.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentConfig {
+    /// Overrides of the top-level `upgrade` settings.
+    #[serde(default)]
+    pub upgrade: UpgradeConfig,
+    /// Declared services: prefix → PostgreSQL major version.
+    pub postgres: OrderedMap<Prefix, Major>,
+}
+
+/// Upgrade settings with every default filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    pub strategy: Strategy,
+    pub fence_writes: bool,
+    pub verify: Verify,
+    pub temporary_prefix: Prefix,
+    pub retired_prefix: Prefix,
+    pub keep_old: bool,
+    pub allow_downgrade: bool,
+}
+
+impl Default for Upgrade {
+    fn default() -> Self {
+        UpgradeConfig::default().resolve(&UpgradeConfig::default())
+    }
+}
+
+impl UpgradeConfig {
+    /// These settings, overridden by `over`, defaults for what neither names.
+    pub fn resolve(&self, over: &UpgradeConfig) -> Upgrade {
+        let fixed = |s: &str| Prefix::parse(s).unwrap_or_else(|_| unreachable!("constant prefix"));
+        Upgrade {
+            strategy: over.strategy.or(self.strategy).unwrap_or(Strategy::DumpRestore),
+            fence_writes: over.fence_writes.or(self.fence_writes).unwrap_or(true),
+            verify: over.verify.or(self.verify).unwrap_or(Verify::Counts),
+            temporary_prefix: over
+                .temporary_prefix
+                .clone()
+                .or_else(|| self.temporary_prefix.clone())
+                .unwrap_or_else(|| fixed("NEW")),
+            retired_prefix: over
+                .retired_prefix
+                .clone()
+                .or_else(|| self.retired_prefix.clone())
+                .unwrap_or_else(|| fixed("OLD")),
+            keep_old: over.keep_old.or(self.keep_old).unwrap_or(false),
+            allow_downgrade: over.allow_downgrade.or(self.allow_downgrade).unwrap_or(false),
+        }
+    }
+}
+
+/// What the planner needs of one environment: its declared services and settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredEnv {
+    pub name: EnvName,
+    pub postgres: Vec<(Prefix, Major)>,
+    pub upgrade: Upgrade,
+}
+
+impl Config {
+    /// Environments in apply order: `rollout` first, then the rest in file order.
+    pub fn desired(&self) -> Vec<DesiredEnv> {
+        let mut order: Vec<&EnvName> = self.rollout.iter().collect();
+        for (name, _) in &self.environments.0 {
+            if !order.contains(&name) {
+                order.push(name);
+            }
+        }
+        order
+            .into_iter()
+            .filter_map(|name| {
+                let env = self.environments.get(name)?;
+                Some(DesiredEnv {
+                    name: name.clone(),
+                    postgres: env.postgres.0.clone(),
+                    upgrade: self.upgrade.resolve(&env.upgrade),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A map that keeps file order and refuses duplicate keys (serde's maps keep the last).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OrderedMap<K, V>(pub Vec<(K, V)>);
+
+impl<K: PartialEq, V> OrderedMap<K, V> {
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+impl<'de, K, V> Deserialize<'de> for OrderedMap<K, V>
+where
+    K: Deserialize<'de> + PartialEq + fmt::Display,
+    V: Deserialize<'de>,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MapVisitor<K, V>(std::marker::PhantomData<(K, V)>);
+        impl<'de, K, V> Visitor<'de> for MapVisitor<K, V>
+        where
+            K: Deserialize<'de> + PartialEq + fmt::Display,
+            V: Deserialize<'de>,
+        {
+            type Value = OrderedMap<K, V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(K, V)> = Vec::new();
+                while let Some(key) = map.next_key::<K>()? {
+                    if out.iter().any(|(k, _)| *k == key) {
+                        return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+                    }
+                    let value = map.next_value::<V>()?;
+                    out.push((key, value));
+                }
+                Ok(OrderedMap(out))
+            }
+        }
+        d.deserialize_map(MapVisitor(std::marker::PhantomData))
+    }
+}
+
+impl<K: JsonSchema, V: JsonSchema> JsonSchema for OrderedMap<K, V> {
+    fn schema_name() -> String {
+        format!("Map_of_{}", V::schema_name())
+    }
+    fn json_schema(gen: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        let value = gen.subschema_for::<V>();
+        let mut key = K::json_schema(gen).into_object();
+        key.metadata = None;
+        schemars::schema::SchemaObject {
+            instance_type: Some(schemars::schema::InstanceType::Object.into()),
+            object: Some(Box::new(schemars::schema::ObjectValidation {
+                additional_properties: Some(Box::new(value)),
+                property_names: Some(Box::new(key.into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+        .into()
+    }
+}
+
+/// A place in the config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    /// 1-based line and column, where the YAML has one.
+    pub line_col: Option<(usize, usize)>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.line_col {
+            write!(f, ":{line}:{col}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a config file was refused. Every variant carries where, what and a hint.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not YAML of the config's shape: syntax, unknown or duplicate keys, wrong
+    /// types, values out of range.
+    #[error("{at}: {}{message}", key_prefix(key_path))]
+    Parse { at: Location, key_path: Option<String>, message: String, hint: &'static str },
+    /// Well-formed YAML whose values contradict each other.
+    #[error("{at}: {}{message}", key_prefix(key_path))]
+    Invalid { at: Location, key_path: Option<String>, message: String, hint: &'static str },
+}
+
+fn key_prefix(key_path: &Option<String>) -> String {
+    key_path.as_deref().map(|p| format!("{p}: ")).unwrap_or_default()
+}
+
+impl ConfigError {
+    /// A suggestion for the user, shown under the error.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::Read { .. } => Some("pass the config file with -f FILE (default ./pgconverge.yaml)"),
+            ConfigError::Parse { hint, .. } | ConfigError::Invalid { hint, .. } => Some(hint),
+        }
+    }
+}
+
+/// Reads and parses a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let read_err = |source| ConfigError::Read { file: path.display().to_string(), source };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > MAX_CONFIG_BYTES as u64 {
+        return Err(ConfigError::Parse {
+            at: Location { file: path.to_owned(), line_col: None },
+            key_path: None,
+            message: format!("the file is {} bytes; a config file may be at most {MAX_CONFIG_BYTES}", meta.len()),
+            hint: "is this the right file? pgconverge.yaml holds a few lines per environment",
+        });
+    }
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    let text = String::from_utf8(bytes).map_err(|e| ConfigError::Parse {
+        at: Location { file: path.to_owned(), line_col: None },
+        key_path: None,
+        message: format!("the file is not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+        hint: "save the file as UTF-8",
+    })?;
+    parse(path, &text)
+}
+
+const SCHEMA_HINT: &str = "see `pgconverge schema` for every key and its type";
+
+/// Parses config text; `file` is only used to name the file in errors.
+pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    let at = |line_col| Location { file: file.to_owned(), line_col };
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Parse {
+            at: at(None),
+            key_path: None,
+            message: format!("the text is {} bytes; a config file may be at most {MAX_CONFIG_BYTES}", text.len()),
+            hint: "is this the right file? pgconverge.yaml holds a few lines per environment",
+        });
+    }
+    if let Some(offset) = text.find('\t') {
+        return Err(ConfigError::Parse {
+            at: at(Some(line_col(text, offset))),
+            key_path: None,
+            message: "tab character: YAML indentation must use spaces".into(),
+            hint: "replace tabs with spaces",
+        });
+    }
+    if text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
+    }) {
+        return Err(ConfigError::Parse {
+            at: at(None),
+            key_path: None,
+            message: "the file is empty".into(),
+            hint: "start from examples/pgconverge.yaml; a config needs `version: 1` and `environments`",
+        });
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    let config: Config = serde_path_to_error::deserialize(de).map_err(|e| parse_error(file, text, e))?;
+    validate(&config).map_err(|(path, message, hint)| ConfigError::Invalid {
+        at: at(locate(text, &path, 0)),
+        key_path: Some(path.join(".")),
+        message,
+        hint,
+    })?;
+    Ok(config)
+}
+
+fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
+    let segments: Vec<String> = e
+        .path()
+        .iter()
+        .filter_map(|s| match s {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+            _ => None,
+        })
+        .collect();
+    let inner = e.into_inner();
+    let mut message = inner.to_string();
+    // serde_yaml prefixes its own path and suffixes a position that is right only for
+    // errors it raised itself; both are shown separately here.
+    let trusted = message.contains(" at line ");
+    if let Some(i) = message.find(" at line ") {
+        message.truncate(i);
+    }
+    let yaml_path = e_path_string(&segments);
+    if let Some(rest) = message.strip_prefix(&format!("{yaml_path}: ")) {
+        message = rest.to_owned();
+    }
+    let duplicate = ["duplicate field `", "duplicate key `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_owned);
+    let line_col = match (&duplicate, trusted) {
+        (Some(key), _) => {
+            let mut path = segments.clone();
+            path.push(key.clone());
+            locate(text, &path, 1)
+        }
+        (None, true) => inner.location().map(|l| (l.line(), l.column())),
+        (None, false) => locate(text, &segments, 0),
+    };
+    let hint = if duplicate.is_some() {
+        "each key may appear once in a map; remove or merge the repeated one"
+    } else if message.starts_with("unknown field") || message.starts_with("unknown variant") {
+        "check the spelling; see `pgconverge schema` for every key"
+    } else if message.contains("recursion limit") || message.contains("repetition limit") {
+        "the file nests or repeats too deeply to be a pgconverge config"
+    } else if message.contains("invalid prefix") {
+        "prefixes are environment-variable prefixes such as DEFAULT or ANALYTICS"
+    } else {
+        SCHEMA_HINT
+    };
+    let mut key_path = segments;
+    if let Some(key) = duplicate {
+        key_path.push(key);
+    }
+    ConfigError::Parse {
+        at: Location { file: file.to_owned(), line_col },
+        key_path: (!key_path.is_empty()).then(|| key_path.join(".")),
+        message,
+        hint,
+    }
+}
+
+fn e_path_string(segments: &[String]) -> String {
+    segments.join(".")
+}
+
+type Invalid = (Vec<String>, String, &'static str);
+
+fn validate(config: &Config) -> Result<(), Invalid> {
+    let names: Vec<&EnvName> = config.environments.0.iter().map(|(n, _)| n).collect();
+    if names.is_empty() {
+        return Err((
+            vec!["environments".into()],
+            "no environments are declared".into(),
+            "declare at least one environment, e.g. `environments: {test: {postgres: {DEFAULT: 17}}}`",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, name) in config.rollout.iter().enumerate() {
+        if !names.contains(&name) {
+            return Err((
+                vec!["rollout".into(), i.to_string()],
+                format!("`{name}` is not a declared environment"),
+                "rollout lists environment names from `environments`",
+            ));
+        }
+        if !seen.insert(name) {
+            return Err((
+                vec!["rollout".into(), i.to_string()],
+                format!("`{name}` appears twice"),
+                "list each environment once",
+            ));
+        }
+    }
+    if config.provider.local.is_some() && config.provider.divio.is_some() {
+        return Err((
+            vec!["provider".into()],
+            "both `local` and `divio` are set".into(),
+            "choose one provider per file",
+        ));
+    }
+    for (name, env) in &config.environments.0 {
+        let upgrade = config.upgrade.resolve(&env.upgrade);
+        let env_path = |rest: &[&str]| {
+            let mut p = vec!["environments".to_owned(), name.to_string()];
+            p.extend(rest.iter().map(|s| s.to_string()));
+            p
+        };
+        if upgrade.temporary_prefix == upgrade.retired_prefix {
+            return Err((
+                env_path(&["upgrade"]),
+                format!("temporary_prefix and retired_prefix are both {}", upgrade.temporary_prefix),
+                "the new and the old service need different prefixes during an upgrade",
+            ));
+        }
+        if env.postgres.0.is_empty() {
+            return Err((
+                env_path(&["postgres"]),
+                "no services are declared".into(),
+                "declare at least one prefix, e.g. `DEFAULT: 17`",
+            ));
+        }
+        let declared: Vec<&Prefix> = env.postgres.0.iter().map(|(p, _)| p).collect();
+        for p in &declared {
+            let reserved = [&upgrade.temporary_prefix, &upgrade.retired_prefix].into_iter().any(|r| {
+                *p == r || declared.iter().any(|q| p.as_str() == format!("{r}_{q}"))
+            });
+            if reserved {
+                return Err((
+                    env_path(&["postgres", p.as_str()]),
+                    format!(
+                        "prefix {p} is reserved: {} and {} (and their `_<PREFIX>` forms) name the services of an upgrade in progress",
+                        upgrade.temporary_prefix, upgrade.retired_prefix
+                    ),
+                    "rename the service, or change upgrade.temporary_prefix / upgrade.retired_prefix",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Finds where the key path `path` is written, for errors serde_yaml cannot place
+/// (it gives positions only for errors it raised itself). Follows block mappings by
+/// indentation and flow mappings by text; `nth` picks a repeated last key (0 = first).
+/// Best effort: `None` when the text is too unusual to follow.
+fn locate(text: &str, path: &[String], nth: usize) -> Option<(usize, usize)> {
+    let mut start = 0;
+    let mut end = text.len();
+    let mut found = None;
+    for (depth, seg) in path.iter().enumerate() {
+        let last = depth + 1 == path.len();
+        let mut skip = if last { nth } else { 0 };
+        if seg.parse::<usize>().is_ok() {
+            continue; // sequence index: stay on the parent key
+        }
+        let mut from = start;
+        let hit = loop {
+            let i = find_key(&text[from..end], seg)? + from;
+            if skip == 0 {
+                break i;
+            }
+            skip -= 1;
+            from = i + seg.len();
+        };
+        found = Some(hit);
+        let indent = hit - text[..hit].rfind('\n').map_or(0, |n| n + 1);
+        start = hit + seg.len();
+        // The key's block ends at the next non-blank, non-comment line indented no deeper.
+        let mut block_end = end;
+        let mut pos = text[start..end].find('\n').map_or(end, |n| start + n + 1);
+        while pos < end {
+            let line_end = text[pos..end].find('\n').map_or(end, |n| pos + n);
+            let line = &text[pos..line_end];
+            let trimmed = line.trim_start();
+            if !trimmed.is_empty() && !trimmed.starts_with('#') && line.len() - trimmed.len() <= indent {
+                block_end = pos;
+                break;
+            }
+            pos = line_end + 1;
+        }
+        end = block_end;
+    }
+    found.map(|i| line_col(text, i))
+}
+
+/// Offset of `key` written as a mapping key (plain or quoted, followed by `:`).
+fn find_key(hay: &str, key: &str) -> Option<usize> {
+    let bytes = hay.as_bytes();
+    for quote in ["", "\"", "'"] {
+        let needle = format!("{quote}{key}{quote}");
+        let mut from = 0;
+        while let Some(i) = hay[from..].find(&needle).map(|i| i + from) {
+            let before_ok = i == 0 || matches!(bytes[i - 1], b' ' | b'\n' | b'{' | b',' | b'-');
+            let after = hay[i + needle.len()..].trim_start_matches(' ');
+            let after_ok = after.starts_with(':')
+                && after[1..].chars().next().is_none_or(|c| c.is_whitespace() || matches!(c, ',' | '}'));
+            if before_ok && after_ok {
+                return Some(i);
+            }
+            from = i + needle.len();
+        }
+    }
+    None
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dump_restore")
+    }
+}
+
+/// The user-facing form of a config error: the message, then the hint.
+pub fn report(e: &ConfigError) -> String {
+    match e.hint() {
+        Some(h) => format!("{e}\n  hint: {h}"),
+        None => e.to_string(),
+    }
+}
+
+#[doc(hidden)]
+pub fn shorten_for_tests(s: &str) -> String {
+    shorten(s)
+}

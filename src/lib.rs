@@ -1,0 +1,10 @@
+//! pgconverge: a declarative reconciler for PostgreSQL service versions.
+//!
+//! The pure core (`config`, `model`, `plan`, `render`) never touches the file system, a
+//! process or the network; `cli` is where effects live.
+
+pub mod cli;
+pub mod config;
+pub mod model;
+pub mod plan;
+pub mod render;

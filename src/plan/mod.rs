@@ -1,0 +1,334 @@
+//! Plans: the public plan format (format 1), and planning every environment of a config
+//! against a live snapshot. Pure: no I/O.
+
+pub mod rules;
+pub mod search;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, DesiredEnv};
+use crate::model::{EnvLive, EnvName, Live, Major, Prefix, ServiceId, Status, FORMAT_VERSION};
+use rules::{Ctx, Id, Op, State};
+use search::Outcome;
+
+/// One action, as plan format 1 writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    Add { service: ServiceId, prefix: Prefix, version: Major },
+    Provision { service: ServiceId },
+    Fence { service: ServiceId },
+    Unfence { service: ServiceId },
+    Backup { service: ServiceId },
+    Restore { service: ServiceId, from: ServiceId },
+    Verify { service: ServiceId, against: ServiceId },
+    Rename { service: ServiceId, to: Prefix },
+    Detach { service: ServiceId },
+    Deploy,
+    Delete { service: ServiceId },
+}
+
+impl Action {
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Action::Add { .. } => "add",
+            Action::Provision { .. } => "provision",
+            Action::Fence { .. } => "fence",
+            Action::Unfence { .. } => "unfence",
+            Action::Backup { .. } => "backup",
+            Action::Restore { .. } => "restore",
+            Action::Verify { .. } => "verify",
+            Action::Rename { .. } => "rename",
+            Action::Detach { .. } => "detach",
+            Action::Deploy => "deploy",
+            Action::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// The plan of one environment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvPlan {
+    pub name: EnvName,
+    pub actions: Vec<Action>,
+}
+
+/// Plan format 1: what `plan --format json` prints and `apply FILE` carries out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub format_version: u32,
+    /// Digest of the snapshot this plan was made from; a stale plan is refused.
+    pub observed: String,
+    pub environments: Vec<EnvPlan>,
+}
+
+impl Plan {
+    pub fn has_changes(&self) -> bool {
+        self.environments.iter().any(|e| !e.actions.is_empty())
+    }
+}
+
+/// What makes an action risky for the application.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Risk {
+    /// The application cannot write to this database until the deploy.
+    BlocksWrites,
+    /// A database server and its data are removed.
+    DeletesService,
+    /// The application's view of its databases changes.
+    Cutover,
+}
+
+/// An action with what a person needs to judge it. For display only: apply never reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub action: Action,
+    pub reason: String,
+    pub risk: Option<Risk>,
+    /// The action runs while writes are blocked.
+    pub in_outage: bool,
+}
+
+/// One environment's plan with its context, for the renderers.
+#[derive(Clone, Debug)]
+pub struct EnvReport {
+    pub name: EnvName,
+    pub desired: DesiredEnv,
+    pub live: EnvLive,
+    pub steps: Vec<Step>,
+    /// Services pgconverge never touches, with a word on why.
+    pub unmanaged: Vec<ServiceId>,
+    /// Actions strictly inside the write outage.
+    pub outage_actions: u32,
+}
+
+/// Every environment planned, for the renderers and apply.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub plan: Plan,
+    pub environments: Vec<EnvReport>,
+    /// Environments in the snapshot that the config does not declare: never touched.
+    pub unmanaged_environments: Vec<EnvName>,
+}
+
+/// Why an environment has no plan.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// `--env` named an environment the config does not declare.
+    #[error("environment `{0}` is not declared in the config")]
+    UnknownEnvironment(String),
+    /// The snapshot is inconsistent.
+    #[error("the live snapshot is invalid: {0}")]
+    BadSnapshot(String),
+    /// No sequence of allowed actions reaches the goal.
+    #[error("environment {env}: no safe plan exists: {reason}")]
+    NoPlan { env: EnvName, reason: String },
+}
+
+/// Plans the environments of `config` (all, or those named in `only`) against `live`.
+pub fn plan(config: &Config, live: &Live, only: &[EnvName]) -> Result<Report, PlanError> {
+    live.validate().map_err(PlanError::BadSnapshot)?;
+    let desired = config.desired();
+    for name in only {
+        if !desired.iter().any(|d| &d.name == name) {
+            return Err(PlanError::UnknownEnvironment(name.to_string()));
+        }
+    }
+    let mut environments = Vec::new();
+    for d in desired.iter().filter(|d| only.is_empty() || only.contains(&d.name)) {
+        let env_live = live.environments.get(&d.name).cloned().unwrap_or_default();
+        environments.push(plan_env(d, &env_live)?);
+    }
+    let unmanaged_environments = live
+        .environments
+        .keys()
+        .filter(|n| !desired.iter().any(|d| &d.name == *n))
+        .cloned()
+        .collect();
+    let plan = Plan {
+        format_version: FORMAT_VERSION,
+        observed: live.digest(),
+        environments: environments
+            .iter()
+            .map(|e| EnvPlan { name: e.name.clone(), actions: e.steps.iter().map(|s| s.action.clone()).collect() })
+            .collect(),
+    };
+    Ok(Report { plan, environments, unmanaged_environments })
+}
+
+/// Plans one environment.
+pub fn plan_env(desired: &DesiredEnv, live: &EnvLive) -> Result<EnvReport, PlanError> {
+    let no_plan = |reason: String| PlanError::NoPlan { env: desired.name.clone(), reason };
+    let (ctx, start) = Ctx::new(desired, live).map_err(no_plan)?;
+    if let Some(reason) = obstacle(&ctx, &start) {
+        return Err(no_plan(reason));
+    }
+    let ops = match search::astar(&ctx, &start) {
+        Outcome::Found { ops, .. } => ops,
+        Outcome::Unreachable { .. } => {
+            return Err(no_plan(
+                "no sequence of the allowed actions reaches the declared state from the observed one; \
+                 see `pgconverge show` for what is there"
+                    .into(),
+            ))
+        }
+        Outcome::GaveUp { expanded } => {
+            return Err(no_plan(format!(
+                "the search gave up after {expanded} states; plan fewer prefixes at once (split the change)"
+            )))
+        }
+    };
+    let mut steps = Vec::new();
+    let mut st = start.clone();
+    let mut outage_actions = 0;
+    for op in &ops {
+        let next = ctx.effect(&st, op);
+        let inside = search::step_outage(&ctx, &st, &next) == 1;
+        outage_actions += u32::from(inside);
+        steps.push(Step {
+            action: to_action(&ctx, &st, op),
+            reason: reason(&ctx, &st, op),
+            risk: risk(op),
+            in_outage: inside,
+        });
+        st = next;
+    }
+    let unmanaged = start.svcs.iter().filter(|s| ctx.unmanaged(s)).map(|s| ctx.id(s.id)).collect();
+    Ok(EnvReport {
+        name: desired.name.clone(),
+        desired: desired.clone(),
+        live: live.clone(),
+        steps,
+        unmanaged,
+        outage_actions,
+    })
+}
+
+/// Known reasons no plan can exist, found before searching so the user hears the cause
+/// rather than "no plan".
+fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
+    for &(p, v) in &ctx.declared {
+        let name = &ctx.prefixes[p as usize];
+        let holders: Vec<_> = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p)).collect();
+        if !ctx.allow_downgrade {
+            if let Some(s) = holders.iter().find(|s| s.visible() && s.version > v) {
+                return Some(format!(
+                    "{name} is declared as PostgreSQL {v}, but its data is on {} ({}); \
+                     a downgrade needs `upgrade.allow_downgrade: true` and a dump that the older server can read",
+                    s.version,
+                    ctx.id(s.id)
+                ));
+            }
+        }
+        if ctx.fence_writes {
+            let visible_incomplete = holders.iter().find(|s| s.visible() && !s.data.is_some_and(|d| d.complete));
+            let visible_complete = holders.iter().any(|s| s.visible() && s.data.is_some_and(|d| d.complete));
+            let hidden_complete = holders.iter().find(|s| !s.visible() && s.data.is_some_and(|d| d.complete));
+            if let (Some(app), false, Some(hidden)) = (visible_incomplete, visible_complete, hidden_complete) {
+                return Some(format!(
+                    "the application's copy of {name} ({}) is incomplete and the only complete copy ({}) is not visible: \
+                     the two have diverged; merge them by hand, then mark the copy complete",
+                    ctx.id(app.id),
+                    ctx.id(hidden.id)
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn to_action(ctx: &Ctx, st: &State, op: &Op) -> Action {
+    let id = |i: Id| ctx.id(i);
+    let prefix = |p: u8| ctx.prefixes[p as usize].clone();
+    match *op {
+        Op::Add { prefix: p, version } => Action::Add {
+            service: ServiceId::added(u32::from(st.adds) + 1),
+            prefix: prefix(p),
+            version: Major::new(version).unwrap_or_else(|_| unreachable!("declared versions are positive")),
+        },
+        Op::Provision(s) => Action::Provision { service: id(s) },
+        Op::Fence(s) => Action::Fence { service: id(s) },
+        Op::Unfence(s) => Action::Unfence { service: id(s) },
+        Op::Backup(s) => Action::Backup { service: id(s) },
+        Op::Restore { service, from } => Action::Restore { service: id(service), from: id(from) },
+        Op::Verify { service, against } => Action::Verify { service: id(service), against: id(against) },
+        Op::Rename { service, to } => Action::Rename { service: id(service), to: prefix(to) },
+        Op::Detach(s) => Action::Detach { service: id(s) },
+        Op::Deploy => Action::Deploy,
+        Op::Delete(s) => Action::Delete { service: id(s) },
+    }
+}
+
+fn risk(op: &Op) -> Option<Risk> {
+    match op {
+        Op::Fence(_) => Some(Risk::BlocksWrites),
+        Op::Delete(_) => Some(Risk::DeletesService),
+        Op::Deploy => Some(Risk::Cutover),
+        _ => None,
+    }
+}
+
+/// One line in the runbook's words on why the action is there.
+fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
+    let svc = |i: Id| st.svcs.iter().find(|s| s.id == i);
+    let pre = |p: u8| ctx.prefixes[p as usize].as_str().to_owned();
+    let label = |i: Id| match svc(i) {
+        Some(s) => format!("{} (PostgreSQL {}, {})", pre(s.prefix), s.version, ctx.id(i)),
+        None => ctx.id(i).to_string(),
+    };
+    let dataset = |i: Id| svc(i).and_then(|s| s.data).map(|d| pre(d.of)).unwrap_or_else(|| "its".into());
+    match *op {
+        Op::Add { prefix, version } => {
+            if ctx.is_declared(prefix) {
+                format!("add a PostgreSQL {version} service for {}", pre(prefix))
+            } else {
+                format!("add the new PostgreSQL {version} service as {}", pre(prefix))
+            }
+        }
+        Op::Provision(i) => format!("create {} so that data can be restored into it", label(i)),
+        Op::Fence(i) => format!(
+            "block writes to {} so that the backup misses no committed write",
+            label(i)
+        ),
+        Op::Unfence(i) => format!("let the application write to {} again", label(i)),
+        Op::Backup(i) => format!("back up the {} data of {}", dataset(i), label(i)),
+        Op::Restore { service, from } => format!("restore the backup of {} into {}", label(from), label(service)),
+        Op::Verify { service, against } => format!(
+            "compare {} with {} ({}) before anything depends on it",
+            label(service),
+            label(against),
+            ctx.verify.as_str()
+        ),
+        Op::Rename { service, to } => {
+            let s = svc(service);
+            let retiring = matches!(ctx.roles[to as usize], rules::Role::Retired(_));
+            if retiring {
+                format!("retire {} as {}", label(service), pre(to))
+            } else if s.is_some_and(|s| matches!(s.status, Status::New | Status::Provisioned)) && ctx.is_declared(to) {
+                format!("give {} the prefix {} it will serve under", label(service), pre(to))
+            } else {
+                format!("rename {} to {}", label(service), pre(to))
+            }
+        }
+        Op::Detach(i) => format!("detach {} from the application at the next deploy", label(i)),
+        Op::Deploy => {
+            let attach: Vec<String> = st
+                .svcs
+                .iter()
+                .filter(|s| matches!(s.status, Status::New | Status::Provisioned))
+                .map(|s| format!("{} ({})", pre(s.prefix), s.version))
+                .collect();
+            if attach.is_empty() {
+                "deploy: the application stops seeing the detached services".into()
+            } else {
+                format!("deploy: the application switches to {}", attach.join(", "))
+            }
+        }
+        Op::Delete(i) => format!("delete {}: its data lives on elsewhere", label(i)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

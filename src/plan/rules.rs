@@ -1,0 +1,651 @@
+//! The action rules of DESIGN.md, in one place: what each op requires and what it does,
+//! on a compact state the search can hash cheaply. Nothing else in the crate decides
+//! whether an action is allowed.
+//!
+//! Two refinements of DESIGN.md's table, both on the side of never losing data:
+//! - deploy may attach a service with no data only under a declared prefix P, and only
+//!   while dataset P exists nowhere: otherwise it would present an empty database as P's
+//!   data, or create a dataset under a temporary name that could never be removed;
+//! - an environment whose application copy of P is incomplete while a complete copy sits
+//!   on an invisible service has no plan (checked in `mod.rs`): the two have diverged and
+//!   only a person can merge them.
+
+use crate::config::{DesiredEnv, Verify};
+use crate::model::{EnvLive, Prefix, ServiceId, Status};
+
+/// Index into `Ctx::prefixes`.
+pub type P = u8;
+
+/// A service: observed (index into `Ctx::observed`) or added by the plan (`+n`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Id {
+    Observed(u16),
+    Added(u16),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DataS {
+    pub of: P,
+    pub complete: bool,
+    pub restored_from: Option<Id>,
+    pub verified: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backup {
+    pub of: P,
+    pub complete: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Svc {
+    pub id: Id,
+    pub version: u32,
+    pub prefix: P,
+    pub status: Status,
+    pub fenced: bool,
+    /// Effective data: a visible service always holds data.
+    pub data: Option<DataS>,
+    /// The latest backup taken of this service in this plan (snapshots list none).
+    pub backup: Option<Backup>,
+}
+
+impl Svc {
+    pub fn visible(&self) -> bool {
+        self.status.visible()
+    }
+}
+
+/// One environment's services as the rules see them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct State {
+    pub svcs: Vec<Svc>,
+    /// How many services this plan has added so far (the next is `+(adds+1)`).
+    pub adds: u16,
+}
+
+/// An action on the compact state; `Action` in `mod.rs` is its public form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Add { prefix: P, version: u32 },
+    Provision(Id),
+    Fence(Id),
+    Unfence(Id),
+    Backup(Id),
+    Restore { service: Id, from: Id },
+    Verify { service: Id, against: Id },
+    Rename { service: Id, to: P },
+    Detach(Id),
+    Deploy,
+    Delete(Id),
+}
+
+/// What a prefix means in this environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Declared in the config, with its declared version.
+    Declared(u32),
+    /// The new service of an upgrade of the bound prefix (`NEW`, `NEW_P`).
+    Temporary(Option<P>),
+    /// The old service of an upgrade of the bound prefix (`OLD`, `OLD_P`).
+    Retired(Option<P>),
+    /// Anything else: services under it are pgconverge's only if they hold declared data.
+    Other,
+}
+
+/// Everything about an environment that does not change while planning.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub prefixes: Vec<Prefix>,
+    pub roles: Vec<Role>,
+    /// Declared prefixes in file order, with versions.
+    pub declared: Vec<(P, u32)>,
+    /// The temporary and retired prefix the planner uses for each declared prefix.
+    pub temp_of: Vec<(P, P)>,
+    pub observed: Vec<ServiceId>,
+    pub fence_writes: bool,
+    pub verify: Verify,
+    pub keep_old: bool,
+    pub allow_downgrade: bool,
+    /// Prefixes that migrate in the observed state (DESIGN.md), in declared order.
+    pub migrating: Vec<P>,
+}
+
+/// Why the rules refuse an op.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+fn refuse<T>(msg: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal(msg.into()))
+}
+
+impl Ctx {
+    /// Builds the context and the starting state of `desired` against what was observed.
+    pub fn new(desired: &DesiredEnv, live: &EnvLive) -> Result<(Ctx, State), String> {
+        let up = &desired.upgrade;
+        let mut prefixes: Vec<Prefix> = Vec::new();
+        let mut intern = |p: &Prefix| -> Result<P, String> {
+            if let Some(i) = prefixes.iter().position(|q| q == p) {
+                return Ok(i as P);
+            }
+            if prefixes.len() >= usize::from(P::MAX) {
+                return Err("too many distinct prefixes in one environment (at most 255)".into());
+            }
+            prefixes.push(p.clone());
+            Ok((prefixes.len() - 1) as P)
+        };
+        let mut declared = Vec::new();
+        for (p, v) in &desired.postgres {
+            declared.push((intern(p)?, v.get()));
+        }
+        let declared_version = |p: &Prefix| desired.postgres.iter().find(|(q, _)| q == p).map(|(_, v)| v.get());
+
+        // A prefix migrates when a service under it, or a visible service holding its
+        // dataset, runs another version than the declared one.
+        let mut migrating = Vec::new();
+        for (p, v) in &desired.postgres {
+            let migrates = live.services.iter().any(|s| {
+                let holds = s.effective_data().is_some_and(|d| &d.of == p);
+                (&s.prefix == p || (s.status.visible() && holds)) && s.version.get() != v.get()
+            });
+            if migrates {
+                migrating.push(intern(p)?);
+            }
+        }
+        let single = (migrating.len() == 1).then(|| migrating[0]);
+
+        let joined = |base: &Prefix, p: &Prefix| Prefix::parse(&format!("{base}_{p}"));
+        let mut temp_of = Vec::new();
+        for (p, _) in &desired.postgres {
+            let pi = intern(p)?;
+            let (t, r) = if single == Some(pi) {
+                (up.temporary_prefix.clone(), up.retired_prefix.clone())
+            } else {
+                (joined(&up.temporary_prefix, p)?, joined(&up.retired_prefix, p)?)
+            };
+            temp_of.push((intern(&t)?, intern(&r)?));
+        }
+        let mut observed = Vec::new();
+        let mut svcs = Vec::new();
+        for (i, s) in live.services.iter().enumerate() {
+            observed.push(s.id.clone());
+            let data = match s.effective_data() {
+                Some(d) => Some(DataS {
+                    of: intern(&d.of)?,
+                    complete: d.complete,
+                    restored_from: d
+                        .restored_from
+                        .as_ref()
+                        .and_then(|r| live.services.iter().position(|o| &o.id == r))
+                        .map(|j| Id::Observed(j as u16)),
+                    verified: d.verified,
+                }),
+                None => None,
+            };
+            svcs.push(Svc {
+                id: Id::Observed(i as u16),
+                version: s.version.get(),
+                prefix: intern(&s.prefix)?,
+                status: s.status,
+                fenced: s.fenced,
+                data,
+                backup: None,
+            });
+        }
+        if live.services.len() > 1000 {
+            return Err("more than 1000 services in one environment".into());
+        }
+        let roles = prefixes
+            .iter()
+            .map(|p| {
+                if let Some(v) = declared_version(p) {
+                    return Role::Declared(v);
+                }
+                if *p == up.temporary_prefix {
+                    return Role::Temporary(single);
+                }
+                if *p == up.retired_prefix {
+                    return Role::Retired(single);
+                }
+                for (q, _) in &desired.postgres {
+                    let qi = prefixes.iter().position(|x| x == q).map(|i| i as P);
+                    if joined(&up.temporary_prefix, q).as_ref() == Ok(p) {
+                        return Role::Temporary(qi);
+                    }
+                    if joined(&up.retired_prefix, q).as_ref() == Ok(p) {
+                        return Role::Retired(qi);
+                    }
+                }
+                Role::Other
+            })
+            .collect();
+        let ctx = Ctx {
+            prefixes,
+            roles,
+            declared,
+            temp_of,
+            observed,
+            fence_writes: up.fence_writes,
+            verify: up.verify,
+            keep_old: up.keep_old,
+            allow_downgrade: up.allow_downgrade,
+            migrating,
+        };
+        Ok((ctx, State { svcs, adds: 0 }))
+    }
+
+    pub fn declared_version(&self, p: P) -> Option<u32> {
+        match self.roles[p as usize] {
+            Role::Declared(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn is_declared(&self, p: P) -> bool {
+        self.declared_version(p).is_some()
+    }
+
+    /// The public id of a service.
+    pub fn id(&self, id: Id) -> ServiceId {
+        match id {
+            Id::Observed(i) => self.observed[i as usize].clone(),
+            Id::Added(n) => ServiceId::added(u32::from(n)),
+        }
+    }
+
+    /// Never touched: not under a declared, temporary or retired prefix, and not holding
+    /// declared data.
+    pub fn unmanaged(&self, s: &Svc) -> bool {
+        self.roles[s.prefix as usize] == Role::Other && !s.data.is_some_and(|d| self.is_declared(d.of))
+    }
+
+    /// The application's own copy of a declared dataset.
+    pub fn live_holder(&self, s: &Svc) -> bool {
+        s.visible() && s.data.is_some_and(|d| self.is_declared(d.of))
+    }
+
+    /// With keep_old, the original kept detached under a retired prefix.
+    pub fn retired_original(&self, s: &Svc) -> bool {
+        matches!(self.roles[s.prefix as usize], Role::Retired(_)) && s.data.is_some_and(|d| self.is_declared(d.of))
+    }
+
+    /// A copy of `p` is good enough to replace or be the application's copy.
+    pub fn trusted(&self, d: &DataS, p: P) -> bool {
+        d.of == p && (d.complete || !self.fence_writes) && (d.verified || self.verify == Verify::None)
+    }
+
+    /// A replacement for dataset `p` is ready.
+    pub fn ready(&self, st: &State, p: P) -> bool {
+        st.svcs.iter().any(|s| {
+            matches!(s.status, Status::New | Status::Provisioned) && s.data.is_some_and(|d| self.trusted(&d, p))
+        })
+    }
+
+    /// Prefixes carry meaning (DESIGN.md): may `s` sit under its prefix with its data?
+    pub fn prefix_meaning_holds(&self, s: &Svc) -> bool {
+        let of = s.data.map(|d| d.of);
+        match self.roles[s.prefix as usize] {
+            Role::Declared(_) => of.is_none_or(|o| o == s.prefix),
+            Role::Temporary(Some(p)) => of.is_none_or(|o| o == p) && Some(s.version) == self.declared_version(p),
+            Role::Retired(Some(p)) => of == Some(p),
+            Role::Temporary(None) | Role::Retired(None) | Role::Other => false,
+        }
+    }
+
+    pub fn dataset_exists(&self, st: &State, p: P) -> bool {
+        st.svcs.iter().any(|s| s.data.is_some_and(|d| d.of == p))
+    }
+
+    /// The goal of DESIGN.md for one environment.
+    pub fn is_goal(&self, st: &State) -> bool {
+        for &(p, v) in &self.declared {
+            let mut under = st.svcs.iter().filter(|s| s.prefix == p);
+            let (Some(s), None) = (under.next(), under.next()) else { return false };
+            if s.status != Status::Attached || s.version != v || s.fenced {
+                return false;
+            }
+            if self.dataset_exists(st, p) && !s.data.is_some_and(|d| self.final_data_ok(&d, p)) {
+                return false;
+            }
+        }
+        st.svcs.iter().all(|s| {
+            self.is_declared(s.prefix)
+                || self.unmanaged(s)
+                || (self.keep_old && self.retired_original(s) && s.status == Status::Detached)
+        })
+    }
+
+    /// The application's copy of `p` as the goal and deploy's safety want it.
+    pub fn final_data_ok(&self, d: &DataS, p: P) -> bool {
+        d.of == p
+            && (d.complete || !self.fence_writes)
+            && (d.verified || self.verify == Verify::None || d.restored_from.is_none())
+    }
+
+    /// Checks an op's precondition against DESIGN.md's table.
+    pub fn check(&self, st: &State, op: &Op) -> Result<(), Refusal> {
+        let get = |id: Id| match st.svcs.iter().find(|s| s.id == id) {
+            Some(s) if self.unmanaged(s) => {
+                refuse(format!("{} is not managed by pgconverge and is never touched", self.id(id)))
+            }
+            Some(s) => Ok(s),
+            None => refuse(format!("no service {} in this environment", self.id(id))),
+        };
+        let name = |p: P| self.prefixes[p as usize].as_str();
+        match *op {
+            Op::Add { prefix, version } => {
+                if st.svcs.iter().any(|s| s.prefix == prefix) {
+                    return refuse(format!("a service already holds prefix {}", name(prefix)));
+                }
+                let probe = Svc {
+                    id: Id::Added(0),
+                    version,
+                    prefix,
+                    status: Status::New,
+                    fenced: false,
+                    data: None,
+                    backup: None,
+                };
+                if !self.prefix_meaning_holds(&probe) {
+                    return refuse(format!("a version {version} service may not be added under {}", name(prefix)));
+                }
+                Ok(())
+            }
+            Op::Provision(id) => match get(id)?.status {
+                Status::New => Ok(()),
+                other => refuse(format!("{} is {}, not new", self.id(id), other.as_str())),
+            },
+            Op::Fence(id) => {
+                let s = get(id)?;
+                if !s.visible() || s.fenced || s.data.is_none() {
+                    return refuse(format!("{} is not a visible, unfenced service holding data", self.id(id)));
+                }
+                Ok(())
+            }
+            Op::Unfence(id) => {
+                if !get(id)?.fenced {
+                    return refuse(format!("{} is not fenced", self.id(id)));
+                }
+                Ok(())
+            }
+            Op::Backup(id) => {
+                let s = get(id)?;
+                if s.status == Status::New || s.data.is_none() {
+                    return refuse(format!("{} holds no data to back up", self.id(id)));
+                }
+                Ok(())
+            }
+            Op::Restore { service, from } => {
+                let s = get(service)?;
+                let f = get(from)?;
+                let Some(b) = f.backup else {
+                    return refuse(format!("no backup of {} was taken earlier in this plan", self.id(from)));
+                };
+                if service == from || s.status != Status::Provisioned {
+                    return refuse(format!("{} is not a provisioned service other than the source", self.id(service)));
+                }
+                if s.version < f.version && !self.allow_downgrade {
+                    return refuse(format!(
+                        "restoring PostgreSQL {} data into {} would downgrade it (set upgrade.allow_downgrade)",
+                        f.version, s.version
+                    ));
+                }
+                let mut after = s.clone();
+                after.data = Some(DataS { of: b.of, complete: b.complete, restored_from: Some(from), verified: false });
+                if !self.prefix_meaning_holds(&after) {
+                    return refuse(format!("{} may not hold dataset {} under {}", self.id(service), name(b.of), name(s.prefix)));
+                }
+                Ok(())
+            }
+            Op::Verify { service, against } => {
+                let s = get(service)?;
+                let a = get(against)?;
+                if self.verify == Verify::None {
+                    return refuse("verification is off (upgrade.verify: none)");
+                }
+                if s.data.and_then(|d| d.restored_from) != Some(against) {
+                    return refuse(format!("{} was not restored from {}", self.id(service), self.id(against)));
+                }
+                if a.visible() && !a.fenced {
+                    return refuse(format!("{} still takes writes: fence it before comparing", self.id(against)));
+                }
+                Ok(())
+            }
+            Op::Rename { service, to } => {
+                let s = get(service)?;
+                if st.svcs.iter().any(|o| o.prefix == to) {
+                    return refuse(format!("a service already holds prefix {}", name(to)));
+                }
+                let mut after = s.clone();
+                after.prefix = to;
+                if !self.prefix_meaning_holds(&after) {
+                    return refuse(format!("{} may not be renamed to {}", self.id(service), name(to)));
+                }
+                if let Some(d) = s.data.filter(|d| self.live_holder(s) && s.prefix == d.of) {
+                    if !self.ready(st, d.of) {
+                        return refuse(format!("no replacement for {} is ready", name(d.of)));
+                    }
+                }
+                Ok(())
+            }
+            Op::Detach(id) => {
+                let s = get(id)?;
+                if s.status != Status::Attached {
+                    return refuse(format!("{} is not attached", self.id(id)));
+                }
+                if let Some(d) = s.data.filter(|_| self.live_holder(s)) {
+                    if !self.ready(st, d.of) {
+                        return refuse(format!("no replacement for {} is ready", name(d.of)));
+                    }
+                }
+                Ok(())
+            }
+            Op::Deploy => {
+                for s in &st.svcs {
+                    if !matches!(s.status, Status::New | Status::Provisioned) || s.data.is_some() {
+                        continue;
+                    }
+                    if !self.is_declared(s.prefix) && !self.unmanaged(s) {
+                        return refuse(format!(
+                            "{} holds no data yet: under {} it would become a database nobody declared",
+                            self.id(s.id),
+                            name(s.prefix)
+                        ));
+                    }
+                    if self.dataset_exists(st, s.prefix) {
+                        return refuse(format!(
+                            "{} would present an empty database as {}, whose data exists",
+                            self.id(s.id),
+                            name(s.prefix)
+                        ));
+                    }
+                }
+                let after = self.effect(st, op);
+                if let Some(s) = after.svcs.iter().find(|s| s.visible() && s.fenced) {
+                    return refuse(format!("{} would be visible while fenced", self.id(s.id)));
+                }
+                for &(p, _) in &self.declared {
+                    if !self.dataset_exists(&after, p) {
+                        continue;
+                    }
+                    let shown = after
+                        .svcs
+                        .iter()
+                        .any(|s| s.visible() && s.prefix == p && s.data.is_some_and(|d| self.final_data_ok(&d, p)));
+                    if !shown {
+                        return refuse(format!("{} would not be visible with complete, verified data", name(p)));
+                    }
+                }
+                Ok(())
+            }
+            Op::Delete(id) => {
+                let s = get(id)?;
+                if !matches!(s.status, Status::New | Status::Provisioned | Status::Detached) {
+                    return refuse(format!("{} is {}", self.id(id), s.status.as_str()));
+                }
+                if let Some(d) = s.data {
+                    let other_copy = st.svcs.iter().any(|o| {
+                        o.id != id
+                            && o.visible()
+                            && o.data.is_some_and(|od| od.of == d.of && (od.complete || !self.fence_writes))
+                    });
+                    if !other_copy {
+                        return refuse(format!("{} may hold the last copy of {}", self.id(id), name(d.of)));
+                    }
+                }
+                if self.keep_old && self.retired_original(s) {
+                    return refuse(format!("{} is the retired original, kept by upgrade.keep_old", self.id(id)));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The state after `op`; call `check` first.
+    pub fn effect(&self, st: &State, op: &Op) -> State {
+        let mut next = st.clone();
+        let find = |next: &mut State, id: Id| next.svcs.iter().position(|s| s.id == id);
+        match *op {
+            Op::Add { prefix, version } => {
+                next.adds += 1;
+                next.svcs.push(Svc {
+                    id: Id::Added(next.adds),
+                    version,
+                    prefix,
+                    status: Status::New,
+                    fenced: false,
+                    data: None,
+                    backup: None,
+                });
+            }
+            Op::Provision(id) => {
+                if let Some(i) = find(&mut next, id) {
+                    next.svcs[i].status = Status::Provisioned;
+                }
+            }
+            Op::Fence(id) => {
+                if let Some(i) = find(&mut next, id) {
+                    next.svcs[i].fenced = true;
+                }
+            }
+            Op::Unfence(id) => {
+                if let Some(i) = find(&mut next, id) {
+                    next.svcs[i].fenced = false;
+                    if next.svcs[i].visible() {
+                        // Writes can land again: nothing taken from it is complete any more.
+                        if let Some(b) = next.svcs[i].backup.as_mut() {
+                            b.complete = false;
+                        }
+                        for s in &mut next.svcs {
+                            if let Some(d) = s.data.as_mut().filter(|d| d.restored_from == Some(id)) {
+                                d.complete = false;
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Backup(id) => {
+                if let Some(i) = find(&mut next, id) {
+                    let s = &mut next.svcs[i];
+                    if let Some(d) = s.data {
+                        let quiet = s.fenced || !s.visible();
+                        s.backup = Some(Backup { of: d.of, complete: d.complete && quiet });
+                    }
+                }
+            }
+            Op::Restore { service, from } => {
+                let backup = st.svcs.iter().find(|s| s.id == from).and_then(|s| s.backup);
+                if let (Some(i), Some(b)) = (find(&mut next, service), backup) {
+                    next.svcs[i].data =
+                        Some(DataS { of: b.of, complete: b.complete, restored_from: Some(from), verified: false });
+                }
+            }
+            Op::Verify { service, .. } => {
+                if let Some(i) = find(&mut next, service) {
+                    if let Some(d) = next.svcs[i].data.as_mut() {
+                        d.verified = true;
+                    }
+                }
+            }
+            Op::Rename { service, to } => {
+                if let Some(i) = find(&mut next, service) {
+                    next.svcs[i].prefix = to;
+                }
+            }
+            Op::Detach(id) => {
+                if let Some(i) = find(&mut next, id) {
+                    next.svcs[i].status = Status::PendingDetachment;
+                }
+            }
+            Op::Deploy => {
+                for s in &mut next.svcs {
+                    match s.status {
+                        Status::New | Status::Provisioned => {
+                            s.status = Status::Attached;
+                            if s.data.is_none() {
+                                s.data = Some(DataS { of: s.prefix, complete: true, restored_from: None, verified: false });
+                            }
+                        }
+                        Status::PendingDetachment => s.status = Status::Detached,
+                        Status::Attached | Status::Detached => {}
+                    }
+                }
+            }
+            Op::Delete(id) => next.svcs.retain(|s| s.id != id),
+        }
+        next
+    }
+
+    /// Every op the rules allow in `st`, in a fixed order.
+    pub fn successors(&self, st: &State) -> Vec<(Op, State)> {
+        let mut ops = Vec::new();
+        for &(p, v) in &self.declared {
+            let (t, _) = self.temp_of[self.declared.iter().position(|d| d.0 == p).unwrap_or(0)];
+            ops.push(Op::Add { prefix: p, version: v });
+            ops.push(Op::Add { prefix: t, version: v });
+        }
+        let targets: Vec<P> = self
+            .declared
+            .iter()
+            .zip(&self.temp_of)
+            .flat_map(|(&(p, _), &(t, r))| [p, t, r])
+            .collect();
+        for s in st.svcs.iter().filter(|s| !self.unmanaged(s)) {
+            let id = s.id;
+            ops.push(Op::Provision(id));
+            if self.fence_writes {
+                ops.push(Op::Fence(id));
+            }
+            ops.push(Op::Unfence(id));
+            if s.data.is_some_and(|d| self.is_declared(d.of)) {
+                ops.push(Op::Backup(id));
+            }
+            for f in st.svcs.iter().filter(|f| f.backup.is_some()) {
+                ops.push(Op::Restore { service: id, from: f.id });
+            }
+            if let Some(from) = s.data.and_then(|d| d.restored_from).filter(|_| self.verify != Verify::None) {
+                ops.push(Op::Verify { service: id, against: from });
+            }
+            for &t in &targets {
+                ops.push(Op::Rename { service: id, to: t });
+            }
+            ops.push(Op::Detach(id));
+            ops.push(Op::Delete(id));
+        }
+        ops.push(Op::Deploy);
+        ops.into_iter()
+            .filter(|op| self.check(st, op).is_ok())
+            .map(|op| {
+                let next = self.effect(st, &op);
+                (op, next)
+            })
+            .filter(|(op, next)| !matches!(op, Op::Backup(_)) || next != st)
+            .collect()
+    }
+
+    /// Inside the write outage: the application cannot write to a visible service.
+    pub fn in_outage(&self, st: &State) -> bool {
+        st.svcs.iter().any(|s| s.visible() && s.fenced)
+    }
+}

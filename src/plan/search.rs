@@ -1,0 +1,308 @@
+//! Optimal search over the rules: A* on (actions, actions inside the write outage),
+//! compared lexicographically, with an admissible lower bound on the actions still needed
+//! and symmetry reduction over the names of added services.
+//!
+//! Optimality rests on `lower_bound` never overestimating; the brute-force tests at the
+//! bottom check that against an exhaustive search on random small states.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap};
+
+use super::rules::{Ctx, DataS, Id, Op, State, Svc};
+use crate::config::Verify;
+use crate::model::Status;
+
+/// States expanded before the search gives up rather than run on; far beyond any real
+/// environment (four prefixes migrating at once expand a few thousand).
+pub const EXPANSION_LIMIT: usize = 400_000;
+
+/// The cost of a plan: its length, then how many actions run inside the write outage.
+pub type Cost = (u32, u32);
+
+#[derive(Debug)]
+pub enum Outcome {
+    Found { ops: Vec<Op>, cost: Cost, expanded: usize },
+    /// Every reachable state was explored and none is the goal.
+    Unreachable { expanded: usize },
+    /// The expansion limit was hit.
+    GaveUp { expanded: usize },
+}
+
+/// The outage cost of one step: 1 when the action runs while writes are already blocked
+/// and they stay blocked after it (the actions strictly between a fence and its deploy).
+pub fn step_outage(ctx: &Ctx, before: &State, after: &State) -> u32 {
+    u32::from(ctx.in_outage(before) && ctx.in_outage(after))
+}
+
+/// A key equal for states that differ only in the numbers of added services.
+pub fn canonical(st: &State) -> Vec<Svc> {
+    let blank = |s: &Svc| {
+        let mut k = s.clone();
+        if matches!(k.id, Id::Added(_)) {
+            k.id = Id::Added(0);
+        }
+        if let Some(d) = k.data.as_mut() {
+            if matches!(d.restored_from, Some(Id::Added(_))) {
+                d.restored_from = Some(Id::Added(0));
+            }
+        }
+        k
+    };
+    let mut added: Vec<&Svc> = st.svcs.iter().filter(|s| matches!(s.id, Id::Added(_))).collect();
+    if added.is_empty() {
+        return st.svcs.clone();
+    }
+    added.sort_by_cached_key(|s| blank(s));
+    let rename = |id: Id| match id {
+        Id::Added(_) => Id::Added(added.iter().position(|s| s.id == id).map_or(u16::MAX, |i| i as u16 + 1)),
+        obs => obs,
+    };
+    let mut out: Vec<Svc> = st.svcs.iter().filter(|s| matches!(s.id, Id::Observed(_))).cloned().collect();
+    out.extend(added.iter().map(|s| (*s).clone()));
+    for s in &mut out {
+        s.id = rename(s.id);
+        if let Some(d) = s.data.as_mut() {
+            d.restored_from = d.restored_from.map(rename);
+        }
+    }
+    out
+}
+
+struct Node {
+    state: State,
+    parent: Option<(usize, Op)>,
+    g: Cost,
+}
+
+/// A* from `start` to the goal.
+pub fn astar(ctx: &Ctx, start: &State) -> Outcome {
+    let h = |st: &State| {
+        let b = lower_bound(ctx, st);
+        (b.len, outage_lower_bound(ctx, st, b))
+    };
+    search(ctx, start, h, EXPANSION_LIMIT)
+}
+
+/// Exhaustive uniform-cost search: the reference the tests hold A* to.
+pub fn brute_force(ctx: &Ctx, start: &State, limit: usize) -> Outcome {
+    search(ctx, start, |_| (0, 0), limit)
+}
+
+fn search(ctx: &Ctx, start: &State, h: impl Fn(&State) -> Cost, limit: usize) -> Outcome {
+    let mut nodes = vec![Node { state: start.clone(), parent: None, g: (0, 0) }];
+    let mut best: HashMap<Vec<Svc>, (Cost, usize)> = HashMap::new();
+    best.insert(canonical(start), ((0, 0), 0));
+    // Ordered by f, then outage, then the deeper node (fewer ties explored), then age.
+    let mut open = BinaryHeap::new();
+    open.push(Reverse((h(start), Reverse(0u32), 0usize)));
+    let mut expanded = 0;
+    while let Some(Reverse((_, _, ix))) = open.pop() {
+        let g = nodes[ix].g;
+        let key = canonical(&nodes[ix].state);
+        if best.get(&key).is_some_and(|&(c, i)| c < g || (c == g && i != ix)) {
+            continue; // superseded by a cheaper path to the same state
+        }
+        if ctx.is_goal(&nodes[ix].state) {
+            let mut ops = Vec::new();
+            let mut at = ix;
+            while let Some((parent, op)) = nodes[at].parent {
+                ops.push(op);
+                at = parent;
+            }
+            ops.reverse();
+            return Outcome::Found { ops, cost: g, expanded };
+        }
+        expanded += 1;
+        if expanded > limit {
+            return Outcome::GaveUp { expanded };
+        }
+        let state = nodes[ix].state.clone();
+        for (op, next) in ctx.successors(&state) {
+            let cost = (g.0 + 1, g.1 + step_outage(ctx, &state, &next));
+            match best.entry(canonical(&next)) {
+                Entry::Occupied(e) if e.get().0 <= cost => continue,
+                Entry::Occupied(mut e) => {
+                    e.insert((cost, nodes.len()));
+                }
+                Entry::Vacant(e) => {
+                    e.insert((cost, nodes.len()));
+                }
+            }
+            let (h_len, h_out) = h(&next);
+            let f = (cost.0 + h_len, cost.1 + h_out);
+            open.push(Reverse((f, Reverse(cost.0), nodes.len())));
+            nodes.push(Node { state: next, parent: Some((ix, op)), g: cost });
+        }
+    }
+    Outcome::Unreachable { expanded }
+}
+
+/// What `lower_bound` finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// No plan from here is shorter.
+    pub len: u32,
+    /// A plan exactly `len` long deletes at most this many services.
+    pub max_deletes: u32,
+}
+
+/// A lower bound on the actions still needed to reach the goal. Every action but deploy
+/// acts on one service, so the bound adds up, per service, the fewest actions that
+/// service must still undergo whatever becomes of it; per dataset, the backup (and fence)
+/// a copy still needs; and one deploy where something must still appear or disappear.
+pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
+    let verify_cost = u32::from(ctx.verify != Verify::None);
+    let exists: Vec<bool> = ctx.declared.iter().map(|&(p, _)| ctx.dataset_exists(st, p)).collect();
+    let n = ctx.declared.len();
+    // Each declared prefix ends with exactly one holder, each service holds at most one:
+    // an assignment, solved exactly by dynamic programming over the set of prefixes
+    // already given a holder (a handful of prefixes per environment).
+    let full = (1usize << n) - 1;
+    // Per set of assigned prefixes: the least cost, and among assignments of that cost the
+    // most services deleted (the outage bound needs that maximum).
+    let mut best: Vec<Option<(u32, Reverse<u32>)>> = vec![None; full + 1];
+    best[0] = Some((0, Reverse(0)));
+    let mut deploy = false;
+    for s in st.svcs.iter().filter(|s| !ctx.unmanaged(s)) {
+        let (go, deletes) = cost_to_go(ctx, s);
+        let hold: Vec<Option<u32>> = ctx
+            .declared
+            .iter()
+            .enumerate()
+            .map(|(k, &(p, v))| cost_to_hold(ctx, s, p, v, exists[k], verify_cost))
+            .collect();
+        let can_stay_visible = s.status == Status::Attached && hold.iter().any(Option::is_some);
+        deploy |= s.visible() && !can_stay_visible;
+        let mut next: Vec<Option<(u32, Reverse<u32>)>> = vec![None; full + 1];
+        let mut offer = |m: usize, c: (u32, Reverse<u32>)| {
+            if next[m].is_none_or(|old| c < old) {
+                next[m] = Some(c);
+            }
+        };
+        for (mask, cell) in best.iter().enumerate() {
+            let Some((base, Reverse(del))) = *cell else { continue };
+            offer(mask, (base + go, Reverse(del + u32::from(deletes))));
+            for (k, c) in hold.iter().enumerate() {
+                if let Some(c) = c.filter(|_| mask & (1 << k) == 0) {
+                    offer(mask | (1 << k), (base + c, Reverse(del)));
+                }
+            }
+        }
+        best = next;
+    }
+    let mut assigned: Option<(u32, Reverse<u32>)> = None;
+    for (mask, cell) in best.iter().enumerate() {
+        let Some((cost, del)) = *cell else { continue };
+        let added: u32 = (0..n).filter(|k| mask & (1 << k) == 0).map(|k| cost_of_new(ctx, st, k, exists[k], verify_cost)).sum();
+        let c = (cost + added, del);
+        if assigned.is_none_or(|a| c < a) {
+            assigned = Some(c);
+        }
+    }
+    let (mut total, Reverse(max_deletes)) = assigned.unwrap_or((0, Reverse(0)));
+    for (k, &(p, v)) in ctx.declared.iter().enumerate() {
+        let attached_candidate = st.svcs.iter().any(|s| {
+            s.status == Status::Attached && s.version == v && !ctx.unmanaged(s) && s.data.is_none_or(|d| d.of == p)
+        });
+        deploy |= !attached_candidate;
+        if exists[k] && needs_copy(ctx, st, p, v) {
+            let usable_backup = st.svcs.iter().any(|s| s.backup.is_some_and(|b| b.of == p && (b.complete || !ctx.fence_writes)));
+            if !usable_backup {
+                total += 1; // backup
+                let quiet_source = st
+                    .svcs
+                    .iter()
+                    .any(|s| s.data.is_some_and(|d| d.of == p && d.complete) && (s.fenced || !s.visible()));
+                total += u32::from(ctx.fence_writes && !quiet_source); // fence
+            }
+        }
+    }
+    Bounds { len: total + u32::from(deploy), max_deletes }
+}
+
+/// A lower bound on the actions still to run inside the write outage, valid for every
+/// completion exactly `len` (= `lower_bound`) long: only those matter once plans are
+/// compared by length first. Such a completion runs no action the bound did not count:
+/// one deploy, and no unfence of a fenced visible service that cannot end as anyone's
+/// holder. Writes therefore stay blocked from now until that single deploy, and every
+/// action but the deploy and the deletes that may follow it runs inside the outage.
+pub fn outage_lower_bound(ctx: &Ctx, st: &State, b: Bounds) -> u32 {
+    let verify_cost = u32::from(ctx.verify != Verify::None);
+    let blocked = st.svcs.iter().filter(|s| s.visible() && s.fenced && !ctx.unmanaged(s)).any(|f| {
+        !ctx.declared
+            .iter()
+            .any(|&(p, v)| cost_to_hold(ctx, f, p, v, ctx.dataset_exists(st, p), verify_cost).is_some())
+    });
+    if !blocked {
+        return 0;
+    }
+    b.len.saturating_sub(1 + b.max_deletes)
+}
+
+/// Fewest actions on a service yet to be added that ends as the holder of the `k`th
+/// declared prefix.
+fn cost_of_new(ctx: &Ctx, st: &State, k: usize, exists: bool, verify_cost: u32) -> u32 {
+    let (p, _) = ctx.declared[k];
+    if !exists {
+        return 1; // add
+    }
+    let taken = st.svcs.iter().find(|s| s.prefix == p && s.visible() && s.data.is_some_and(|d| d.of == p));
+    // The prefix is taken by the application's copy, which may leave it only once a
+    // replacement is ready: unless another service already holds a copy that can become
+    // that replacement, the new one must be added under a temporary prefix and renamed
+    // into place. (Making any other service the replacement costs it a restore that the
+    // bound does not count, so the rename may be counted.)
+    let other_replacement = st.svcs.iter().any(|o| {
+        Some(o.id) != taken.map(|t| t.id)
+            && !ctx.unmanaged(o)
+            && matches!(o.status, Status::New | Status::Provisioned)
+            && o.data.is_some_and(|d| d.of == p)
+    });
+    1 + 2 + verify_cost + u32::from(taken.is_some() && !other_replacement)
+}
+
+/// No service of the right version already holds a good enough copy of `p`.
+fn needs_copy(ctx: &Ctx, st: &State, p: u8, v: u32) -> bool {
+    !st.svcs.iter().any(|s| {
+        s.version == v
+            && matches!(s.status, Status::New | Status::Provisioned | Status::Attached)
+            && s.data.is_some_and(|d| d.of == p && (d.complete || !ctx.fence_writes))
+    })
+}
+
+/// Fewest actions on `s` if it is to end gone (or kept detached, with keep_old), and
+/// whether one of them is its delete.
+fn cost_to_go(ctx: &Ctx, s: &Svc) -> (u32, bool) {
+    let declared_data = s.data.is_some_and(|d| ctx.is_declared(d.of));
+    let delete = !(ctx.keep_old && declared_data);
+    let detach = u32::from(s.status == Status::Attached);
+    (u32::from(delete) + detach + u32::from(must_rename_away(ctx, s)), delete)
+}
+
+/// A visible service under its own declared prefix must leave that prefix before the
+/// deploy that hides it, or that deploy would hide the dataset.
+fn must_rename_away(ctx: &Ctx, s: &Svc) -> bool {
+    s.visible() && ctx.is_declared(s.prefix) && s.data.is_some_and(|d| d.of == s.prefix)
+}
+
+/// Fewest actions on `s` if it is to end as the application's copy of `p` at version `v`;
+/// `None` if it cannot.
+fn cost_to_hold(ctx: &Ctx, s: &Svc, p: u8, v: u32, exists: bool, verify_cost: u32) -> Option<u32> {
+    if s.version != v || !matches!(s.status, Status::New | Status::Provisioned | Status::Attached) {
+        return None;
+    }
+    if s.status == Status::Attached && s.data.is_some_and(|d| d.of != p) {
+        return None;
+    }
+    let mut c = u32::from(s.prefix != p) + u32::from(s.fenced);
+    if exists {
+        let good: Option<DataS> = s.data.filter(|d| d.of == p && (d.complete || !ctx.fence_writes));
+        match good {
+            Some(d) => c += u32::from(d.restored_from.is_some() && !d.verified) * verify_cost,
+            None if s.status == Status::Attached => return None,
+            None => c += u32::from(s.status == Status::New) + 1 + verify_cost,
+        }
+    }
+    Some(c)
+}

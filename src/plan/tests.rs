@@ -1,0 +1,190 @@
+use super::*;
+use crate::config::parse;
+use std::path::Path;
+
+pub(crate) fn env(yaml_env: &str, services: &str) -> (DesiredEnv, EnvLive) {
+    let text = format!("version: 1\nenvironments:\n  live:\n{yaml_env}");
+    let config = parse(Path::new("t.yaml"), &text).expect("config");
+    let live: EnvLive = serde_json::from_str(&format!("{{\"services\": [{services}]}}")).expect("live");
+    (config.desired().remove(0), live)
+}
+
+fn ops(report: &EnvReport) -> Vec<String> {
+    report.steps.iter().map(|s| serde_json::to_string(&s.action).expect("json")).collect()
+}
+
+#[test]
+fn runbook_is_eleven_actions_with_six_inside_the_outage() {
+    let (d, l) = env(
+        "    postgres: {DEFAULT: 17}\n",
+        r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}"#,
+    );
+    let r = plan_env(&d, &l).expect("plan");
+    assert_eq!(
+        ops(&r),
+        [
+            r#"{"op":"add","service":"+1","prefix":"NEW","version":17}"#,
+            r#"{"op":"provision","service":"+1"}"#,
+            r#"{"op":"fence","service":"svc-1"}"#,
+            r#"{"op":"backup","service":"svc-1"}"#,
+            r#"{"op":"restore","service":"+1","from":"svc-1"}"#,
+            r#"{"op":"verify","service":"+1","against":"svc-1"}"#,
+            r#"{"op":"rename","service":"svc-1","to":"OLD"}"#,
+            r#"{"op":"detach","service":"svc-1"}"#,
+            r#"{"op":"rename","service":"+1","to":"DEFAULT"}"#,
+            r#"{"op":"deploy"}"#,
+            r#"{"op":"delete","service":"svc-1"}"#,
+        ]
+    );
+    assert_eq!(r.outage_actions, 6);
+}
+
+mod optimality {
+    use super::super::rules::{Ctx, State};
+    use super::super::search::{astar, brute_force, Outcome};
+    use crate::config::{DesiredEnv, Upgrade, Verify};
+    use crate::model::{Data, EnvLive, EnvName, Major, Prefix, Service, ServiceId, Status};
+    use proptest::prelude::*;
+
+    const PREFIXES: [&str; 8] = ["A", "B", "NEW", "OLD", "NEW_A", "OLD_A", "NEW_B", "X"];
+    const STATUSES: [Status; 5] =
+        [Status::New, Status::Provisioned, Status::Attached, Status::PendingDetachment, Status::Detached];
+
+    fn pfx(s: &str) -> Prefix {
+        Prefix::parse(s).expect("prefix")
+    }
+
+    prop_compose! {
+        fn service()(prefix in 0..PREFIXES.len(), version in 15u32..=17, status in 0..5usize,
+                     fenced in any::<bool>(), data in proptest::option::of((0..3usize, any::<bool>(), any::<bool>())))
+                     -> (usize, u32, Status, bool, Option<(usize, bool, bool)>) {
+            (prefix, version, STATUSES[status], fenced, data)
+        }
+    }
+
+    prop_compose! {
+        fn world()(declared in proptest::sample::subsequence(vec![0usize, 1], 1..=2),
+                   versions in (15u32..=17, 15u32..=17),
+                   services in proptest::collection::vec(service(), 0..=3),
+                   fence_writes in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(),
+                   allow_downgrade in any::<bool>(), walk in proptest::collection::vec(any::<prop::sample::Index>(), 0..8))
+                   -> (DesiredEnv, EnvLive, Vec<prop::sample::Index>) {
+            let names = ["A", "B"];
+            let postgres = declared
+                .iter()
+                .map(|&i| (pfx(names[i]), Major::new(if i == 0 { versions.0 } else { versions.1 }).expect("major")))
+                .collect();
+            let upgrade = Upgrade {
+                fence_writes,
+                verify: if verify { Verify::Counts } else { Verify::None },
+                keep_old,
+                allow_downgrade,
+                ..Upgrade::default()
+            };
+            let mut live = EnvLive::default();
+            for (n, (p, version, status, fenced, data)) in services.into_iter().enumerate() {
+                if live.services.iter().any(|s| s.prefix.as_str() == PREFIXES[p]) {
+                    continue;
+                }
+                live.services.push(Service {
+                    id: ServiceId::observed(&format!("s{n}")).expect("id"),
+                    version: Major::new(version).expect("major"),
+                    prefix: pfx(PREFIXES[p]),
+                    status,
+                    fenced: fenced && status.visible(),
+                    data: data.map(|(of, complete, verified)| Data {
+                        of: pfx(["A", "B", "X"][of]),
+                        complete,
+                        restored_from: None,
+                        verified,
+                    }),
+                });
+            }
+            let desired = DesiredEnv { name: EnvName::parse("e").expect("env"), postgres, upgrade };
+            (desired, live, walk)
+        }
+    }
+
+    /// Random valid actions from `start`: the half-done states apply can be left in.
+    fn wander(ctx: &Ctx, start: &State, walk: &[prop::sample::Index]) -> State {
+        let mut st = start.clone();
+        for ix in walk {
+            let next = ctx.successors(&st);
+            if next.is_empty() {
+                break;
+            }
+            st = next[ix.index(next.len())].1.clone();
+        }
+        st
+    }
+
+    fn replay(ctx: &Ctx, start: &State, ops: &[super::super::rules::Op]) -> State {
+        let mut st = start.clone();
+        for op in ops {
+            ctx.check(&st, op).unwrap_or_else(|r| panic!("plan breaks the rules at {op:?}: {r}"));
+            st = ctx.effect(&st, op);
+        }
+        st
+    }
+
+    /// Random small worlds, wandered into half-done states: A* must match an exhaustive
+    /// search on every one the exhaustive search can finish.
+    #[test]
+    fn astar_plans_are_valid_and_as_short_as_brute_force() {
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config { cases: 300, failure_persistence: None, max_shrink_iters: 200, ..Config::default() });
+        let compared = std::cell::Cell::new(0);
+        let found = std::cell::Cell::new(0);
+        let result = runner.run(&world(), |(desired, live, walk)| {
+            let (ctx, start) = Ctx::new(&desired, &live).expect("ctx");
+            let start = wander(&ctx, &start, &walk);
+            let exhaustive = brute_force(&ctx, &start, 20_000);
+            if matches!(exhaustive, Outcome::GaveUp { .. }) {
+                return Ok(());
+            }
+            match (exhaustive, astar(&ctx, &start)) {
+                (Outcome::Found { cost: want, .. }, Outcome::Found { ops, cost, .. }) => {
+                    let end = replay(&ctx, &start, &ops);
+                    prop_assert!(ctx.is_goal(&end), "plan does not reach the goal");
+                    prop_assert_eq!(ops.len() as u32, cost.0);
+                    prop_assert_eq!(cost, want, "A* is not optimal from {:?}", start);
+                    found.set(found.get() + 1);
+                }
+                (Outcome::Unreachable { .. }, Outcome::Unreachable { .. }) => {}
+                (want, got) => prop_assert!(false, "brute force {:?} but A* {:?} from {:?}", want, got, start),
+            }
+            compared.set(compared.get() + 1);
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        assert!(compared.get() >= 200, "only {} of 300 worlds were small enough to compare", compared.get());
+        assert!(found.get() >= 100, "only {} worlds had a plan", found.get());
+    }
+}
+
+/// Several prefixes migrating at once share one deploy; the outage starts at the first
+/// fence and holds every other fence and all copying and renaming: 7n - 1 actions.
+#[test]
+fn prefixes_migrating_at_once_share_one_deploy() {
+    let names = ["DEFAULT", "ANALYTICS", "CACHE", "SEARCH"];
+    for n in 1..=names.len() {
+        let mut yaml = String::from("    postgres:\n");
+        let mut services = Vec::new();
+        for (i, p) in names[..n].iter().enumerate() {
+            yaml.push_str(&format!("      {p}: 17\n"));
+            services.push(format!(r#"{{"id":"svc-{i}","version":16,"prefix":"{p}","status":"attached"}}"#));
+        }
+        let (d, l) = env(&yaml, &services.join(","));
+        let r = plan_env(&d, &l).expect("plan");
+        assert_eq!(r.steps.len(), 10 * n + 1, "{n} prefixes");
+        assert_eq!(r.outage_actions as usize, 7 * n - 1, "{n} prefixes");
+        let deploys = r.steps.iter().filter(|s| s.action == Action::Deploy).count();
+        assert_eq!(deploys, 1);
+        if n > 1 {
+            let temporary = r.steps.iter().any(|s| matches!(&s.action, Action::Add { prefix, .. } if prefix.as_str() == "NEW_DEFAULT"));
+            assert!(temporary, "several migrating prefixes use NEW_<PREFIX>");
+        }
+    }
+}

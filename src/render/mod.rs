@@ -1,0 +1,106 @@
+//! Renderers: one per format, each writing into any `impl Write`. The JSON plan is the
+//! public, versioned format; text and markdown are for people and may change.
+
+pub mod json;
+pub mod markdown;
+pub mod text;
+
+use crate::config::DesiredEnv;
+use crate::model::{EnvLive, Status};
+use crate::plan::{Action, EnvReport, Risk};
+
+/// Output format of `plan` and `show`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Markdown,
+    Json,
+}
+
+/// The compact form of an action: `rename svc-1 → OLD`.
+pub fn action_summary(a: &Action) -> String {
+    match a {
+        Action::Add { service, prefix, version } => format!("add {service} as {prefix} (PostgreSQL {version})"),
+        Action::Provision { service } => format!("provision {service}"),
+        Action::Fence { service } => format!("fence {service}"),
+        Action::Unfence { service } => format!("unfence {service}"),
+        Action::Backup { service } => format!("backup {service}"),
+        Action::Restore { service, from } => format!("restore {service} from {from}"),
+        Action::Verify { service, against } => format!("verify {service} against {against}"),
+        Action::Rename { service, to } => format!("rename {service} → {to}"),
+        Action::Detach { service } => format!("detach {service}"),
+        Action::Deploy => "deploy".into(),
+        Action::Delete { service } => format!("delete {service}"),
+    }
+}
+
+pub fn risk_label(r: Risk) -> &'static str {
+    match r {
+        Risk::BlocksWrites => "blocks writes",
+        Risk::DeletesService => "deletes a service",
+        Risk::Cutover => "cutover",
+    }
+}
+
+/// The live services of an environment as diffable lines, `PREFIX: VERSION (status)`.
+pub fn live_lines(live: &EnvLive, unmanaged: &[crate::model::ServiceId]) -> Vec<String> {
+    let mut lines: Vec<String> = live
+        .services
+        .iter()
+        .filter(|s| !unmanaged.contains(&s.id))
+        .map(|s| {
+            let mut notes = Vec::new();
+            if s.status != Status::Attached {
+                notes.push(s.status.as_str().to_owned());
+            }
+            if s.fenced {
+                notes.push("fenced".to_owned());
+            }
+            if let Some(d) = s.data.as_ref().filter(|d| d.of != s.prefix) {
+                notes.push(format!("holds {}", d.of));
+            }
+            let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join(", ")) };
+            format!("{}: {}{notes}", s.prefix, s.version)
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// The declared services as diffable lines, `PREFIX: VERSION`.
+pub fn desired_lines(desired: &DesiredEnv) -> Vec<String> {
+    let mut lines: Vec<String> = desired.postgres.iter().map(|(p, v)| format!("{p}: {v}")).collect();
+    lines.sort();
+    lines
+}
+
+/// Per declared prefix, `DEFAULT 16 → 17`, for the changes this plan makes.
+pub fn version_changes(env: &EnvReport) -> Vec<String> {
+    let mut out = Vec::new();
+    for (p, v) in &env.desired.postgres {
+        let current = env
+            .live
+            .services
+            .iter()
+            .filter(|s| s.status.visible())
+            .find(|s| s.effective_data().is_some_and(|d| &d.of == p) && &s.prefix == p)
+            .map(|s| s.version);
+        match current {
+            Some(c) if c == *v => {}
+            Some(c) => out.push(format!("{p} {c} → {v}")),
+            None => out.push(format!("{p} (none) → {v}")),
+        }
+    }
+    if out.is_empty() && !env.steps.is_empty() {
+        out.push("clean-up".into());
+    }
+    out
+}
+
+/// The unified diff of live against desired, without headers.
+pub fn diff(env: &EnvReport) -> Vec<(similar::ChangeTag, String)> {
+    let old = live_lines(&env.live, &env.unmanaged).join("\n") + "\n";
+    let new = desired_lines(&env.desired).join("\n") + "\n";
+    let d = similar::TextDiff::from_lines(&old, &new);
+    d.iter_all_changes().map(|c| (c.tag(), c.value().trim_end().to_owned())).collect()
+}
