@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::model::{shorten, EnvName, Major, Prefix};
+use crate::model::{EnvName, Major, Prefix};
 
 /// Config files larger than this are refused before parsing: a real one is a few KiB, and
 /// the bound keeps megabytes of garbage from costing memory or time.
@@ -452,9 +452,12 @@ fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml
     if let Some(i) = message.find(" at line ") {
         message.truncate(i);
     }
-    let yaml_path = e_path_string(&segments);
-    if let Some(rest) = message.strip_prefix(&format!("{yaml_path}: ")) {
-        message = rest.to_owned();
+    // serde_yaml names its own (parent) path first; the full path is shown separately.
+    let joined = segments.join(".");
+    if let Some((head, rest)) = message.split_once(": ") {
+        if !head.is_empty() && joined.starts_with(head) && !head.contains(' ') {
+            message = rest.to_owned();
+        }
     }
     let duplicate = ["duplicate field `", "duplicate key `"]
         .iter()
@@ -491,10 +494,6 @@ fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml
         message,
         hint,
     }
-}
-
-fn e_path_string(segments: &[String]) -> String {
-    segments.join(".")
 }
 
 type Invalid = (Vec<String>, String, &'static str);
@@ -654,12 +653,7 @@ impl fmt::Display for Strategy {
 /// The user-facing form of a config error: the message, then the hint.
 pub fn report(e: &ConfigError) -> String {
     match e.hint() {
-        Some(h) => format!("{e}\n  hint: {h}"),
-        None => e.to_string(),
+        Some(h) => format!("error: {e}\n  hint: {h}"),
+        None => format!("error: {e}"),
     }
-}
-
-#[doc(hidden)]
-pub fn shorten_for_tests(s: &str) -> String {
-    shorten(s)
 }

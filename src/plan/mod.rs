@@ -209,6 +209,15 @@ pub fn plan_env(desired: &DesiredEnv, live: &EnvLive) -> Result<EnvReport, PlanE
 /// Known reasons no plan can exist, found before searching so the user hears the cause
 /// rather than "no plan".
 fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
+    if let Some(s) = st.svcs.iter().find(|s| search::stranded(ctx, st, s)) {
+        let of = s.data.map(|d| ctx.prefixes[d.of as usize].to_string()).unwrap_or_default();
+        return Some(format!(
+            "{} ({}) holds data of {of}, which the config does not declare, and pgconverge would have to drop it; \
+             declare {of}, or record which dataset it holds in the snapshot",
+            ctx.id(s.id),
+            ctx.prefixes[s.prefix as usize]
+        ));
+    }
     for &(p, v) in &ctx.declared {
         let name = &ctx.prefixes[p as usize];
         let holders: Vec<_> = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p)).collect();
@@ -274,59 +283,46 @@ fn risk(op: &Op) -> Option<Risk> {
 fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
     let svc = |i: Id| st.svcs.iter().find(|s| s.id == i);
     let pre = |p: u8| ctx.prefixes[p as usize].as_str().to_owned();
-    let label = |i: Id| match svc(i) {
-        Some(s) => format!("{} (PostgreSQL {}, {})", pre(s.prefix), s.version, ctx.id(i)),
-        None => ctx.id(i).to_string(),
-    };
     let dataset = |i: Id| svc(i).and_then(|s| s.data).map(|d| pre(d.of)).unwrap_or_else(|| "its".into());
+    let version = |i: Id| svc(i).map(|s| s.version).unwrap_or_default();
     match *op {
-        Op::Add { prefix, version } => {
-            if ctx.is_declared(prefix) {
-                format!("add a PostgreSQL {version} service for {}", pre(prefix))
-            } else {
-                format!("add the new PostgreSQL {version} service as {}", pre(prefix))
-            }
+        Op::Add { prefix, version } => match ctx.roles[prefix as usize] {
+            rules::Role::Declared(_) => format!("{} is declared as PostgreSQL {version}", pre(prefix)),
+            _ => "the new server, under a temporary prefix until the copy is ready".to_owned(),
+        },
+        Op::Provision(_) => "create the server so that the backup can be restored into it".to_owned(),
+        Op::Fence(i) => format!("block writes to {} {} so that the backup misses no committed write", dataset(i), version(i)),
+        Op::Unfence(i) => format!("let the application write to {} {} again", dataset(i), version(i)),
+        Op::Backup(i) => format!("back up {}'s data from PostgreSQL {}", dataset(i), version(i)),
+        Op::Restore { service, from } => {
+            format!("copy {}'s data into PostgreSQL {}", dataset(from), version(service))
         }
-        Op::Provision(i) => format!("create {} so that data can be restored into it", label(i)),
-        Op::Fence(i) => format!(
-            "block writes to {} so that the backup misses no committed write",
-            label(i)
-        ),
-        Op::Unfence(i) => format!("let the application write to {} again", label(i)),
-        Op::Backup(i) => format!("back up the {} data of {}", dataset(i), label(i)),
-        Op::Restore { service, from } => format!("restore the backup of {} into {}", label(from), label(service)),
-        Op::Verify { service, against } => format!(
-            "compare {} with {} ({}) before anything depends on it",
-            label(service),
-            label(against),
-            ctx.verify.as_str()
-        ),
-        Op::Rename { service, to } => {
-            let s = svc(service);
-            let retiring = matches!(ctx.roles[to as usize], rules::Role::Retired(_));
-            if retiring {
-                format!("retire {} as {}", label(service), pre(to))
-            } else if s.is_some_and(|s| matches!(s.status, Status::New | Status::Provisioned)) && ctx.is_declared(to) {
-                format!("give {} the prefix {} it will serve under", label(service), pre(to))
-            } else {
-                format!("rename {} to {}", label(service), pre(to))
+        Op::Verify { .. } => format!("compare the copy with its source ({}) before anything depends on it", ctx.verify.as_str()),
+        Op::Rename { service, to } => match ctx.roles[to as usize] {
+            rules::Role::Retired(_) => "retire the old server: its replacement is ready".to_owned(),
+            rules::Role::Declared(_) if svc(service).is_some_and(|s| !s.visible()) => {
+                format!("the copy takes over {} at the next deploy", pre(to))
             }
-        }
-        Op::Detach(i) => format!("detach {} from the application at the next deploy", label(i)),
+            _ => format!("move it under {}", pre(to)),
+        },
+        Op::Detach(_) => "the application stops seeing it at the next deploy".to_owned(),
         Op::Deploy => {
             let attach: Vec<String> = st
                 .svcs
                 .iter()
                 .filter(|s| matches!(s.status, Status::New | Status::Provisioned))
-                .map(|s| format!("{} ({})", pre(s.prefix), s.version))
+                .map(|s| format!("{} {}", pre(s.prefix), s.version))
                 .collect();
             if attach.is_empty() {
-                "deploy: the application stops seeing the detached services".into()
+                "the application stops seeing the detached servers".to_owned()
             } else {
-                format!("deploy: the application switches to {}", attach.join(", "))
+                format!("the application switches to {}", attach.join(", "))
             }
         }
-        Op::Delete(i) => format!("delete {}: its data lives on elsewhere", label(i)),
+        Op::Delete(i) => match svc(i).and_then(|s| s.data) {
+            Some(d) => format!("no longer needed: {}'s data lives on in the attached copy", pre(d.of)),
+            None => "no longer needed: it holds no data".to_owned(),
+        },
     }
 }
 

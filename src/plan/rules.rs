@@ -2,7 +2,9 @@
 //! on a compact state the search can hash cheaply. Nothing else in the crate decides
 //! whether an action is allowed.
 //!
-//! Two refinements of DESIGN.md's table, both on the side of never losing data:
+//! Refinements of DESIGN.md's table, each on the side of never losing data:
+//! - verify needs a complete copy: a copy taken while its source still took writes can
+//!   only differ from it, so "verified" would be a lie;
 //! - deploy may attach a service with no data only under a declared prefix P, and only
 //!   while dataset P exists nowhere: otherwise it would present an empty database as P's
 //!   data, or create a dataset under a temporary name that could never be removed;
@@ -410,6 +412,13 @@ impl Ctx {
                 if a.visible() && !a.fenced {
                     return refuse(format!("{} still takes writes: fence it before comparing", self.id(against)));
                 }
+                if !s.data.is_some_and(|d| d.complete) {
+                    return refuse(format!(
+                        "{} was copied while {} took writes: the two cannot match",
+                        self.id(service),
+                        self.id(against)
+                    ));
+                }
                 Ok(())
             }
             Op::Rename { service, to } => {
@@ -611,27 +620,43 @@ impl Ctx {
             .zip(&self.temp_of)
             .flat_map(|(&(p, _), &(t, r))| [p, t, r])
             .collect();
-        for s in st.svcs.iter().filter(|s| !self.unmanaged(s)) {
-            let id = s.id;
-            ops.push(Op::Provision(id));
-            if self.fence_writes {
-                ops.push(Op::Fence(id));
-            }
-            ops.push(Op::Unfence(id));
-            if s.data.is_some_and(|d| self.is_declared(d.of)) {
-                ops.push(Op::Backup(id));
-            }
+        // Grouped by kind in the runbook's order, so that among equally good plans the
+        // search settles on the one that reads like the runbook.
+        let managed: Vec<&Svc> = st.svcs.iter().filter(|s| !self.unmanaged(s)).collect();
+        for s in &managed {
+            ops.push(Op::Provision(s.id));
+        }
+        for s in &managed {
+            ops.push(Op::Fence(s.id));
+            ops.push(Op::Unfence(s.id));
+        }
+        for s in managed.iter().filter(|s| s.data.is_some_and(|d| self.is_declared(d.of))) {
+            ops.push(Op::Backup(s.id));
+        }
+        for s in &managed {
             for f in st.svcs.iter().filter(|f| f.backup.is_some()) {
-                ops.push(Op::Restore { service: id, from: f.id });
+                ops.push(Op::Restore { service: s.id, from: f.id });
             }
+        }
+        for s in &managed {
             if let Some(from) = s.data.and_then(|d| d.restored_from).filter(|_| self.verify != Verify::None) {
-                ops.push(Op::Verify { service: id, against: from });
+                ops.push(Op::Verify { service: s.id, against: from });
             }
-            for &t in &targets {
-                ops.push(Op::Rename { service: id, to: t });
+        }
+        let rename_all = |ops: &mut Vec<Op>, visible: bool| {
+            for s in managed.iter().filter(|s| s.visible() == visible) {
+                for &t in &targets {
+                    ops.push(Op::Rename { service: s.id, to: t });
+                }
             }
-            ops.push(Op::Detach(id));
-            ops.push(Op::Delete(id));
+        };
+        rename_all(&mut ops, true);
+        for s in &managed {
+            ops.push(Op::Detach(s.id));
+        }
+        rename_all(&mut ops, false);
+        for s in &managed {
+            ops.push(Op::Delete(s.id));
         }
         ops.push(Op::Deploy);
         ops.into_iter()

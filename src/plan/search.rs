@@ -130,12 +130,30 @@ fn search(ctx: &Ctx, start: &State, h: impl Fn(&State) -> Cost, limit: usize) ->
                 }
             }
             let (h_len, h_out) = h(&next);
+            if h_len >= UNREACHABLE {
+                continue;
+            }
             let f = (cost.0 + h_len, cost.1 + h_out);
             open.push(Reverse((f, Reverse(cost.0), nodes.len())));
             nodes.push(Node { state: next, parent: Some((ix, op)), g: cost });
         }
     }
     Outcome::Unreachable { expanded }
+}
+
+/// The bound of a state from which the goal cannot be reached.
+pub const UNREACHABLE: u32 = u32::MAX / 4;
+
+/// A managed service holding the only copy of data no prefix declares, which it can
+/// neither keep (the goal wants it gone) nor lose (nothing may delete a last copy), nor
+/// have overwritten (only provisioned services are restored into).
+pub fn stranded(ctx: &Ctx, st: &State, s: &Svc) -> bool {
+    let Some(d) = s.data else { return false };
+    !ctx.unmanaged(s)
+        && !ctx.is_declared(d.of)
+        && !ctx.is_declared(s.prefix)
+        && !matches!(s.status, Status::New | Status::Provisioned)
+        && !st.svcs.iter().any(|o| o.id != s.id && o.data.is_some_and(|od| od.of == d.of))
 }
 
 /// What `lower_bound` finds.
@@ -152,6 +170,9 @@ pub struct Bounds {
 /// service must still undergo whatever becomes of it; per dataset, the backup (and fence)
 /// a copy still needs; and one deploy where something must still appear or disappear.
 pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
+    if st.svcs.iter().any(|s| stranded(ctx, st, s)) {
+        return Bounds { len: UNREACHABLE, max_deletes: 0 };
+    }
     let verify_cost = u32::from(ctx.verify != Verify::None);
     let exists: Vec<bool> = ctx.declared.iter().map(|&(p, _)| ctx.dataset_exists(st, p)).collect();
     let n = ctx.declared.len();

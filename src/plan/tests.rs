@@ -39,6 +39,198 @@ fn runbook_is_eleven_actions_with_six_inside_the_outage() {
     assert_eq!(r.outage_actions, 6);
 }
 
+fn short(report: &EnvReport) -> Vec<String> {
+    report.steps.iter().map(|s| crate::render::action_summary(&s.action)).collect()
+}
+
+const OLD_ATTACHED: &str = r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}"#;
+
+/// Half-done states of the runbook, leftovers and edge cases: each plans the rest.
+#[test]
+fn half_done_states_plan_the_rest() {
+    let cases: &[(&str, &str, &str, &[&str])] = &[
+        ("fresh environment", "    postgres: {DEFAULT: 17}\n", "", &["add +1 as DEFAULT (PostgreSQL 17)", "deploy"]),
+        (
+            "converged",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"a","version":17,"prefix":"DEFAULT","status":"attached"}"#,
+            &[],
+        ),
+        (
+            "after add",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"},
+               {"id":"n","version":17,"prefix":"NEW","status":"new"}"#,
+            &["provision n", "fence svc-1", "backup svc-1", "restore n from svc-1", "verify n against svc-1",
+              "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+        ),
+        (
+            "after fence (backups are not observed: back up again)",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached","fenced":true},
+               {"id":"n","version":17,"prefix":"NEW","status":"provisioned"}"#,
+            &["backup svc-1", "restore n from svc-1", "verify n against svc-1",
+              "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+        ),
+        (
+            "after restore",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached","fenced":true},
+               {"id":"n","version":17,"prefix":"NEW","status":"provisioned",
+                "data":{"of":"DEFAULT","complete":true,"restored_from":"svc-1"}}"#,
+            &["verify n against svc-1", "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+        ),
+        (
+            "after detach",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"OLD","status":"pending_detachment","fenced":true,
+                "data":{"of":"DEFAULT","complete":true}},
+               {"id":"n","version":17,"prefix":"NEW","status":"provisioned",
+                "data":{"of":"DEFAULT","complete":true,"restored_from":"svc-1","verified":true}}"#,
+            &["rename n → DEFAULT", "deploy", "delete svc-1"],
+        ),
+        (
+            "after deploy",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"OLD","status":"detached","fenced":true,
+                "data":{"of":"DEFAULT","complete":true}},
+               {"id":"n","version":17,"prefix":"DEFAULT","status":"attached",
+                "data":{"of":"DEFAULT","complete":true,"restored_from":"svc-1","verified":true}}"#,
+            &["delete svc-1"],
+        ),
+        (
+            "keep_old keeps the retired original",
+            "    upgrade: {keep_old: true}\n    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"OLD","status":"detached","fenced":true,
+                "data":{"of":"DEFAULT","complete":true}},
+               {"id":"n","version":17,"prefix":"DEFAULT","status":"attached",
+                "data":{"of":"DEFAULT","complete":true,"restored_from":"svc-1","verified":true}}"#,
+            &[],
+        ),
+        (
+            "the copy lost completeness when its source was unfenced",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"},
+               {"id":"n","version":17,"prefix":"NEW","status":"provisioned",
+                "data":{"of":"DEFAULT","complete":false,"restored_from":"svc-1","verified":true}}"#,
+            &["fence svc-1", "backup svc-1", "restore n from svc-1", "verify n against svc-1",
+              "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+        ),
+        (
+            "leftovers of an abandoned upgrade are removed",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"a","version":17,"prefix":"DEFAULT","status":"attached"},
+               {"id":"n","version":18,"prefix":"NEW_DEFAULT","status":"provisioned"},
+               {"id":"o","version":16,"prefix":"OLD_DEFAULT","status":"detached","data":{"of":"DEFAULT","complete":true}}"#,
+            &["delete n", "delete o"],
+        ),
+        (
+            "a second prefix is added beside the first",
+            "    postgres: {DEFAULT: 17, ANALYTICS: 17}\n",
+            r#"{"id":"a","version":17,"prefix":"DEFAULT","status":"attached"}"#,
+            &["add +1 as ANALYTICS (PostgreSQL 17)", "deploy"],
+        ),
+        (
+            "services under undeclared prefixes are never touched",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"a","version":17,"prefix":"DEFAULT","status":"attached"},
+               {"id":"legacy","version":12,"prefix":"LEGACY","status":"attached"}"#,
+            &[],
+        ),
+        (
+            "without fencing or verification, no fence (and the plan warns that writes may be lost)",
+            "    upgrade: {fence_writes: false, verify: none}\n    postgres: {DEFAULT: 17}\n",
+            OLD_ATTACHED,
+            &["add +1 as NEW (PostgreSQL 17)", "provision +1", "backup svc-1", "restore +1 from svc-1",
+              "rename svc-1 → OLD", "detach svc-1", "rename +1 → DEFAULT", "deploy", "delete svc-1"],
+        ),
+        (
+            "verification compares with a quiet source, so it fences even without fence_writes",
+            "    upgrade: {fence_writes: false}\n    postgres: {DEFAULT: 17}\n",
+            OLD_ATTACHED,
+            &["add +1 as NEW (PostgreSQL 17)", "provision +1", "fence svc-1", "backup svc-1", "restore +1 from svc-1",
+              "verify +1 against svc-1", "rename svc-1 → OLD", "detach svc-1", "rename +1 → DEFAULT", "deploy", "delete svc-1"],
+        ),
+        (
+            "without verification, no verify",
+            "    upgrade: {verify: none, keep_old: true}\n    postgres: {DEFAULT: 17}\n",
+            OLD_ATTACHED,
+            &["add +1 as NEW (PostgreSQL 17)", "provision +1", "fence svc-1", "backup svc-1", "restore +1 from svc-1",
+              "rename svc-1 → OLD", "detach svc-1", "rename +1 → DEFAULT", "deploy"],
+        ),
+        (
+            "a fenced service of the right version is unfenced",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"a","version":17,"prefix":"DEFAULT","status":"attached","fenced":true}"#,
+            &["unfence a"],
+        ),
+    ];
+    for (name, yaml, services, want) in cases {
+        let (d, l) = env(yaml, services);
+        let r = plan_env(&d, &l).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(short(&r), *want, "{name}");
+    }
+}
+
+#[test]
+fn unmanaged_services_are_listed() {
+    let (d, l) = env(
+        "    postgres: {DEFAULT: 17}\n",
+        r#"{"id":"a","version":17,"prefix":"DEFAULT","status":"attached"},
+           {"id":"legacy","version":12,"prefix":"LEGACY","status":"attached"}"#,
+    );
+    let r = plan_env(&d, &l).expect("plan");
+    assert_eq!(r.unmanaged, [ServiceId::observed("legacy").expect("id")]);
+}
+
+#[test]
+fn downgrade_needs_allow_downgrade() {
+    let (d, l) = env("    postgres: {DEFAULT: 15}\n", OLD_ATTACHED);
+    let err = plan_env(&d, &l).expect_err("downgrade refused");
+    assert!(err.to_string().contains("allow_downgrade"), "{err}");
+    let (d, l) = env("    upgrade: {allow_downgrade: true}\n    postgres: {DEFAULT: 15}\n", OLD_ATTACHED);
+    assert_eq!(plan_env(&d, &l).expect("plan").steps.len(), 11);
+}
+
+#[test]
+fn data_nobody_declared_is_never_dropped() {
+    // OLD is visible without data: it holds dataset OLD, which no prefix declares, so it
+    // can neither stay nor go without losing what the application may have written.
+    let (d, l) = env(
+        "    postgres: {DEFAULT: 17}\n",
+        r#"{"id":"svc-1","version":16,"prefix":"OLD","status":"pending_detachment","fenced":true},
+           {"id":"n","version":17,"prefix":"DEFAULT","status":"attached"}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan");
+    assert!(err.to_string().contains("svc-1"), "{err}");
+}
+
+#[test]
+fn diverged_copies_have_no_plan() {
+    let (d, l) = env(
+        "    postgres: {DEFAULT: 17}\n",
+        r#"{"id":"a","version":17,"prefix":"DEFAULT","status":"attached",
+            "data":{"of":"DEFAULT","complete":false,"restored_from":"o","verified":true}},
+           {"id":"o","version":16,"prefix":"OLD","status":"detached","data":{"of":"DEFAULT","complete":true}}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan");
+    assert!(err.to_string().contains("diverged"), "{err}");
+}
+
+#[test]
+fn environments_follow_rollout_then_file_order() {
+    let text = "version: 1\nrollout: [live]\nenvironments:\n  a: {postgres: {DEFAULT: 17}}\n  live: {postgres: {DEFAULT: 17}}\n  b: {postgres: {DEFAULT: 17}}\n";
+    let config = parse(Path::new("t.yaml"), text).expect("config");
+    let report = plan(&config, &Live::empty(), &[]).expect("plan");
+    let names: Vec<&str> = report.plan.environments.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["live", "a", "b"]);
+    let only = [EnvName::parse("b").expect("name")];
+    let report = plan(&config, &Live::empty(), &only).expect("plan");
+    assert_eq!(report.plan.environments.len(), 1);
+    let unknown = [EnvName::parse("zzz").expect("name")];
+    assert!(matches!(plan(&config, &Live::empty(), &unknown), Err(PlanError::UnknownEnvironment(_))));
+}
+
 mod optimality {
     use super::super::rules::{Ctx, State};
     use super::super::search::{astar, brute_force, Outcome};
