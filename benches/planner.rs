@@ -21,7 +21,8 @@ fn world(envs: usize, prefixes: &[&str]) -> (config::Config, Live) {
     }
     let config = config::parse(Path::new("bench.yaml"), &yaml).expect("config");
     let live: Live =
-        serde_json::from_str(&format!(r#"{{"format_version":1,"environments":{{{}}}}}"#, services.join(","))).expect("live");
+        serde_json::from_str(&format!(r#"{{"format_version":1,"environments":{{{}}}}}"#, services.join(",")))
+            .expect("live");
     (config, live)
 }
 

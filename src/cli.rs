@@ -16,7 +16,11 @@ use crate::render::{self, Format};
 const MAX_INPUT_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Parser)]
-#[command(name = "pgconverge", version, about = "Converge PostgreSQL service versions to what pgconverge.yaml declares")]
+#[command(
+    name = "pgconverge",
+    version,
+    about = "Converge PostgreSQL service versions to what pgconverge.yaml declares"
+)]
 pub struct Cli {
     /// Log format on stderr (filter with RUST_LOG).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -126,7 +130,9 @@ impl Error {
     pub fn report(&self) -> String {
         let hint = match self {
             Error::Config(e) => return config::report(e),
-            Error::Plan(PlanError::UnknownEnvironment(_)) => Some("--env takes a name from `environments` in the config"),
+            Error::Plan(PlanError::UnknownEnvironment(_)) => {
+                Some("--env takes a name from `environments` in the config")
+            }
             Error::Plan(_) => None,
             Error::Input { hint, .. } => Some(*hint),
             Error::NoProvider(_) => Some("plan against a snapshot: pgconverge plan --live examples/live.json"),
@@ -171,7 +177,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             if let Some(path) = save {
                 let mut text = Vec::new();
                 render::json::plan(&mut text, &report.plan).map_err(stdout_error)?;
-                write_atomically(&path, &text).map_err(|source| Error::Write { path: path.display().to_string(), source })?;
+                write_atomically(&path, &text)
+                    .map_err(|source| Error::Write { path: path.display().to_string(), source })?;
             }
             match format {
                 Format::Text => render::text::plan(out, &report, use_color()),
@@ -266,7 +273,11 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) ->
     let io = |e: std::io::Error| Error::Input { at: at(None), message: format!("cannot read the {what}: {e}"), hint };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > MAX_INPUT_BYTES {
-        return Err(Error::Input { at: at(None), message: format!("the {what} is {len} bytes; at most {MAX_INPUT_BYTES} are read"), hint });
+        return Err(Error::Input {
+            at: at(None),
+            message: format!("the {what} is {len} bytes; at most {MAX_INPUT_BYTES} are read"),
+            hint,
+        });
     }
     let bytes = std::fs::read(path).map_err(io)?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);

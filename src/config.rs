@@ -22,7 +22,10 @@ pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "pgconverge.yaml", description = "Desired PostgreSQL major versions per environment, for pgconverge (format 1).")]
+#[schemars(
+    title = "pgconverge.yaml",
+    description = "Desired PostgreSQL major versions per environment, for pgconverge (format 1)."
+)]
 pub struct Config {
     /// Format of this file; only 1 exists.
     pub version: FormatVersion,
@@ -477,6 +480,18 @@ fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml
         "each key may appear once in a map; remove or merge the repeated one"
     } else if message.starts_with("unknown field") || message.starts_with("unknown variant") {
         "check the spelling; see `pgconverge schema` for every key"
+    } else if [
+        "did not find expected",
+        "found character",
+        "mapping values are not allowed",
+        "while scanning",
+        "while parsing",
+        "found unexpected",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+    {
+        "the text is not valid YAML at this position; check indentation, brackets and quotes"
     } else if message.contains("recursion limit") || message.contains("repetition limit") {
         "the file nests or repeats too deeply to be a pgconverge config"
     } else if message.contains("invalid prefix") {
@@ -554,9 +569,9 @@ fn validate(config: &Config) -> Result<(), Invalid> {
         }
         let declared: Vec<&Prefix> = env.postgres.0.iter().map(|(p, _)| p).collect();
         for p in &declared {
-            let reserved = [&upgrade.temporary_prefix, &upgrade.retired_prefix].into_iter().any(|r| {
-                *p == r || declared.iter().any(|q| p.as_str() == format!("{r}_{q}"))
-            });
+            let reserved = [&upgrade.temporary_prefix, &upgrade.retired_prefix]
+                .into_iter()
+                .any(|r| *p == r || declared.iter().any(|q| p.as_str() == format!("{r}_{q}")));
             if reserved {
                 return Err((
                     env_path(&["postgres", p.as_str()]),

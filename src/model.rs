@@ -219,10 +219,7 @@ pub struct ServiceId(String);
 impl ServiceId {
     /// An observed id: printable, no spaces, not starting with `+` (kept for added services).
     pub fn observed(s: &str) -> Result<Self, String> {
-        let ok = !s.is_empty()
-            && s.len() <= 128
-            && !s.starts_with('+')
-            && s.chars().all(|c| c.is_ascii_graphic());
+        let ok = !s.is_empty() && s.len() <= 128 && !s.starts_with('+') && s.chars().all(|c| c.is_ascii_graphic());
         if !ok {
             return Err(format!(
                 "invalid service id `{}`: ids are 1 to 128 printable characters without spaces, not starting with `+`",
@@ -332,12 +329,9 @@ impl Service {
     pub fn effective_data(&self) -> Option<Data> {
         match (&self.data, self.status.visible()) {
             (Some(d), _) => Some(d.clone()),
-            (None, true) => Some(Data {
-                of: self.prefix.clone(),
-                complete: true,
-                restored_from: None,
-                verified: false,
-            }),
+            (None, true) => {
+                Some(Data { of: self.prefix.clone(), complete: true, restored_from: None, verified: false })
+            }
             (None, false) => None,
         }
     }
@@ -453,10 +447,8 @@ mod tests {
 
     #[test]
     fn visible_service_without_data_holds_its_own_dataset() {
-        let s: Service = serde_json::from_str(
-            r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}"#,
-        )
-        .expect("service");
+        let s: Service = serde_json::from_str(r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}"#)
+            .expect("service");
         let d = s.effective_data().expect("data");
         assert_eq!(d.of.as_str(), "DEFAULT");
         assert!(d.complete);
@@ -491,6 +483,6 @@ mod tests {
                 {"id":"a","version":16,"prefix":"B","status":"attached"}]}}}"#,
         )
         .expect("parse");
-        assert!(live.validate().unwrap_err().contains("twice"));
+        assert!(live.validate().expect_err("duplicate").contains("twice"));
     }
 }

@@ -141,12 +141,8 @@ pub fn plan(config: &Config, live: &Live, only: &[EnvName]) -> Result<Report, Pl
         let env_live = live.environments.get(&d.name).cloned().unwrap_or_default();
         environments.push(plan_env(d, &env_live)?);
     }
-    let unmanaged_environments = live
-        .environments
-        .keys()
-        .filter(|n| !desired.iter().any(|d| &d.name == *n))
-        .cloned()
-        .collect();
+    let unmanaged_environments =
+        live.environments.keys().filter(|n| !desired.iter().any(|d| &d.name == *n)).cloned().collect();
     let plan = Plan {
         format_version: FORMAT_VERSION,
         observed: live.digest(),
@@ -291,13 +287,17 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
             _ => "the new server, under a temporary prefix until the copy is ready".to_owned(),
         },
         Op::Provision(_) => "create the server so that the backup can be restored into it".to_owned(),
-        Op::Fence(i) => format!("block writes to {} {} so that the backup misses no committed write", dataset(i), version(i)),
+        Op::Fence(i) => {
+            format!("block writes to {} {} so that the backup misses no committed write", dataset(i), version(i))
+        }
         Op::Unfence(i) => format!("let the application write to {} {} again", dataset(i), version(i)),
         Op::Backup(i) => format!("back up {}'s data from PostgreSQL {}", dataset(i), version(i)),
         Op::Restore { service, from } => {
             format!("copy {}'s data into PostgreSQL {}", dataset(from), version(service))
         }
-        Op::Verify { .. } => format!("compare the copy with its source ({}) before anything depends on it", ctx.verify.as_str()),
+        Op::Verify { .. } => {
+            format!("compare the copy with its source ({}) before anything depends on it", ctx.verify.as_str())
+        }
         Op::Rename { service, to } => match ctx.roles[to as usize] {
             rules::Role::Retired(_) => "retire the old server: its replacement is ready".to_owned(),
             rules::Role::Declared(_) if svc(service).is_some_and(|s| !s.visible()) => {

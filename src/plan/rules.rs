@@ -396,7 +396,12 @@ impl Ctx {
                 let mut after = s.clone();
                 after.data = Some(DataS { of: b.of, complete: b.complete, restored_from: Some(from), verified: false });
                 if !self.prefix_meaning_holds(&after) {
-                    return refuse(format!("{} may not hold dataset {} under {}", self.id(service), name(b.of), name(s.prefix)));
+                    return refuse(format!(
+                        "{} may not hold dataset {} under {}",
+                        self.id(service),
+                        name(b.of),
+                        name(s.prefix)
+                    ));
                 }
                 Ok(())
             }
@@ -593,7 +598,8 @@ impl Ctx {
                         Status::New | Status::Provisioned => {
                             s.status = Status::Attached;
                             if s.data.is_none() {
-                                s.data = Some(DataS { of: s.prefix, complete: true, restored_from: None, verified: false });
+                                s.data =
+                                    Some(DataS { of: s.prefix, complete: true, restored_from: None, verified: false });
                             }
                         }
                         Status::PendingDetachment => s.status = Status::Detached,
@@ -614,12 +620,8 @@ impl Ctx {
             ops.push(Op::Add { prefix: p, version: v });
             ops.push(Op::Add { prefix: t, version: v });
         }
-        let targets: Vec<P> = self
-            .declared
-            .iter()
-            .zip(&self.temp_of)
-            .flat_map(|(&(p, _), &(t, r))| [p, t, r])
-            .collect();
+        let targets: Vec<P> =
+            self.declared.iter().zip(&self.temp_of).flat_map(|(&(p, _), &(t, r))| [p, t, r]).collect();
         // Grouped by kind in the runbook's order, so that among equally good plans the
         // search settles on the one that reads like the runbook.
         let managed: Vec<&Svc> = st.svcs.iter().filter(|s| !self.unmanaged(s)).collect();

@@ -22,11 +22,19 @@ pub type Cost = (u32, u32);
 
 #[derive(Debug)]
 pub enum Outcome {
-    Found { ops: Vec<Op>, cost: Cost, expanded: usize },
+    Found {
+        ops: Vec<Op>,
+        cost: Cost,
+        expanded: usize,
+    },
     /// Every reachable state was explored and none is the goal.
-    Unreachable { expanded: usize },
+    Unreachable {
+        expanded: usize,
+    },
     /// The expansion limit was hit.
-    GaveUp { expanded: usize },
+    GaveUp {
+        expanded: usize,
+    },
 }
 
 /// The outage cost of one step: 1 when the action runs while writes are already blocked
@@ -215,7 +223,8 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
     let mut assigned: Option<(u32, Reverse<u32>)> = None;
     for (mask, cell) in best.iter().enumerate() {
         let Some((cost, del)) = *cell else { continue };
-        let added: u32 = (0..n).filter(|k| mask & (1 << k) == 0).map(|k| cost_of_new(ctx, st, k, exists[k], verify_cost)).sum();
+        let added: u32 =
+            (0..n).filter(|k| mask & (1 << k) == 0).map(|k| cost_of_new(ctx, st, k, exists[k], verify_cost)).sum();
         let c = (cost + added, del);
         if assigned.is_none_or(|a| c < a) {
             assigned = Some(c);
@@ -228,7 +237,8 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
         });
         deploy |= !attached_candidate;
         if exists[k] && needs_copy(ctx, st, p, v) {
-            let usable_backup = st.svcs.iter().any(|s| s.backup.is_some_and(|b| b.of == p && (b.complete || !ctx.fence_writes)));
+            let usable_backup =
+                st.svcs.iter().any(|s| s.backup.is_some_and(|b| b.of == p && (b.complete || !ctx.fence_writes)));
             if !usable_backup {
                 total += 1; // backup
                 let quiet_source = st
@@ -251,9 +261,7 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
 pub fn outage_lower_bound(ctx: &Ctx, st: &State, b: Bounds) -> u32 {
     let verify_cost = u32::from(ctx.verify != Verify::None);
     let blocked = st.svcs.iter().filter(|s| s.visible() && s.fenced && !ctx.unmanaged(s)).any(|f| {
-        !ctx.declared
-            .iter()
-            .any(|&(p, v)| cost_to_hold(ctx, f, p, v, ctx.dataset_exists(st, p), verify_cost).is_some())
+        !ctx.declared.iter().any(|&(p, v)| cost_to_hold(ctx, f, p, v, ctx.dataset_exists(st, p), verify_cost).is_some())
     });
     if !blocked {
         return 0;

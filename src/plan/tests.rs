@@ -15,10 +15,8 @@ fn ops(report: &EnvReport) -> Vec<String> {
 
 #[test]
 fn runbook_is_eleven_actions_with_six_inside_the_outage() {
-    let (d, l) = env(
-        "    postgres: {DEFAULT: 17}\n",
-        r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}"#,
-    );
+    let (d, l) =
+        env("    postgres: {DEFAULT: 17}\n", r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}"#);
     let r = plan_env(&d, &l).expect("plan");
     assert_eq!(
         ops(&r),
@@ -61,16 +59,34 @@ fn half_done_states_plan_the_rest() {
             "    postgres: {DEFAULT: 17}\n",
             r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"},
                {"id":"n","version":17,"prefix":"NEW","status":"new"}"#,
-            &["provision n", "fence svc-1", "backup svc-1", "restore n from svc-1", "verify n against svc-1",
-              "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+            &[
+                "provision n",
+                "fence svc-1",
+                "backup svc-1",
+                "restore n from svc-1",
+                "verify n against svc-1",
+                "rename svc-1 → OLD",
+                "detach svc-1",
+                "rename n → DEFAULT",
+                "deploy",
+                "delete svc-1",
+            ],
         ),
         (
             "after fence (backups are not observed: back up again)",
             "    postgres: {DEFAULT: 17}\n",
             r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached","fenced":true},
                {"id":"n","version":17,"prefix":"NEW","status":"provisioned"}"#,
-            &["backup svc-1", "restore n from svc-1", "verify n against svc-1",
-              "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+            &[
+                "backup svc-1",
+                "restore n from svc-1",
+                "verify n against svc-1",
+                "rename svc-1 → OLD",
+                "detach svc-1",
+                "rename n → DEFAULT",
+                "deploy",
+                "delete svc-1",
+            ],
         ),
         (
             "after restore",
@@ -78,7 +94,14 @@ fn half_done_states_plan_the_rest() {
             r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached","fenced":true},
                {"id":"n","version":17,"prefix":"NEW","status":"provisioned",
                 "data":{"of":"DEFAULT","complete":true,"restored_from":"svc-1"}}"#,
-            &["verify n against svc-1", "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+            &[
+                "verify n against svc-1",
+                "rename svc-1 → OLD",
+                "detach svc-1",
+                "rename n → DEFAULT",
+                "deploy",
+                "delete svc-1",
+            ],
         ),
         (
             "after detach",
@@ -113,8 +136,17 @@ fn half_done_states_plan_the_rest() {
             r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"},
                {"id":"n","version":17,"prefix":"NEW","status":"provisioned",
                 "data":{"of":"DEFAULT","complete":false,"restored_from":"svc-1","verified":true}}"#,
-            &["fence svc-1", "backup svc-1", "restore n from svc-1", "verify n against svc-1",
-              "rename svc-1 → OLD", "detach svc-1", "rename n → DEFAULT", "deploy", "delete svc-1"],
+            &[
+                "fence svc-1",
+                "backup svc-1",
+                "restore n from svc-1",
+                "verify n against svc-1",
+                "rename svc-1 → OLD",
+                "detach svc-1",
+                "rename n → DEFAULT",
+                "deploy",
+                "delete svc-1",
+            ],
         ),
         (
             "leftovers of an abandoned upgrade are removed",
@@ -141,22 +173,51 @@ fn half_done_states_plan_the_rest() {
             "without fencing or verification, no fence (and the plan warns that writes may be lost)",
             "    upgrade: {fence_writes: false, verify: none}\n    postgres: {DEFAULT: 17}\n",
             OLD_ATTACHED,
-            &["add +1 as NEW (PostgreSQL 17)", "provision +1", "backup svc-1", "restore +1 from svc-1",
-              "rename svc-1 → OLD", "detach svc-1", "rename +1 → DEFAULT", "deploy", "delete svc-1"],
+            &[
+                "add +1 as NEW (PostgreSQL 17)",
+                "provision +1",
+                "backup svc-1",
+                "restore +1 from svc-1",
+                "rename svc-1 → OLD",
+                "detach svc-1",
+                "rename +1 → DEFAULT",
+                "deploy",
+                "delete svc-1",
+            ],
         ),
         (
             "verification compares with a quiet source, so it fences even without fence_writes",
             "    upgrade: {fence_writes: false}\n    postgres: {DEFAULT: 17}\n",
             OLD_ATTACHED,
-            &["add +1 as NEW (PostgreSQL 17)", "provision +1", "fence svc-1", "backup svc-1", "restore +1 from svc-1",
-              "verify +1 against svc-1", "rename svc-1 → OLD", "detach svc-1", "rename +1 → DEFAULT", "deploy", "delete svc-1"],
+            &[
+                "add +1 as NEW (PostgreSQL 17)",
+                "provision +1",
+                "fence svc-1",
+                "backup svc-1",
+                "restore +1 from svc-1",
+                "verify +1 against svc-1",
+                "rename svc-1 → OLD",
+                "detach svc-1",
+                "rename +1 → DEFAULT",
+                "deploy",
+                "delete svc-1",
+            ],
         ),
         (
             "without verification, no verify",
             "    upgrade: {verify: none, keep_old: true}\n    postgres: {DEFAULT: 17}\n",
             OLD_ATTACHED,
-            &["add +1 as NEW (PostgreSQL 17)", "provision +1", "fence svc-1", "backup svc-1", "restore +1 from svc-1",
-              "rename svc-1 → OLD", "detach svc-1", "rename +1 → DEFAULT", "deploy"],
+            &[
+                "add +1 as NEW (PostgreSQL 17)",
+                "provision +1",
+                "fence svc-1",
+                "backup svc-1",
+                "restore +1 from svc-1",
+                "rename svc-1 → OLD",
+                "detach svc-1",
+                "rename +1 → DEFAULT",
+                "deploy",
+            ],
         ),
         (
             "a fenced service of the right version is unfenced",
@@ -324,7 +385,12 @@ mod optimality {
     #[test]
     fn astar_plans_are_valid_and_as_short_as_brute_force() {
         use proptest::test_runner::{Config, TestRunner};
-        let mut runner = TestRunner::new(Config { cases: 300, failure_persistence: None, max_shrink_iters: 200, ..Config::default() });
+        let mut runner = TestRunner::new(Config {
+            cases: 300,
+            failure_persistence: None,
+            max_shrink_iters: 200,
+            ..Config::default()
+        });
         let compared = std::cell::Cell::new(0);
         let found = std::cell::Cell::new(0);
         let result = runner.run(&world(), |(desired, live, walk)| {
@@ -375,7 +441,10 @@ fn prefixes_migrating_at_once_share_one_deploy() {
         let deploys = r.steps.iter().filter(|s| s.action == Action::Deploy).count();
         assert_eq!(deploys, 1);
         if n > 1 {
-            let temporary = r.steps.iter().any(|s| matches!(&s.action, Action::Add { prefix, .. } if prefix.as_str() == "NEW_DEFAULT"));
+            let temporary = r
+                .steps
+                .iter()
+                .any(|s| matches!(&s.action, Action::Add { prefix, .. } if prefix.as_str() == "NEW_DEFAULT"));
             assert!(temporary, "several migrating prefixes use NEW_<PREFIX>");
         }
     }

@@ -18,12 +18,24 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
         return warnings(out, report);
     }
     let total: usize = changing.iter().map(|e| e.steps.len()).sum();
-    writeln!(out, "### pgconverge plan: {total} actions in {} environment{}", changing.len(), if changing.len() == 1 { "" } else { "s" })?;
+    writeln!(
+        out,
+        "### pgconverge plan: {total} actions in {} environment{}",
+        changing.len(),
+        if changing.len() == 1 { "" } else { "s" }
+    )?;
     writeln!(out)?;
     writeln!(out, "| Environment | From → to | Actions | Risks |")?;
     writeln!(out, "|---|---|---:|---|")?;
     for env in &report.environments {
-        writeln!(out, "| `{}` | {} | {} | {} |", env.name, version_changes(env).join("<br>"), env.steps.len(), risks(env))?;
+        writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            env.name,
+            version_changes(env).join("<br>"),
+            env.steps.len(),
+            risks(env)
+        )?;
     }
     for env in &changing {
         writeln!(out)?;
@@ -47,7 +59,11 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
         }
         if env.outage_actions > 0 {
             writeln!(out)?;
-            writeln!(out, "⏸ {} actions run while writes are blocked (between the fence and the deploy).", env.outage_actions)?;
+            writeln!(
+                out,
+                "⏸ {} actions run while writes are blocked (between the fence and the deploy).",
+                env.outage_actions
+            )?;
         }
     }
     warnings(out, report)
@@ -78,7 +94,10 @@ fn warnings(out: &mut impl Write, report: &Report) -> io::Result<()> {
         let up = &env.desired.upgrade;
         let copies = env.steps.iter().any(|s| matches!(s.action, crate::plan::Action::Restore { .. }));
         if copies && !up.fence_writes {
-            w.push(format!("`{}`: `fence_writes` is off: writes made between the backup and the deploy will be lost.", env.name));
+            w.push(format!(
+                "`{}`: `fence_writes` is off: writes made between the backup and the deploy will be lost.",
+                env.name
+            ));
         }
         if copies && up.verify == Verify::None {
             w.push(format!("`{}`: `verify` is `none`: the copy is not compared with its source.", env.name));

@@ -54,7 +54,9 @@ pub fn plan(out: &mut impl Write, report: &Report, color: bool) -> io::Result<()
                 writeln!(out, "  {marker}{:>width$}. {what}{pad}  {}{flag}", i + 1, step.reason)?;
             }
             writeln!(out)?;
-            let outage = if env.outage_actions > 0 || env.steps.iter().any(|s| s.risk == Some(crate::plan::Risk::BlocksWrites)) {
+            let outage = if env.outage_actions > 0
+                || env.steps.iter().any(|s| s.risk == Some(crate::plan::Risk::BlocksWrites))
+            {
                 format!(", {} inside the write outage (marked │)", env.outage_actions)
             } else {
                 String::new()
@@ -84,7 +86,10 @@ pub fn live(out: &mut impl Write, live: &Live) -> io::Result<()> {
     if live.environments.is_empty() {
         writeln!(out, "No environments.")?;
     }
-    for (name, env) in &live.environments {
+    for (i, (name, env)) in live.environments.iter().enumerate() {
+        if i > 0 {
+            writeln!(out)?;
+        }
         writeln!(out, "Environment {name}")?;
         if env.services.is_empty() {
             writeln!(out, "  (no services)")?;

@@ -1,0 +1,348 @@
+//! The command line's contract: exit codes, errors that point at file:line:col, and
+//! hostile input that fails fast without a panic.
+
+mod common;
+
+use common::{pgconverge, repo, scratch};
+
+const RUNBOOK_LIVE: &str = r#"{"format_version":1,"environments":{"live":{"services":[
+  {"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}]}}}"#;
+const CONVERGED_LIVE: &str = r#"{"format_version":1,"environments":{"live":{"services":[
+  {"id":"svc-1","version":17,"prefix":"DEFAULT","status":"attached"}]}}}"#;
+const CONFIG: &str = "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: 17\n";
+
+#[test]
+fn every_example_validates() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(repo().join("examples")).expect("examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") && !path.to_string_lossy().contains("workflow") {
+            let run = pgconverge(&["validate", "-f", path.to_str().expect("utf-8")], &repo());
+            assert_eq!(run.code, 0, "{}: {}", path.display(), run.stderr);
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "only {seen} examples found");
+}
+
+#[test]
+fn committed_schema_is_current() {
+    let run = pgconverge(&["schema"], &repo());
+    assert_eq!(run.code, 0);
+    let committed = std::fs::read_to_string(repo().join("schemas/pgconverge.schema.json")).expect("schema");
+    assert!(
+        committed == run.stdout,
+        "schemas/pgconverge.schema.json is stale: run `cargo run -q -- schema > schemas/pgconverge.schema.json`"
+    );
+}
+
+/// Bad configs: exit 1, `file:line:col`, the key path, a hint, nothing else.
+#[test]
+fn config_errors_point_at_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "unknown key",
+            "version: 1\nenvironments:\n  live:\n    postgres: {DEFAULT: 17}\n    colour: red\n",
+            "c.yaml:5:5: environments.live.colour: unknown field `colour`",
+        ),
+        (
+            "duplicate key",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: 17\n      DEFAULT: 16\n",
+            "c.yaml:6:7: environments.live.postgres.DEFAULT: duplicate key",
+        ),
+        (
+            "duplicate environment",
+            "version: 1\nenvironments:\n  live: {postgres: {A: 1}}\n  live: {postgres: {A: 2}}\n",
+            "c.yaml:4:3: environments.live: duplicate key",
+        ),
+        (
+            "duplicate field",
+            "version: 1\nversion: 1\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "c.yaml:2:1: version: duplicate field",
+        ),
+        (
+            "wrong type",
+            "version: 1\nupgrade:\n  keep_old: sometimes\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "c.yaml:3:13: upgrade.keep_old: invalid type",
+        ),
+        (
+            "bad prefix",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      default: 17\n",
+            "c.yaml:5:7: environments.live.postgres.default: invalid prefix",
+        ),
+        (
+            "reserved prefix",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: 17\n      OLD: 16\n",
+            "c.yaml:6:7: environments.live.postgres.OLD: prefix OLD is reserved",
+        ),
+        (
+            "reserved joined prefix",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      A: 17\n      NEW_A: 16\n",
+            "environments.live.postgres.NEW_A: prefix NEW_A is reserved",
+        ),
+        (
+            "custom temporary prefix",
+            "version: 1\nupgrade: {temporary_prefix: NEXT}\nenvironments:\n  live:\n    postgres:\n      NEXT: 17\n",
+            "environments.live.postgres.NEXT: prefix NEXT is reserved",
+        ),
+        (
+            "version not a number",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: latest\n",
+            "c.yaml:5:16: environments.live.postgres.DEFAULT: `latest` is not a PostgreSQL major version",
+        ),
+        (
+            "version zero",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: 0\n",
+            "environments.live.postgres.DEFAULT: a PostgreSQL major version must be a positive integer",
+        ),
+        (
+            "negative version",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: -16\n",
+            "major version -16 is negative",
+        ),
+        (
+            "minor version",
+            "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: 16.4\n",
+            "is not an integer",
+        ),
+        (
+            "format version",
+            "version: 2\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "c.yaml:1:1: version: config format version 2 is not supported",
+        ),
+        ("empty file", "", "c.yaml: the file is empty"),
+        ("only comments", "# nothing\n---\n", "c.yaml: the file is empty"),
+        ("tab", "version: 1\nenvironments:\n\tlive: {}\n", "c.yaml:3:1: tab character"),
+        (
+            "rollout names an unknown environment",
+            "version: 1\nrollout: [live, prod]\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "c.yaml:2:1: rollout.1: `prod` is not a declared environment",
+        ),
+        (
+            "rollout repeats",
+            "version: 1\nrollout: [live, live]\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "rollout.1: `live` appears twice",
+        ),
+        ("no environments", "version: 1\nenvironments: {}\n", "environments: no environments are declared"),
+        (
+            "no services",
+            "version: 1\nenvironments:\n  live:\n    postgres: {}\n",
+            "c.yaml:4:5: environments.live.postgres: no services are declared",
+        ),
+        (
+            "missing postgres",
+            "version: 1\nenvironments:\n  live:\n    upgrade: {}\n",
+            "environments.live: missing field `postgres`",
+        ),
+        (
+            "strategy not yet supported",
+            "version: 1\nupgrade: {strategy: logical}\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "upgrade.strategy: unknown variant `logical`",
+        ),
+        (
+            "two providers",
+            "version: 1\nprovider:\n  local: {}\n  divio: {application: x}\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "c.yaml:2:1: provider: both `local` and `divio` are set",
+        ),
+        (
+            "bad environment name",
+            "version: 1\nenvironments:\n  ../etc:\n    postgres: {A: 1}\n",
+            "invalid environment name",
+        ),
+        (
+            "syntax",
+            "version: 1\nenvironments:\n  live:\n    postgres: {A: 1\n",
+            "c.yaml:5:1: environments.live.postgres: did not find expected ',' or '}'",
+        ),
+        ("not a map", "- 1\n- 2\n", "invalid type: sequence"),
+    ];
+    let dir = scratch("config_errors");
+    for (name, text, want) in cases {
+        std::fs::write(dir.join("c.yaml"), text).expect("write");
+        let run = pgconverge(&["validate", "-f", "c.yaml"], &dir);
+        assert_eq!(run.code, 1, "{name}: {}", run.stderr);
+        assert!(
+            run.stderr.starts_with(&format!("error: {want}")) || run.stderr.contains(want),
+            "{name}: want {want:?} in\n{}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("hint: "), "{name}: no hint in {}", run.stderr);
+        assert!(run.stdout.is_empty(), "{name}: printed {}", run.stdout);
+    }
+}
+
+#[test]
+fn hostile_configs_fail_fast() {
+    let dir = scratch("hostile");
+    let mut bomb = String::from(
+        "version: 1\nenvironments:\n  e:\n    postgres: {A: 1}\n    upgrade:\n      verify: &l0 [x,x,x,x,x,x,x,x,x]\n",
+    );
+    for i in 1..10 {
+        let refs = vec![format!("*l{}", i - 1); 9].join(",");
+        bomb.push_str(&format!("      k{i}: &l{i} [{refs}]\n"));
+    }
+    let deep = format!("version: 1\nenvironments: {}", "[".repeat(20_000));
+    let deep_map = format!("version: 1\nenvironments: {}", "{a: ".repeat(20_000));
+    let garbage: String =
+        (0..3_000_000u32).map(|i| char::from(b'!' + (i.wrapping_mul(2_654_435_761) % 90) as u8)).collect();
+    let binary: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(dir.join("bomb.yaml"), bomb).expect("write");
+    std::fs::write(dir.join("deep.yaml"), deep).expect("write");
+    std::fs::write(dir.join("deep_map.yaml"), deep_map).expect("write");
+    std::fs::write(dir.join("garbage.yaml"), garbage).expect("write");
+    std::fs::write(dir.join("binary.yaml"), binary).expect("write");
+    for f in ["bomb.yaml", "deep.yaml", "deep_map.yaml", "garbage.yaml", "binary.yaml", "missing.yaml"] {
+        let run = pgconverge(&["validate", "-f", f], &dir);
+        assert_eq!(run.code, 1, "{f}: {}", run.stderr);
+        assert!(run.stderr.starts_with(&format!("error: {f}")), "{f}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn plan_exit_codes() {
+    let dir = scratch("exit_codes");
+    std::fs::write(dir.join("pgconverge.yaml"), CONFIG).expect("write");
+    std::fs::write(dir.join("old.json"), RUNBOOK_LIVE).expect("write");
+    std::fs::write(dir.join("done.json"), CONVERGED_LIVE).expect("write");
+    let changes = pgconverge(&["plan", "--live", "old.json", "--detailed-exitcode"], &dir);
+    assert_eq!(changes.code, 2, "{}", changes.stderr);
+    let plain = pgconverge(&["plan", "--live", "old.json"], &dir);
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    let none = pgconverge(&["plan", "--live", "done.json", "--detailed-exitcode"], &dir);
+    assert_eq!(none.code, 0, "{}", none.stderr);
+    assert!(none.stdout.contains("No changes"), "{}", none.stdout);
+    let bad = pgconverge(&["plan", "--live", "missing.json", "--detailed-exitcode"], &dir);
+    assert_eq!(bad.code, 1);
+    let usage = pgconverge(&["plan", "--format", "yaml"], &dir);
+    assert_eq!(usage.code, 1, "usage errors are 1, never 2");
+    let help = pgconverge(&["--help"], &dir);
+    assert_eq!(help.code, 0);
+}
+
+#[test]
+fn saved_plan_is_the_json_plan() {
+    let dir = scratch("saved_plan");
+    std::fs::write(dir.join("pgconverge.yaml"), CONFIG).expect("write");
+    std::fs::write(dir.join("old.json"), RUNBOOK_LIVE).expect("write");
+    let run = pgconverge(&["plan", "--live", "old.json", "--format", "json", "--out", "plan.json"], &dir);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let saved = std::fs::read_to_string(dir.join("plan.json")).expect("saved");
+    assert_eq!(saved, run.stdout);
+    let plan: serde_json::Value = serde_json::from_str(&saved).expect("json");
+    assert_eq!(plan["format_version"], 1);
+    assert!(plan["observed"].as_str().is_some_and(|d| d.starts_with("sha256:") && d.len() == 71));
+    assert_eq!(plan["environments"][0]["name"], "live");
+    let ops: Vec<&str> = plan["environments"][0]["actions"]
+        .as_array()
+        .expect("actions")
+        .iter()
+        .map(|a| a["op"].as_str().expect("op"))
+        .collect();
+    assert_eq!(
+        ops,
+        ["add", "provision", "fence", "backup", "restore", "verify", "rename", "detach", "rename", "deploy", "delete"]
+    );
+    assert_eq!(
+        plan["environments"][0]["actions"][0],
+        serde_json::json!({"op": "add", "service": "+1", "prefix": "NEW", "version": 17})
+    );
+}
+
+#[test]
+fn no_plan_is_exit_one_with_the_reason() {
+    let dir = scratch("no_plan");
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        "version: 1\nenvironments:\n  live:\n    postgres:\n      DEFAULT: 15\n",
+    )
+    .expect("write");
+    std::fs::write(dir.join("old.json"), RUNBOOK_LIVE).expect("write");
+    let run = pgconverge(&["plan", "--live", "old.json"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("environment live: no safe plan exists") && run.stderr.contains("allow_downgrade"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn unknown_environment_is_refused() {
+    let dir = scratch("unknown_env");
+    std::fs::write(dir.join("pgconverge.yaml"), CONFIG).expect("write");
+    std::fs::write(dir.join("old.json"), RUNBOOK_LIVE).expect("write");
+    let run = pgconverge(&["plan", "--live", "old.json", "--env", "prod"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("environment `prod` is not declared"), "{}", run.stderr);
+}
+
+#[test]
+fn snapshot_errors_point_at_the_field() {
+    let dir = scratch("snapshot_errors");
+    std::fs::write(dir.join("pgconverge.yaml"), CONFIG).expect("write");
+    let cases: &[(&str, &str)] = &[
+        ("{\"format_version\":1,\n\"environments\":{\"live\":{\"services\":[{\"id\":\"a\",\"version\":16,\"prefix\":\"DEFAULT\",\"status\":\"gone\"}]}}}", "live.json:2:"),
+        ("{\"format_version\":1,\"environments\":{}} trailing", "live.json:1:"),
+        ("{\"format_version\":2,\"environments\":{}}", "format_version 2 is not supported"),
+        ("{\"format_version\":1,\"environments\":{\"live\":{\"services\":[{\"id\":\"+1\",\"version\":16,\"prefix\":\"A\",\"status\":\"attached\"}]}}}", "reserved for services a plan adds"),
+        ("{\"format_version\":1,\"environments\":{\"live\":{\"services\":[],\"extra\":1}}}", "unknown field `extra`"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(dir.join("live.json"), text).expect("write");
+        let run = pgconverge(&["plan", "--live", "live.json"], &dir);
+        assert_eq!(run.code, 1, "{text}");
+        assert!(run.stderr.contains(want), "want {want:?} in {}", run.stderr);
+    }
+}
+
+#[test]
+fn show_round_trips_the_snapshot() {
+    let run = pgconverge(&["show", "--live", "examples/live.json", "--format", "json"], &repo());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let shown: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    let dir = scratch("show");
+    std::fs::write(dir.join("again.json"), &run.stdout).expect("write");
+    let again = pgconverge(&["show", "--live", "again.json", "--format", "json"], &dir);
+    assert_eq!(again.stdout, run.stdout);
+    assert_eq!(shown["format_version"], 1);
+    let one = pgconverge(&["show", "--live", "examples/live.json", "--env", "test"], &repo());
+    assert_eq!(one.code, 0);
+    assert!(one.stdout.contains("svc-t1") && !one.stdout.contains("svc-1 "), "{}", one.stdout);
+}
+
+#[test]
+fn commands_that_need_a_provider_refuse() {
+    let dir = scratch("no_provider");
+    std::fs::write(dir.join("pgconverge.yaml"), CONFIG).expect("write");
+    for args in [&["plan"][..], &["apply", "--auto-approve"], &["show"]] {
+        let run = pgconverge(args, &dir);
+        assert_eq!(run.code, 1, "{args:?}");
+        assert!(run.stderr.contains("no provider"), "{args:?}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn logs_go_to_stderr_as_json_when_asked() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args([
+            "plan",
+            "--live",
+            "examples/live.json",
+            "-f",
+            "examples/pgconverge.yaml",
+            "--log-format",
+            "json",
+            "--format",
+            "json",
+        ])
+        .current_dir(repo())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().expect("a log line");
+    let log: serde_json::Value = serde_json::from_str(first).expect("json log line");
+    assert_eq!(log["fields"]["message"], "planned");
+    let _: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is only the plan");
+}

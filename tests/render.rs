@@ -1,0 +1,86 @@
+//! Snapshots of every output format, so a change to what users read is a reviewed diff.
+
+use std::path::Path;
+
+use pgconverge::model::Live;
+use pgconverge::{config, plan, render};
+
+fn example(live: &str) -> plan::Report {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = config::load(&root.join("examples/pgconverge.yaml")).expect("config");
+    let live: Live = serde_json::from_str(live).expect("live");
+    plan::plan(&config, &live, &[]).expect("plan")
+}
+
+fn example_live() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/live.json")).expect("live")
+}
+
+const CONVERGED: &str = r#"{"format_version":1,"environments":{
+  "test":{"services":[{"id":"t","version":17,"prefix":"DEFAULT","status":"attached"}]},
+  "live":{"services":[{"id":"a","version":17,"prefix":"DEFAULT","status":"attached"},
+                      {"id":"b","version":17,"prefix":"ANALYTICS","status":"attached"}]}}}"#;
+
+fn text(report: &plan::Report, color: bool) -> String {
+    let mut out = Vec::new();
+    render::text::plan(&mut out, report, color).expect("render");
+    String::from_utf8(out).expect("utf-8")
+}
+
+fn markdown(report: &plan::Report) -> String {
+    let mut out = Vec::new();
+    render::markdown::plan(&mut out, report).expect("render");
+    String::from_utf8(out).expect("utf-8")
+}
+
+#[test]
+fn text_plan() {
+    insta::assert_snapshot!(text(&example(&example_live()), false));
+}
+
+#[test]
+fn text_plan_is_coloured_only_when_asked() {
+    let report = example(&example_live());
+    assert!(!text(&report, false).contains('\x1b'));
+    let coloured = text(&report, true);
+    assert!(coloured.contains("\x1b[31m  - DEFAULT: 16"), "{coloured}");
+    assert!(coloured.contains("\x1b[32m  + DEFAULT: 17"), "{coloured}");
+}
+
+#[test]
+fn text_no_changes() {
+    insta::assert_snapshot!(text(&example(CONVERGED), false));
+}
+
+#[test]
+fn markdown_plan() {
+    insta::assert_snapshot!(markdown(&example(&example_live())));
+}
+
+#[test]
+fn markdown_no_changes() {
+    insta::assert_snapshot!(markdown(&example(CONVERGED)));
+}
+
+#[test]
+fn json_plan() {
+    let mut out = Vec::new();
+    render::json::plan(&mut out, &example(&example_live()).plan).expect("render");
+    insta::assert_snapshot!(String::from_utf8(out).expect("utf-8"));
+}
+
+#[test]
+fn show_text() {
+    let live: Live = serde_json::from_str(&example_live()).expect("live");
+    let mut out = Vec::new();
+    render::text::live(&mut out, &live).expect("render");
+    insta::assert_snapshot!(String::from_utf8(out).expect("utf-8"));
+}
+
+#[test]
+fn json_plan_round_trips() {
+    let plan = example(&example_live()).plan;
+    let text = serde_json::to_string(&plan).expect("json");
+    let back: plan::Plan = serde_json::from_str(&text).expect("parse");
+    assert_eq!(back, plan);
+}
