@@ -15,7 +15,7 @@ use crate::model::Status;
 
 /// States expanded before the search gives up rather than run on; far beyond any real
 /// environment (four prefixes migrating at once expand a few thousand).
-pub const EXPANSION_LIMIT: usize = 400_000;
+pub const EXPANSION_LIMIT: usize = 200_000;
 
 /// The cost of a plan: its length, then how many actions run inside the write outage.
 pub type Cost = (u32, u32);
