@@ -659,12 +659,6 @@ fn find_key(hay: &str, key: &str) -> Option<usize> {
     None
 }
 
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("dump_restore")
-    }
-}
-
 /// The user-facing form of a config error: the message, then the hint.
 pub fn report(e: &ConfigError) -> String {
     match e.hint() {

@@ -234,6 +234,11 @@ impl ServiceId {
         Self(format!("+{n}"))
     }
 
+    /// Stands for a service that no longer exists (the source of an old copy).
+    pub fn gone() -> Self {
+        Self("(gone)".to_owned())
+    }
+
     /// The number of an added service (`+3` → 3), `None` for observed ids.
     pub fn added_number(&self) -> Option<u32> {
         self.0.strip_prefix('+')?.parse().ok().filter(|n| *n > 0)

@@ -18,6 +18,9 @@ use crate::model::{EnvLive, Prefix, ServiceId, Status};
 /// Index into `Ctx::prefixes`.
 pub type P = u8;
 
+/// The source of a copy whose source no longer exists.
+pub const GONE: Id = Id::Observed(u16::MAX);
+
 /// A service: observed (index into `Ctx::observed`) or added by the plan (`+n`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Id {
@@ -53,6 +56,11 @@ pub struct Svc {
 }
 
 impl Svc {
+    /// The `n`th service a plan adds: status new, no data.
+    pub fn added(n: u16, prefix: P, version: u32) -> Self {
+        Svc { id: Id::Added(n), version, prefix, status: Status::New, fenced: false, data: None, backup: None }
+    }
+
     pub fn visible(&self) -> bool {
         self.status.visible()
     }
@@ -109,8 +117,6 @@ pub struct Ctx {
     pub verify: Verify,
     pub keep_old: bool,
     pub allow_downgrade: bool,
-    /// Prefixes that migrate in the observed state (DESIGN.md), in declared order.
-    pub migrating: Vec<P>,
 }
 
 /// Why the rules refuse an op.
@@ -176,11 +182,11 @@ impl Ctx {
                 Some(d) => Some(DataS {
                     of: intern(&d.of)?,
                     complete: d.complete,
-                    restored_from: d
-                        .restored_from
-                        .as_ref()
-                        .and_then(|r| live.services.iter().position(|o| &o.id == r))
-                        .map(|j| Id::Observed(j as u16)),
+                    // A copy of a service that is gone stays a copy: it still needs its
+                    // verification, which can no longer happen.
+                    restored_from: d.restored_from.as_ref().map(|r| {
+                        live.services.iter().position(|o| &o.id == r).map_or(GONE, |j| Id::Observed(j as u16))
+                    }),
                     verified: d.verified,
                 }),
                 None => None,
@@ -232,7 +238,6 @@ impl Ctx {
             verify: up.verify,
             keep_old: up.keep_old,
             allow_downgrade: up.allow_downgrade,
-            migrating,
         };
         Ok((ctx, State { svcs, adds: 0 }))
     }
@@ -251,7 +256,7 @@ impl Ctx {
     /// The public id of a service.
     pub fn id(&self, id: Id) -> ServiceId {
         match id {
-            Id::Observed(i) => self.observed[i as usize].clone(),
+            Id::Observed(i) => self.observed.get(usize::from(i)).cloned().unwrap_or_else(ServiceId::gone),
             Id::Added(n) => ServiceId::added(u32::from(n)),
         }
     }
@@ -340,16 +345,7 @@ impl Ctx {
                 if st.svcs.iter().any(|s| s.prefix == prefix) {
                     return refuse(format!("a service already holds prefix {}", name(prefix)));
                 }
-                let probe = Svc {
-                    id: Id::Added(0),
-                    version,
-                    prefix,
-                    status: Status::New,
-                    fenced: false,
-                    data: None,
-                    backup: None,
-                };
-                if !self.prefix_meaning_holds(&probe) {
+                if !self.prefix_meaning_holds(&Svc::added(0, prefix, version)) {
                     return refuse(format!("a version {version} service may not be added under {}", name(prefix)));
                 }
                 Ok(())
@@ -523,15 +519,7 @@ impl Ctx {
         match *op {
             Op::Add { prefix, version } => {
                 next.adds += 1;
-                next.svcs.push(Svc {
-                    id: Id::Added(next.adds),
-                    version,
-                    prefix,
-                    status: Status::New,
-                    fenced: false,
-                    data: None,
-                    backup: None,
-                });
+                next.svcs.push(Svc::added(next.adds, prefix, version));
             }
             Op::Provision(id) => {
                 if let Some(i) = find(&mut next, id) {
