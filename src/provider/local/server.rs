@@ -1,0 +1,229 @@
+//! One PostgreSQL server (cluster) on this machine: initdb, start, stop, SQL.
+//!
+//! Servers are started in a process group of their own, so that killing pgconverge (or
+//! its whole process group) never kills a database. As root, every server program runs
+//! as the configured OS user, since initdb and postgres refuse to run as root.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use super::binaries::Binaries;
+
+/// The OS identity server processes run as; `None` means "as this process".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// `user` when this process is root (looked up in /etc/passwd), else `None`.
+    pub fn for_user(user: &str) -> Result<Option<RunAs>, String> {
+        if effective_uid() != Some(0) {
+            return Ok(None);
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
+        for line in passwd.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() > 3 && f[0] == user {
+                if let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse()) {
+                    return Ok(Some(RunAs { uid, gid }));
+                }
+            }
+        }
+        Err(format!(
+            "pgconverge runs as root, and PostgreSQL servers may not: OS user `{user}` (provider.local.run_as) does not exist; create it or name another"
+        ))
+    }
+
+    /// Gives `path` to this user.
+    pub fn own(&self, path: &Path) -> std::io::Result<()> {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
+    }
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// A server's files and address.
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub bin: Binaries,
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub log_file: PathBuf,
+    pub port: u16,
+    pub run_as: Option<RunAs>,
+}
+
+/// The superuser pgconverge itself connects as (over the socket, trusted locally).
+pub const SUPERUSER: &str = "postgres";
+
+impl Server {
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(self.bin.program(program));
+        c.current_dir("/").env_remove("PGDATA").env_remove("PGPORT").env_remove("PGHOST").env("LC_ALL", "C");
+        if let Some(r) = self.run_as {
+            c.uid(r.uid).gid(r.gid);
+        }
+        c
+    }
+
+    fn run(&self, mut c: Command, what: &str) -> Result<Output, String> {
+        let out = c.stdin(Stdio::null()).output().map_err(|e| format!("{what}: cannot run: {e}"))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            return Err(format!("{what} failed ({}): {}", out.status, last_lines(&format!("{stdout}{stderr}"), 6)));
+        }
+        Ok(out)
+    }
+
+    /// initdb: UTF-8, data checksums, local superuser trusted over the socket only.
+    pub fn init(&self) -> Result<(), String> {
+        for dir in [&self.data_dir, &self.socket_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            if let Some(r) = self.run_as {
+                r.own(dir).map_err(|e| format!("cannot give {} to the server user: {e}", dir.display()))?;
+            }
+        }
+        if let Some(parent) = self.log_file.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            if let Some(r) = self.run_as {
+                r.own(parent).map_err(|e| format!("cannot give {} to the server user: {e}", parent.display()))?;
+            }
+        }
+        let mut c = self.command("initdb");
+        c.arg("-D")
+            .arg(&self.data_dir)
+            .args(["--data-checksums", "--encoding=UTF8", "--locale=C", "--username", SUPERUSER])
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256", "--no-instructions"]);
+        self.run(c, "initdb").map(drop)
+    }
+
+    /// Starts the server detached from pgconverge's process group, listening on
+    /// 127.0.0.1:port and on a socket in `socket_dir`; waits until it accepts connections.
+    pub fn start(&self) -> Result<(), String> {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c unix_socket_permissions=0700",
+            self.port,
+            self.socket_dir.display()
+        );
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(&self.data_dir).arg("-l").arg(&self.log_file).args(["-o", &options, "-w", "-t", "60", "start"]);
+        c.process_group(0);
+        // pg_ctl's server inherits stdout/stderr: give it none, or a caller reading our
+        // output would wait for the server to exit.
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        let out = c.stdin(Stdio::null()).output().map_err(|e| format!("pg_ctl start: cannot run: {e}"))?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+            return Err(format!(
+                "the PostgreSQL {} server in {} did not start: {}{}",
+                self.bin.major,
+                self.data_dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                if log.is_empty() { String::new() } else { format!("; its log ends: {}", last_lines(&log, 4)) }
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(&self.data_dir).arg("status").stdout(Stdio::null()).stderr(Stdio::null());
+        c.status().is_ok_and(|s| s.success())
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost).
+    pub fn stop(&self) -> Result<(), String> {
+        if !self.data_dir.join("postmaster.pid").exists() {
+            return Ok(());
+        }
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "-t", "60", "stop"]);
+        self.run(c, "pg_ctl stop").map(drop)
+    }
+
+    /// Runs SQL as the superuser in `db`; returns unaligned, tuples-only output.
+    pub fn sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let mut c = Command::new(self.bin.program("psql"));
+        c.current_dir("/")
+            .env("PGCONNECT_TIMEOUT", "10")
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", db])
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]);
+        let out = self.run(c, "psql")?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+    }
+
+    /// Arguments that make a client program reach this server as the superuser.
+    pub fn conn_args(&self, db: &str) -> Vec<String> {
+        vec![
+            "-h".into(),
+            self.socket_dir.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-U".into(),
+            SUPERUSER.into(),
+            "-d".into(),
+            db.into(),
+        ]
+    }
+}
+
+/// A TCP port on 127.0.0.1 that is free right now.
+pub fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::local::binaries;
+
+    /// A real server of every major this machine has: init, start, SQL, stop.
+    #[test]
+    fn a_server_starts_answers_and_stops() {
+        let run_as = RunAs::for_user("postgres").expect("run_as");
+        let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tmp/server-test");
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).expect("dir");
+        let mut tested = 0;
+        for major in [15, 17] {
+            let bin = binaries::find(major, &[]).expect("binaries: run scripts/fetch-postgres 15 17");
+            let dir = base.join(major.to_string());
+            let server = Server {
+                bin,
+                data_dir: dir.join("data"),
+                socket_dir: std::env::temp_dir().join(format!("pgc-test-{}-{major}", std::process::id())),
+                log_file: dir.join("log/server.log"),
+                port: free_port().expect("port"),
+                run_as,
+            };
+            server.init().expect("initdb");
+            server.start().expect("start");
+            assert!(server.is_running());
+            let v = server.sql("postgres", "SHOW server_version_num").expect("sql");
+            assert_eq!(v.parse::<u32>().expect("number") / 10000, major);
+            assert_eq!(server.sql("postgres", "SHOW data_checksums").expect("sql"), "on");
+            server.stop().expect("stop");
+            assert!(!server.is_running());
+            let _ = std::fs::remove_dir_all(&server.socket_dir);
+            tested += 1;
+        }
+        assert_eq!(tested, 2);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

@@ -1,0 +1,3 @@
+//! Providers: where the services live. Every side effect of `apply` goes through here.
+
+pub mod local;
