@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, ConfigError};
+use crate::apply::{self, ApplyError, Lock};
+use crate::config::{self, Config, ConfigError};
 use crate::model::{EnvName, Live};
 use crate::plan::{self, Plan, PlanError};
+use crate::provider::local::LocalProvider;
+use crate::provider::{Provider, ProviderError};
 use crate::render::{self, Format};
 
 /// Snapshots and saved plans larger than this are refused: a thousand environments of
@@ -117,6 +120,16 @@ pub enum Error {
     /// The command needs a provider, which this build does not have yet.
     #[error("{0}")]
     NoProvider(&'static str),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// apply would have to ask, and cannot.
+    #[error("apply needs confirmation, and standard input is not a terminal")]
+    NotATerminal,
+    /// The user did not confirm.
+    #[error("apply cancelled: nothing was changed")]
+    Cancelled,
     #[error("cannot write {path}: {source}")]
     Write {
         path: String,
@@ -136,7 +149,27 @@ impl Error {
             Error::Plan(_) => None,
             Error::Input { hint, .. } => Some(*hint),
             Error::NoProvider(_) => Some("plan against a snapshot: pgconverge plan --live examples/live.json"),
-            Error::Write { .. } => None,
+            Error::Write { .. } | Error::Cancelled => None,
+            Error::Provider(ProviderError::Locked { .. }) => {
+                Some("wait for it to finish; a lock whose process is gone is taken over")
+            }
+            Error::Provider(_) => None,
+            Error::NotATerminal => Some("review the plan, then run apply with --auto-approve (or apply a saved plan)"),
+            Error::Apply(e) => {
+                let mut text = format!("error: {self}");
+                if !e.done().is_empty() {
+                    text.push_str("\n  completed before the failure:");
+                    for d in e.done() {
+                        text.push_str(&format!("\n    {d}"));
+                    }
+                }
+                if !matches!(e, ApplyError::Stale { .. }) {
+                    text.push_str("\n  hint: fix the cause, then run `pgconverge apply` again: it plans from what is there and finishes the job");
+                } else {
+                    text.push_str("\n  hint: make a new plan with `pgconverge plan --out FILE` and review it");
+                }
+                return text;
+            }
         };
         match hint {
             Some(h) => format!("error: {self}\n  hint: {h}"),
@@ -145,7 +178,50 @@ impl Error {
     }
 }
 
-const NO_PROVIDER: &str = "this build has no provider yet, so it cannot observe or change live services";
+const NO_DIVIO: &str = "the divio provider is not implemented yet; use provider.local, or plan against a snapshot";
+
+fn provider(config: &Config, file: &Path) -> Result<LocalProvider, Error> {
+    if config.provider.divio.is_some() {
+        return Err(Error::NoProvider(NO_DIVIO));
+    }
+    Ok(LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?)
+}
+
+/// Plans against the snapshot at `live`, or against what the provider observes.
+fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, Option<LocalProvider>), Error> {
+    match live {
+        Some(path) => Ok((read_json(path, "snapshot")?, None)),
+        None => {
+            let mut p = provider(config, file)?;
+            let live = p.observe()?;
+            Ok((live, Some(p)))
+        }
+    }
+}
+
+/// Every major a plan adds must be installed before anything is touched.
+fn check_binaries(provider: &LocalProvider, plan: &Plan) -> Result<(), Error> {
+    for env in &plan.environments {
+        for a in &env.actions {
+            if let plan::Action::Add { version, .. } = a {
+                provider.check_binaries(*version)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+struct StderrProgress;
+
+impl apply::Progress for StderrProgress {
+    fn started(&mut self, env: &str, number: usize, total: usize, action: &plan::Action) {
+        eprint!("[{env} {number}/{total}] {} … ", render::action_summary(action));
+        let _ = std::io::stderr().flush();
+    }
+    fn finished(&mut self, _env: &str, _number: usize, _total: usize, _action: &plan::Action, seconds: f64) {
+        eprintln!("done ({seconds:.1} s)");
+    }
+}
 
 /// Runs one command, writing results to `out`.
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
@@ -168,9 +244,11 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
         Command::Plan { file, env, live, format, out: save, detailed_exitcode } => {
             let config = config::load(&file)?;
             let only = env_names(&env)?;
-            let Some(live_path) = live else { return Err(Error::NoProvider(NO_PROVIDER)) };
-            let live: Live = read_json(&live_path, "snapshot")?;
+            let (live, provider) = observe(&config, &file, live.as_deref())?;
             let report = plan::plan(&config, &live, &only)?;
+            if let Some(p) = &provider {
+                check_binaries(p, &report.plan)?;
+            }
             for e in &report.environments {
                 tracing::info!(env = %e.name, actions = e.steps.len(), outage = e.outage_actions, "planned");
             }
@@ -188,35 +266,82 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             .map_err(stdout_error)?;
             Ok(if detailed_exitcode && report.plan.has_changes() { Outcome::ChangesPending } else { Outcome::Done })
         }
-        Command::Apply { file, plan, env, auto_approve: _ } => {
-            config::load(&file)?;
-            env_names(&env)?;
-            if let Some(path) = plan {
-                let saved: Plan = read_json(&path, "plan")?;
-                if saved.format_version != crate::model::FORMAT_VERSION {
-                    return Err(Error::Input {
-                        at: path.display().to_string(),
-                        message: format!("plan format_version {} is not supported", saved.format_version),
-                        hint: "make the plan again with this version of pgconverge",
-                    });
+        Command::Apply { file, plan: saved, env, auto_approve } => {
+            let config = config::load(&file)?;
+            let only = env_names(&env)?;
+            let saved: Option<Plan> = match &saved {
+                Some(path) => {
+                    let p: Plan = read_json(path, "plan")?;
+                    if p.format_version != crate::model::FORMAT_VERSION {
+                        return Err(Error::Input {
+                            at: path.display().to_string(),
+                            message: format!("plan format_version {} is not supported", p.format_version),
+                            hint: "make the plan again with this version of pgconverge",
+                        });
+                    }
+                    Some(p)
+                }
+                None => None,
+            };
+            let mut provider = provider(&config, &file)?;
+            let _lock = Lock::acquire(provider.root())?;
+            let live = provider.observe()?;
+            let report = plan::plan(&config, &live, &only)?;
+            let plan = match saved {
+                Some(p) => {
+                    apply::check_fresh(&p, &live)?;
+                    p
+                }
+                None => report.plan.clone(),
+            };
+            check_binaries(&provider, &plan)?;
+            if !plan.has_changes() {
+                writeln!(out, "No changes. The live services match the config.").map_err(stdout_error)?;
+                return Ok(Outcome::Done);
+            }
+            render::text::plan(out, &report, use_color()).map_err(stdout_error)?;
+            if !auto_approve {
+                confirm(out)?;
+            }
+            let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
+            let started = std::time::Instant::now();
+            let desired = config.desired();
+            apply::apply(&mut provider, &desired, &plan, &live, &mut StderrProgress)?;
+            writeln!(
+                out,
+                "Apply complete: {total} action{} in {:.1} s.",
+                if total == 1 { "" } else { "s" },
+                started.elapsed().as_secs_f64()
+            )
+            .map_err(stdout_error)?;
+            for env in plan.environments.iter().filter(|e| !e.actions.is_empty()) {
+                let path = provider.env_file(&env.name);
+                if path.exists() {
+                    writeln!(out, "Environment {}: the application reads {}", env.name, path.display())
+                        .map_err(stdout_error)?;
                 }
             }
-            Err(Error::NoProvider(NO_PROVIDER))
+            Ok(Outcome::Done)
         }
-        Command::Show { file: _, env, live, format } => {
+        Command::Show { file, env, live: snapshot, format } => {
             let only = env_names(&env)?;
-            let Some(live_path) = live else { return Err(Error::NoProvider(NO_PROVIDER)) };
-            let mut live: Live = read_json(&live_path, "snapshot")?;
-            live.validate().map_err(|message| Error::Input {
-                at: live_path.display().to_string(),
-                message,
-                hint: "a snapshot is what `pgconverge show --format json` prints",
-            })?;
+            let mut live = match &snapshot {
+                Some(path) => {
+                    let live: Live = read_json(path, "snapshot")?;
+                    live.validate().map_err(|message| Error::Input {
+                        at: path.display().to_string(),
+                        message,
+                        hint: "a snapshot is what `pgconverge show --format json` prints",
+                    })?;
+                    live
+                }
+                None => observe(&config::load(&file)?, &file, None)?.0,
+            };
             if let Some(missing) = only.iter().find(|n| !live.environments.contains_key(*n)) {
                 return Err(Error::Input {
-                    at: live_path.display().to_string(),
-                    message: format!("environment `{missing}` is not in the snapshot"),
-                    hint: "--env takes a name of an environment the snapshot holds",
+                    at: snapshot.map(|p| p.display().to_string()).unwrap_or_else(|| "--env".into()),
+                    message: format!("environment `{missing}` has no services"),
+                    hint: "--env takes the name of an environment that has services",
                 });
             }
             if !only.is_empty() {
@@ -318,6 +443,21 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Asks on the terminal; anything but "yes" cancels.
+fn confirm(out: &mut impl Write) -> Result<(), Error> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::NotATerminal);
+    }
+    write!(out, "\nApply these actions? Only 'yes' is accepted: ").map_err(stdout_error)?;
+    out.flush().map_err(stdout_error)?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).map_err(stdout_error)?;
+    if answer.trim() != "yes" {
+        return Err(Error::Cancelled);
+    }
+    Ok(())
 }
 
 fn use_color() -> bool {

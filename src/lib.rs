@@ -3,6 +3,7 @@
 //! The pure core (`config`, `model`, `plan`, `render`) never touches the file system, a
 //! process or the network; `cli` is where effects live.
 
+pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod model;

@@ -416,6 +416,11 @@ impl Live {
     }
 }
 
+/// A short hex digest of `s`, for names derived from paths.
+pub fn short_digest(s: &str) -> String {
+    Sha256::digest(s.as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Cuts hostile input down to a size that is safe to echo in an error.
 pub(crate) fn shorten(s: &str) -> String {
     const MAX: usize = 40;

@@ -311,14 +311,28 @@ fn show_round_trips_the_snapshot() {
 }
 
 #[test]
-fn commands_that_need_a_provider_refuse() {
-    let dir = scratch("no_provider");
-    std::fs::write(dir.join("pgconverge.yaml"), CONFIG).expect("write");
+fn the_divio_provider_is_not_there_yet() {
+    let dir = scratch("no_divio");
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        "version: 1\nprovider:\n  divio: {application: app}\nenvironments:\n  live: {postgres: {DEFAULT: 17}}\n",
+    )
+    .expect("write");
     for args in [&["plan"][..], &["apply", "--auto-approve"], &["show"]] {
         let run = pgconverge(args, &dir);
         assert_eq!(run.code, 1, "{args:?}");
-        assert!(run.stderr.contains("no provider"), "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains("divio provider is not implemented yet"), "{args:?}: {}", run.stderr);
     }
+}
+
+#[test]
+fn apply_without_a_terminal_refuses_rather_than_hang() {
+    let dir = scratch("no_terminal");
+    std::fs::write(dir.join("pgconverge.yaml"), CONFIG).expect("write");
+    let run = pgconverge(&["apply"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("standard input is not a terminal"), "{}", run.stderr);
+    assert!(!dir.join(".pgconverge/state").exists(), "nothing may be touched");
 }
 
 #[test]

@@ -328,3 +328,149 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// Follows a plan's actions through the rules while apply carries them out: checks each
+/// one against the state the plan predicts, and says what the provider should then show.
+/// Added services (`+n`) are bound to the ids the provider gave them.
+#[derive(Debug)]
+pub struct Prediction {
+    ctx: Ctx,
+    state: State,
+    added: Vec<ServiceId>,
+}
+
+impl Prediction {
+    /// Starts from the observed services of an environment.
+    pub fn new(desired: &DesiredEnv, live: &EnvLive) -> Result<Self, String> {
+        let (ctx, state) = Ctx::new(desired, live)?;
+        Ok(Self { ctx, state, added: Vec::new() })
+    }
+
+    /// The real id of a service named in the plan.
+    pub fn resolve(&self, id: &ServiceId) -> Result<ServiceId, String> {
+        match id.added_number() {
+            Some(n) => {
+                self.added.get(n as usize - 1).cloned().ok_or_else(|| format!("{id} is used before the plan adds it"))
+            }
+            None => Ok(id.clone()),
+        }
+    }
+
+    fn op_of(&self, action: &Action) -> Result<Op, String> {
+        let id = |s: &ServiceId| -> Result<Id, String> {
+            if let Some(n) = s.added_number() {
+                return u16::try_from(n).map(Id::Added).map_err(|_| format!("{s} is out of range"));
+            }
+            self.ctx
+                .observed
+                .iter()
+                .position(|o| o == s)
+                .map(|i| Id::Observed(i as u16))
+                .ok_or_else(|| format!("no service {s} in this environment"))
+        };
+        let prefix = |p: &Prefix| -> Result<u8, String> {
+            self.ctx
+                .prefixes
+                .iter()
+                .position(|q| q == p)
+                .map(|i| i as u8)
+                .ok_or_else(|| format!("prefix {p} means nothing in this environment"))
+        };
+        Ok(match action {
+            Action::Add { prefix: p, version, service } => {
+                if service.added_number() != Some(u32::from(self.state.adds) + 1) {
+                    return Err(format!("the next service added here is +{}, not {service}", self.state.adds + 1));
+                }
+                Op::Add { prefix: prefix(p)?, version: version.get() }
+            }
+            Action::Provision { service } => Op::Provision(id(service)?),
+            Action::Fence { service } => Op::Fence(id(service)?),
+            Action::Unfence { service } => Op::Unfence(id(service)?),
+            Action::Backup { service } => Op::Backup(id(service)?),
+            Action::Restore { service, from } => Op::Restore { service: id(service)?, from: id(from)? },
+            Action::Verify { service, against } => Op::Verify { service: id(service)?, against: id(against)? },
+            Action::Rename { service, to } => Op::Rename { service: id(service)?, to: prefix(to)? },
+            Action::Detach { service } => Op::Detach(id(service)?),
+            Action::Deploy => Op::Deploy,
+            Action::Delete { service } => Op::Delete(id(service)?),
+        })
+    }
+
+    /// Refuses an action the rules do not allow in the predicted state.
+    pub fn check(&self, action: &Action) -> Result<(), String> {
+        let op = self.op_of(action)?;
+        self.ctx.check(&self.state, &op).map_err(|r| r.0)
+    }
+
+    /// Records that `action` was carried out (`new_id`: the id the provider gave an
+    /// added service) and returns the services the provider should now show.
+    pub fn advance(&mut self, action: &Action, new_id: Option<ServiceId>) -> Result<EnvLive, String> {
+        let op = self.op_of(action)?;
+        self.ctx.check(&self.state, &op).map_err(|r| r.0)?;
+        self.state = self.ctx.effect(&self.state, &op);
+        if let Op::Add { .. } = op {
+            self.added.push(new_id.ok_or("the provider gave the added service no id")?);
+        }
+        Ok(self.expected())
+    }
+
+    /// The services as the rules predict them, in snapshot form.
+    pub fn expected(&self) -> EnvLive {
+        let id = |i: Id| match i {
+            Id::Added(n) => self.added.get(usize::from(n) - 1).cloned().unwrap_or_else(ServiceId::gone),
+            obs => self.ctx.id(obs),
+        };
+        let prefix = |p: u8| self.ctx.prefixes[p as usize].clone();
+        let services = self
+            .state
+            .svcs
+            .iter()
+            .map(|s| crate::model::Service {
+                id: id(s.id),
+                version: Major::new(s.version).unwrap_or_else(|_| unreachable!("versions are positive")),
+                prefix: prefix(s.prefix),
+                status: s.status,
+                fenced: s.fenced,
+                data: s.data.map(|d| crate::model::Data {
+                    of: prefix(d.of),
+                    complete: d.complete,
+                    restored_from: d.restored_from.map(id),
+                    verified: d.verified,
+                }),
+            })
+            .collect();
+        EnvLive { services }
+    }
+}
+
+/// How two snapshots of an environment differ, one line per service; empty when the rules
+/// read them the same way.
+pub fn differences(expected: &EnvLive, observed: &EnvLive) -> Vec<String> {
+    let norm = |e: &EnvLive| {
+        let mut v: Vec<crate::model::Service> = e
+            .services
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                s.data = s.effective_data();
+                s
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    };
+    let (a, b) = (norm(expected), norm(observed));
+    let show = |s: &crate::model::Service| serde_json::to_string(s).unwrap_or_default();
+    let mut out = Vec::new();
+    for s in &a {
+        match b.iter().find(|o| o.id == s.id) {
+            None => out.push(format!("{} is missing (expected {})", s.id, show(s))),
+            Some(o) if o != s => out.push(format!("{}: expected {}, found {}", s.id, show(s), show(o))),
+            Some(_) => {}
+        }
+    }
+    for o in b.iter().filter(|o| !a.iter().any(|s| s.id == o.id)) {
+        out.push(format!("{} is there but was not expected: {}", o.id, show(o)));
+    }
+    out
+}

@@ -1,3 +1,41 @@
-//! Providers: where the services live. Every side effect of `apply` goes through here.
+//! Providers: where the services live. Every side effect of `apply` goes through the
+//! `Provider` trait: one method to observe, one per action of the rules.
 
 pub mod local;
+
+use crate::config::Verify;
+use crate::model::{EnvName, Live, Major, Prefix, ServiceId};
+
+/// Why a provider could not observe or act.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// Another apply holds the lock.
+    #[error("another apply is running: {holder}")]
+    Locked { holder: String },
+    /// A service, file or server is not what the provider's records say.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// An action failed; the message says how.
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T> = std::result::Result<T, ProviderError>;
+
+/// The live services and the operations of the action rules.
+pub trait Provider {
+    /// The live state of every environment the provider knows.
+    fn observe(&mut self) -> Result<Live>;
+    /// Records a new service; returns its id.
+    fn add(&mut self, env: &EnvName, prefix: &Prefix, version: Major) -> Result<ServiceId>;
+    fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
+    fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
+    fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
+    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<()>;
+    fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()>;
+    fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()>;
+    fn detach(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
+    fn deploy(&mut self, env: &EnvName) -> Result<()>;
+    fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
+}

@@ -99,8 +99,9 @@ pub fn version_changes(env: &EnvReport) -> Vec<String> {
 
 /// The unified diff of live against desired, without headers.
 pub fn diff(env: &EnvReport) -> Vec<(similar::ChangeTag, String)> {
-    let old = live_lines(&env.live, &env.unmanaged).join("\n") + "\n";
-    let new = desired_lines(&env.desired).join("\n") + "\n";
+    let text = |lines: Vec<String>| lines.into_iter().map(|l| l + "\n").collect::<String>();
+    let old = text(live_lines(&env.live, &env.unmanaged));
+    let new = text(desired_lines(&env.desired));
     let d = similar::TextDiff::from_lines(&old, &new);
     d.iter_all_changes().map(|c| (c.tag(), c.value().trim_end().to_owned())).collect()
 }

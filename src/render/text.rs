@@ -77,7 +77,12 @@ pub fn plan(out: &mut impl Write, report: &Report, color: bool) -> io::Result<()
         writeln!(out, "No changes.")?;
     } else {
         let envs = report.environments.iter().filter(|e| !e.steps.is_empty()).count();
-        writeln!(out, "Plan: {total} actions in {envs} environment{}.", if envs == 1 { "" } else { "s" })?;
+        writeln!(
+            out,
+            "Plan: {total} action{} in {envs} environment{}.",
+            if total == 1 { "" } else { "s" },
+            if envs == 1 { "" } else { "s" }
+        )?;
     }
     Ok(())
 }

@@ -1,4 +1,564 @@
-//! The local provider: real PostgreSQL servers on this machine, one per service.
+//! The local provider: real PostgreSQL servers on this machine, one per service, under
+//! `root`:
+//!
+//! ```text
+//! root/state/<env>/<id>.json     what the rules see of each service (written atomically)
+//! root/servers/<id>/data         the server's data directory (owned by run_as)
+//! root/backups/<id>/<ms>.*       dumps, their roles and a manifest; kept after delete
+//! root/secrets/<env>.json        the application role's password (mode 0600)
+//! root/<env>.env                 what deploy writes for the application (mode 0600)
+//! root/lock                      held by the apply in progress
+//! ```
+//!
+//! The metadata files are the provider's memory of what the rules cannot see on a server
+//! (prefix, status, lineage); `observe` checks them against the servers and starts any
+//! server that is down.
 
 pub mod binaries;
+pub mod fingerprint;
 pub mod server;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Provider, ProviderError, Result};
+use crate::config::{LocalConfig, Verify};
+use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
+use server::{RunAs, Server};
+
+/// The role and database the application uses on every server of an environment.
+pub const APP_ROLE: &str = "app";
+pub const APP_DB: &str = "app";
+
+/// A service as the local provider records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Meta {
+    #[serde(flatten)]
+    service: Service,
+    /// The server's TCP port, once provisioned.
+    port: Option<u16>,
+}
+
+/// A backup on disk.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    service: ServiceId,
+    dataset: Prefix,
+    complete: bool,
+    source_version: Major,
+    dump: PathBuf,
+    roles: PathBuf,
+    bytes: u64,
+    taken_at_ms: u128,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Secret {
+    role: String,
+    password: String,
+}
+
+/// Real PostgreSQL servers under `root`.
+#[derive(Debug)]
+pub struct LocalProvider {
+    root: PathBuf,
+    bin_dirs: Vec<PathBuf>,
+    run_as: Option<RunAs>,
+    env_file: String,
+    command: Option<String>,
+}
+
+fn failed(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::Failed(e.to_string())
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> ProviderError {
+    ProviderError::Failed(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// Writes `bytes` so that a reader sees the old file or the new one, never a part.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut buf = vec![0u8; bytes];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(failed)?, &mut buf).map_err(failed)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl LocalProvider {
+    /// The provider of a config file at `config_path`.
+    pub fn new(config: &LocalConfig, config_path: &Path) -> Result<Self> {
+        let base = config_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(base).map_err(|e| io_err("resolve", base, e))?;
+        let root = base.join(config.root.clone().unwrap_or_else(|| PathBuf::from(".pgconverge")));
+        let run_as = RunAs::for_user(config.run_as.as_deref().unwrap_or("postgres")).map_err(ProviderError::Failed)?;
+        Ok(Self {
+            root,
+            bin_dirs: config.bin_dirs.clone(),
+            run_as,
+            env_file: config.deploy.env_file.clone().unwrap_or_else(|| "{env}.env".into()),
+            command: config.deploy.command.clone(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The env file deploy writes for `env`.
+    pub fn env_file(&self, env: &EnvName) -> PathBuf {
+        self.root.join(self.env_file.replace("{env}", env.as_str()))
+    }
+
+    /// Fails with where it looked when `major`'s binaries are missing.
+    pub fn check_binaries(&self, major: Major) -> Result<()> {
+        binaries::find(major.get(), &self.bin_dirs).map(drop).map_err(ProviderError::Failed)
+    }
+
+    fn meta_path(&self, env: &EnvName, id: &ServiceId) -> PathBuf {
+        self.root.join("state").join(env.as_str()).join(format!("{id}.json"))
+    }
+
+    fn load(&self, env: &EnvName, id: &ServiceId) -> Result<Meta> {
+        let path = self.meta_path(env, id);
+        let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))
+    }
+
+    fn store(&self, env: &EnvName, meta: &Meta) -> Result<()> {
+        let path = self.meta_path(env, &meta.service.id);
+        let text = serde_json::to_vec_pretty(meta).map_err(failed)?;
+        write_atomically(&path, &text, 0o644).map_err(|e| io_err("write", &path, e))
+    }
+
+    fn metas(&self, env: &EnvName) -> Result<Vec<Meta>> {
+        let dir = self.root.join("state").join(env.as_str());
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(out) };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".json").filter(|_| !name.starts_with('.')) {
+                let id = ServiceId::observed(id).map_err(ProviderError::Inconsistent)?;
+                out.push(self.load(env, &id)?);
+            }
+        }
+        out.sort_by(|a, b| a.service.id.cmp(&b.service.id));
+        Ok(out)
+    }
+
+    fn update(&self, env: &EnvName, id: &ServiceId, f: impl FnOnce(&mut Meta)) -> Result<()> {
+        let mut meta = self.load(env, id)?;
+        f(&mut meta);
+        self.store(env, &meta)
+    }
+
+    fn server(&self, meta: &Meta) -> Result<Server> {
+        let id = meta.service.id.as_str();
+        let bin = binaries::find(meta.service.version.get(), &self.bin_dirs).map_err(ProviderError::Failed)?;
+        let dir = self.root.join("servers").join(id);
+        // A socket path may be at most 107 bytes: long roots get theirs under /tmp.
+        let mut socket_dir = self.root.join("run").join(id);
+        if socket_dir.as_os_str().len() > 80 {
+            let digest = crate::model::short_digest(&socket_dir.to_string_lossy());
+            socket_dir = std::env::temp_dir().join(format!("pgconverge-{digest}"));
+        }
+        Ok(Server {
+            bin,
+            data_dir: dir.join("data"),
+            socket_dir,
+            log_file: dir.join("log").join("server.log"),
+            port: meta.port.unwrap_or(0),
+            run_as: self.run_as,
+        })
+    }
+
+    fn running_server(&self, env: &EnvName, id: &ServiceId) -> Result<(Meta, Server)> {
+        let meta = self.load(env, id)?;
+        let server = self.server(&meta)?;
+        if !server.is_running() {
+            server.start().map_err(ProviderError::Failed)?;
+        }
+        Ok((meta, server))
+    }
+
+    fn secret(&self, env: &EnvName) -> Result<Secret> {
+        let path = self.root.join("secrets").join(format!("{env}.json"));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return serde_json::from_str(&text)
+                .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())));
+        }
+        let secret = Secret { role: APP_ROLE.into(), password: random_hex(24)? };
+        let text = serde_json::to_vec(&secret).map_err(failed)?;
+        write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))?;
+        Ok(secret)
+    }
+
+    /// The DSN of a service for the application.
+    fn dsn(&self, env: &EnvName, meta: &Meta) -> Result<String> {
+        let s = self.secret(env)?;
+        let port = meta.port.ok_or_else(|| ProviderError::Inconsistent(format!("{} has no port", meta.service.id)))?;
+        Ok(format!("postgres://{}:{}@127.0.0.1:{port}/{APP_DB}", s.role, s.password))
+    }
+
+    /// Creates, starts and prepares the server of `meta` (role and database), from
+    /// scratch: a half-made server left by a crash is removed first.
+    fn create_server(&self, env: &EnvName, meta: &mut Meta) -> Result<()> {
+        let dir = self.root.join("servers").join(meta.service.id.as_str());
+        if dir.exists() {
+            if let Ok(old) = self.server(meta) {
+                let _ = old.stop();
+            }
+            std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
+        }
+        let mut last = String::new();
+        for _ in 0..3 {
+            meta.port = Some(server::free_port().map_err(ProviderError::Failed)?);
+            let server = self.server(meta)?;
+            if !server.data_dir.join("PG_VERSION").exists() {
+                server.init().map_err(ProviderError::Failed)?;
+            }
+            match server.start() {
+                Ok(()) => {
+                    let secret = self.secret(env)?;
+                    let role = format!("CREATE ROLE {} LOGIN PASSWORD '{}'", secret.role, secret.password);
+                    let db = format!("CREATE DATABASE {APP_DB} OWNER {}", secret.role);
+                    server
+                        .sql_each("postgres", &[&role, &db])
+                        .map_err(|e| ProviderError::Failed(redact(&e, &secret.password)))?;
+                    return Ok(());
+                }
+                Err(e) => last = e, // most likely the port was taken meanwhile: try another
+            }
+        }
+        Err(ProviderError::Failed(last))
+    }
+
+    fn latest_backup(&self, id: &ServiceId) -> Result<Manifest> {
+        let dir = self.root.join("backups").join(id.as_str());
+        let mut manifests: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect())
+            .unwrap_or_default();
+        manifests.sort();
+        let path = manifests
+            .pop()
+            .ok_or_else(|| ProviderError::Inconsistent(format!("no backup of {id} in {}", dir.display())))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))
+    }
+
+    /// The newest major among an environment's services: its pg_dump reads them all.
+    fn newest_binaries(&self, env: &EnvName) -> Result<binaries::Binaries> {
+        let newest = self.metas(env)?.iter().map(|m| m.service.version.get()).max().unwrap_or(0);
+        binaries::find(newest, &self.bin_dirs).map_err(ProviderError::Failed)
+    }
+
+    fn run_client(&self, mut c: Command, what: &str) -> Result<()> {
+        let out = c.stdin(Stdio::null()).output().map_err(|e| ProviderError::Failed(format!("{what}: {e}")))?;
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            return Err(ProviderError::Failed(format!(
+                "{what} failed ({}): {}",
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Removes a password from a message that might quote it.
+fn redact(message: &str, password: &str) -> String {
+    if password.is_empty() {
+        message.to_owned()
+    } else {
+        message.replace(password, "********")
+    }
+}
+
+impl Provider for LocalProvider {
+    fn observe(&mut self) -> Result<Live> {
+        let mut live = Live { format_version: FORMAT_VERSION, environments: BTreeMap::new() };
+        let Ok(entries) = std::fs::read_dir(self.root.join("state")) else { return Ok(live) };
+        for e in entries.flatten() {
+            let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) else { continue };
+            let mut services = Vec::new();
+            for meta in self.metas(&env)? {
+                if meta.service.status != Status::New {
+                    let server = self.server(&meta)?;
+                    if !server.data_dir.join("PG_VERSION").exists() {
+                        return Err(ProviderError::Inconsistent(format!(
+                            "{} is recorded as {} but its data directory {} is missing",
+                            meta.service.id,
+                            meta.service.status.as_str(),
+                            server.data_dir.display()
+                        )));
+                    }
+                    if !server.is_running() {
+                        tracing::warn!(service = %meta.service.id, "server was down; starting it");
+                        server.start().map_err(ProviderError::Failed)?;
+                    }
+                    let num = server.sql("postgres", "SHOW server_version_num").map_err(ProviderError::Failed)?;
+                    let major = num.parse::<u32>().map(|n| n / 10000).unwrap_or(0);
+                    if major != meta.service.version.get() {
+                        return Err(ProviderError::Inconsistent(format!(
+                            "{} is recorded as PostgreSQL {} but its server answers as {major}",
+                            meta.service.id, meta.service.version
+                        )));
+                    }
+                }
+                services.push(meta.service);
+            }
+            if !services.is_empty() {
+                live.environments.insert(env, EnvLive { services });
+            }
+        }
+        Ok(live)
+    }
+
+    fn add(&mut self, env: &EnvName, prefix: &Prefix, version: Major) -> Result<ServiceId> {
+        self.check_binaries(version)?;
+        let id = ServiceId::observed(&format!("pg{version}-{}", random_hex(4)?)).map_err(failed)?;
+        let service =
+            Service { id: id.clone(), version, prefix: prefix.clone(), status: Status::New, fenced: false, data: None };
+        self.store(env, &Meta { service, port: None })?;
+        Ok(id)
+    }
+
+    fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let mut meta = self.load(env, id)?;
+        self.create_server(env, &mut meta)?;
+        meta.service.status = Status::Provisioned;
+        self.store(env, &meta)
+    }
+
+    fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let (_, server) = self.running_server(env, id)?;
+        // No new sessions, then end the ones there are: their uncommitted work rolls
+        // back, and nothing can commit after this returns.
+        let sql = format!(
+            "ALTER ROLE {APP_ROLE} NOLOGIN; SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{APP_ROLE}';"
+        );
+        server.sql("postgres", &sql).map_err(ProviderError::Failed)?;
+        self.update(env, id, |m| m.service.fenced = true)
+    }
+
+    fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let (meta, server) = self.running_server(env, id)?;
+        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
+        self.update(env, id, |m| m.service.fenced = false)?;
+        if meta.service.status.visible() {
+            // Writes can land again: copies taken from it are no longer complete.
+            for mut other in self.metas(env)? {
+                if let Some(d) = other.service.data.as_mut().filter(|d| d.restored_from.as_ref() == Some(id)) {
+                    d.complete = false;
+                    self.store(env, &other)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let (meta, server) = self.running_server(env, id)?;
+        let data = meta.service.effective_data().ok_or_else(|| ProviderError::Failed(format!("{id} holds no data")))?;
+        let bin = self.newest_binaries(env)?;
+        let dir = self.root.join("backups").join(id.as_str());
+        std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
+        let stamp = now_ms();
+        let dump = dir.join(format!("{stamp}.dump"));
+        let roles = dir.join(format!("{stamp}.roles.sql"));
+        let partial = dir.join(format!(".{stamp}.dump.partial"));
+        let mut c = Command::new(bin.program("pg_dump"));
+        c.args(server.conn_args(APP_DB)).args(["-Fc", "-f"]).arg(&partial);
+        self.run_client(c, "pg_dump")?;
+        let mut c = Command::new(bin.program("pg_dumpall"));
+        let mut args = server.conn_args("postgres");
+        args.truncate(args.len() - 2); // pg_dumpall takes -l, not -d, for its database
+        c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(&roles);
+        self.run_client(c, "pg_dumpall --roles-only")?;
+        std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(|e| io_err("sync", &partial, e))?;
+        std::fs::rename(&partial, &dump).map_err(|e| io_err("rename", &partial, e))?;
+        let bytes = std::fs::metadata(&dump).map(|m| m.len()).unwrap_or(0);
+        let quiet = meta.service.fenced || !meta.service.status.visible();
+        let manifest = Manifest {
+            service: id.clone(),
+            dataset: data.of,
+            complete: data.complete && quiet,
+            source_version: meta.service.version,
+            dump,
+            roles,
+            bytes,
+            taken_at_ms: stamp,
+        };
+        let text = serde_json::to_vec_pretty(&manifest).map_err(failed)?;
+        let path = dir.join(format!("{stamp}.json"));
+        tracing::info!(service = %id, bytes, "backup taken");
+        write_atomically(&path, &text, 0o644).map_err(|e| io_err("write", &path, e))
+    }
+
+    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<()> {
+        let manifest = self.latest_backup(from)?;
+        let (meta, server) = self.running_server(env, id)?;
+        // Start from an empty database, so that a restore cut short by a crash can simply
+        // be run again.
+        let secret = self.secret(env)?;
+        let create = format!("CREATE DATABASE {APP_DB} OWNER {}", secret.role);
+        let drop = format!("DROP DATABASE IF EXISTS {APP_DB} WITH (FORCE)");
+        server.sql_each("postgres", &[&drop, &create]).map_err(ProviderError::Failed)?;
+        // Roles first, so that ownership is preserved; existing roles only raise notices.
+        let mut c = Command::new(server.bin.program("psql"));
+        c.args(server.conn_args("postgres")).args(["-X", "-q", "-f"]).arg(&manifest.roles);
+        self.run_client(c, "psql (roles)")?;
+        // The source may have been fenced when its roles were dumped.
+        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
+        let mut c = Command::new(server.bin.program("pg_restore"));
+        c.args(server.conn_args(APP_DB)).args(["--exit-on-error", "--no-password"]).arg(&manifest.dump);
+        self.run_client(c, "pg_restore")?;
+        server.sql(APP_DB, "ANALYZE").map_err(ProviderError::Failed)?;
+        let _ = meta;
+        self.update(env, id, |m| {
+            m.service.data = Some(Data {
+                of: manifest.dataset.clone(),
+                complete: manifest.complete,
+                restored_from: Some(from.clone()),
+                verified: false,
+            })
+        })
+    }
+
+    fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
+        let (_, copy) = self.running_server(env, id)?;
+        let (_, source) = self.running_server(env, against)?;
+        let a = fingerprint::take(&source, APP_DB, how).map_err(ProviderError::Failed)?;
+        let b = fingerprint::take(&copy, APP_DB, how).map_err(ProviderError::Failed)?;
+        let diff = fingerprint::differences(&a, &b);
+        if !diff.is_empty() {
+            let shown: Vec<String> = diff.iter().take(20).cloned().collect();
+            return Err(ProviderError::Failed(format!(
+                "the copy {id} differs from its source {against} ({} difference{}): {}{}",
+                diff.len(),
+                if diff.len() == 1 { "" } else { "s" },
+                shown.join("; "),
+                if diff.len() > 20 { "; …" } else { "" }
+            )));
+        }
+        tracing::info!(service = %id, against = %against, objects = a.len(), "copy verified");
+        self.update(env, id, |m| {
+            if let Some(d) = m.service.data.as_mut() {
+                d.verified = true;
+            }
+        })
+    }
+
+    fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()> {
+        self.update(env, id, |m| m.service.prefix = to.clone())
+    }
+
+    fn detach(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        self.update(env, id, |m| m.service.status = Status::PendingDetachment)
+    }
+
+    fn deploy(&mut self, env: &EnvName) -> Result<()> {
+        let mut metas = self.metas(env)?;
+        for meta in metas.iter_mut().filter(|m| m.service.status == Status::New) {
+            self.create_server(env, meta)?;
+        }
+        let visible_after = |m: &Meta| matches!(m.service.status, Status::New | Status::Provisioned | Status::Attached);
+        let mut lines = Vec::new();
+        let mut default = None;
+        for meta in metas.iter().filter(|m| visible_after(m)) {
+            let dsn = self.dsn(env, meta)?;
+            if meta.service.prefix.as_str() == "DEFAULT" {
+                default = Some(dsn.clone());
+            }
+            lines.push(format!("{}_DATABASE_DSN={dsn}", meta.service.prefix));
+        }
+        lines.sort();
+        if let Some(d) = default {
+            lines.push(format!("DATABASE_URL={d}"));
+        }
+        let path = self.env_file(env);
+        let text = lines.join("\n") + "\n";
+        write_atomically(&path, text.as_bytes(), 0o600).map_err(|e| io_err("write", &path, e))?;
+        if let Some(cmd) = &self.command {
+            let status = Command::new("sh")
+                .args(["-c", cmd])
+                .env("PGCONVERGE_ENV", env.as_str())
+                .env("PGCONVERGE_ENV_FILE", &path)
+                .stdin(Stdio::null())
+                .status()
+                .map_err(|e| ProviderError::Failed(format!("deploy command: {e}")))?;
+            if !status.success() {
+                return Err(ProviderError::Failed(format!("the deploy command failed ({status})")));
+            }
+        }
+        for mut meta in metas {
+            match meta.service.status {
+                Status::New | Status::Provisioned => {
+                    meta.service.status = Status::Attached;
+                    if meta.service.data.is_none() {
+                        meta.service.data = meta.service.effective_data().or(Some(Data {
+                            of: meta.service.prefix.clone(),
+                            complete: true,
+                            restored_from: None,
+                            verified: false,
+                        }));
+                    }
+                }
+                Status::PendingDetachment => meta.service.status = Status::Detached,
+                Status::Attached | Status::Detached => continue,
+            }
+            self.store(env, &meta)?;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let meta = self.load(env, id)?;
+        if meta.service.status != Status::New {
+            self.server(&meta)?.stop().map_err(ProviderError::Failed)?;
+        }
+        // The record goes first: a crash after it leaves only files, which nothing reads.
+        let path = self.meta_path(env, id);
+        std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+        let dir = self.root.join("servers").join(id.as_str());
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
+        }
+        if let Ok(server) = self.server(&meta) {
+            let _ = std::fs::remove_dir_all(server.socket_dir);
+        }
+        Ok(())
+    }
+}

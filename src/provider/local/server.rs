@@ -162,6 +162,11 @@ impl Server {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     }
 
+    /// Runs each statement on its own (some, like CREATE DATABASE, refuse to share one).
+    pub fn sql_each(&self, db: &str, statements: &[&str]) -> Result<(), String> {
+        statements.iter().try_for_each(|s| self.sql(db, s).map(drop))
+    }
+
     /// Arguments that make a client program reach this server as the superuser.
     pub fn conn_args(&self, db: &str) -> Vec<String> {
         vec![

@@ -1,0 +1,241 @@
+//! The executor: carries out a plan's actions through a provider, in order, and after
+//! each one observes again and checks that the live state is what the rules predicted.
+//! It keeps no journal: the live state is the only truth, and a run that stops halfway
+//! is finished by planning afresh and applying again.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::config::DesiredEnv;
+use crate::model::{EnvLive, Live};
+use crate::plan::{self, Action, Plan, Prediction};
+use crate::provider::{Provider, ProviderError};
+use crate::render::action_summary;
+
+/// Why an apply stopped. Every variant carries what ran before it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The saved plan was made from a live state that has since changed.
+    #[error("the plan is stale: the live state changed since it was made ({})", .changes.join("; "))]
+    Stale { changes: Vec<String> },
+    /// Observing the live state failed.
+    #[error("cannot observe the live state: {0}")]
+    Observe(#[source] ProviderError),
+    /// The rules refuse an action of the plan in the state it would run in.
+    #[error("environment {env}: action {number} ({action}) is not allowed now: {reason}")]
+    Refused { env: String, number: usize, action: String, reason: String, done: Vec<String> },
+    /// The provider failed to carry out an action.
+    #[error("environment {env}: action {number} ({action}) failed: {source}")]
+    Action {
+        env: String,
+        number: usize,
+        action: String,
+        #[source]
+        source: ProviderError,
+        done: Vec<String>,
+    },
+    /// After an action the live state is not what the rules predicted.
+    #[error("environment {env}: after action {number} ({action}) the live state is not as predicted: {}", .differences.join("; "))]
+    Surprise { env: String, number: usize, action: String, differences: Vec<String>, done: Vec<String> },
+}
+
+impl ApplyError {
+    /// The actions that completed before the failure.
+    pub fn done(&self) -> &[String] {
+        match self {
+            ApplyError::Refused { done, .. } | ApplyError::Action { done, .. } | ApplyError::Surprise { done, .. } => {
+                done
+            }
+            ApplyError::Stale { .. } | ApplyError::Observe(_) => &[],
+        }
+    }
+}
+
+/// One line per action as it completes, on stderr.
+pub trait Progress {
+    fn started(&mut self, env: &str, number: usize, total: usize, action: &Action);
+    fn finished(&mut self, env: &str, number: usize, total: usize, action: &Action, seconds: f64);
+}
+
+/// Checks that `plan` was made from `live`; lists what changed when not.
+pub fn check_fresh(plan: &Plan, live: &Live) -> Result<(), ApplyError> {
+    if plan.observed == live.digest() {
+        return Ok(());
+    }
+    let mut changes = Vec::new();
+    for env in &plan.environments {
+        let now = live.environments.get(&env.name).cloned().unwrap_or_default();
+        changes.push(format!("environment {} now has: {}", env.name, summary(&now)));
+    }
+    if changes.is_empty() {
+        changes.push("a different live state".into());
+    }
+    Err(ApplyError::Stale { changes })
+}
+
+fn summary(env: &EnvLive) -> String {
+    if env.services.is_empty() {
+        return "no services".into();
+    }
+    env.services
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {} ({}{})",
+                s.id,
+                s.prefix,
+                s.version,
+                s.status.as_str(),
+                if s.fenced { ", fenced" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Carries out `plan` (made from `live`) environment by environment.
+pub fn apply(
+    provider: &mut dyn Provider,
+    desired: &[DesiredEnv],
+    plan: &Plan,
+    live: &Live,
+    progress: &mut dyn Progress,
+) -> Result<Vec<String>, ApplyError> {
+    let mut done = Vec::new();
+    for env_plan in &plan.environments {
+        if env_plan.actions.is_empty() {
+            continue;
+        }
+        let env = env_plan.name.as_str().to_owned();
+        let Some(d) = desired.iter().find(|d| d.name == env_plan.name) else {
+            return Err(ApplyError::Refused {
+                env,
+                number: 0,
+                action: "-".into(),
+                reason: "the config does not declare this environment".into(),
+                done,
+            });
+        };
+        let start = live.environments.get(&env_plan.name).cloned().unwrap_or_default();
+        let mut prediction = Prediction::new(d, &start).map_err(|reason| ApplyError::Refused {
+            env: env.clone(),
+            number: 0,
+            action: "-".into(),
+            reason,
+            done: done.clone(),
+        })?;
+        let total = env_plan.actions.len();
+        for (i, action) in env_plan.actions.iter().enumerate() {
+            let number = i + 1;
+            let label = action_summary(action);
+            let refused = |reason: String, done: &Vec<String>| ApplyError::Refused {
+                env: env.clone(),
+                number,
+                action: label.clone(),
+                reason,
+                done: done.clone(),
+            };
+            prediction.check(action).map_err(|r| refused(r, &done))?;
+            progress.started(&env, number, total, action);
+            let t = Instant::now();
+            let new_id = run(provider, d, &prediction, action).map_err(|source| match source {
+                Err(reason) => refused(reason, &done),
+                Ok(source) => {
+                    ApplyError::Action { env: env.clone(), number, action: label.clone(), source, done: done.clone() }
+                }
+            })?;
+            let expected = prediction.advance(action, new_id).map_err(|r| refused(r, &done))?;
+            progress.finished(&env, number, total, action, t.elapsed().as_secs_f64());
+            done.push(format!("{env}: {label}"));
+            let observed = provider.observe().map_err(ApplyError::Observe)?;
+            let now = observed.environments.get(&env_plan.name).cloned().unwrap_or_default();
+            let differences = plan::differences(&expected, &now);
+            if !differences.is_empty() {
+                return Err(ApplyError::Surprise { env, number, action: label, differences, done });
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Calls the provider for one action. `Err(Err(_))`: the plan names something unknown;
+/// `Err(Ok(_))`: the provider failed.
+fn run(
+    p: &mut dyn Provider,
+    d: &DesiredEnv,
+    prediction: &Prediction,
+    action: &Action,
+) -> Result<Option<crate::model::ServiceId>, Result<ProviderError, String>> {
+    let env = &d.name;
+    let id = |s: &crate::model::ServiceId| prediction.resolve(s).map_err(Err);
+    let r = match action {
+        Action::Add { prefix, version, .. } => return p.add(env, prefix, *version).map(Some).map_err(Ok),
+        Action::Provision { service } => p.provision(env, &id(service)?),
+        Action::Fence { service } => p.fence(env, &id(service)?),
+        Action::Unfence { service } => p.unfence(env, &id(service)?),
+        Action::Backup { service } => p.backup(env, &id(service)?),
+        Action::Restore { service, from } => p.restore(env, &id(service)?, &id(from)?),
+        Action::Verify { service, against } => p.verify(env, &id(service)?, &id(against)?, d.upgrade.verify),
+        Action::Rename { service, to } => p.rename(env, &id(service)?, to),
+        Action::Detach { service } => p.detach(env, &id(service)?),
+        Action::Deploy => p.deploy(env),
+        Action::Delete { service } => p.delete(env, &id(service)?),
+    };
+    r.map(|()| None).map_err(Ok)
+}
+
+/// A lock under the provider's root, held for a whole apply. A lock whose holder is gone
+/// (its pid no longer runs) is taken over.
+#[derive(Debug)]
+pub struct Lock {
+    path: PathBuf,
+}
+
+impl Lock {
+    pub fn acquire(root: &Path) -> Result<Lock, ProviderError> {
+        std::fs::create_dir_all(root)
+            .map_err(|e| ProviderError::Failed(format!("cannot create {}: {e}", root.display())))?;
+        let path = root.join("lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    let since = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    use std::io::Write;
+                    writeln!(f, "{} {since}", std::process::id())
+                        .map_err(|e| ProviderError::Failed(format!("cannot write {}: {e}", path.display())))?;
+                    return Ok(Lock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let mut f = text.split_whitespace();
+                    let pid: Option<u32> = f.next().and_then(|p| p.parse().ok());
+                    let since: Option<u64> = f.next().and_then(|s| s.parse().ok());
+                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if alive {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        let age = since.map(|s| format!(", for {} s", now.saturating_sub(s))).unwrap_or_default();
+                        return Err(ProviderError::Locked {
+                            holder: format!("pid {}{age} (lock file {})", pid.unwrap_or(0), path.display()),
+                        });
+                    }
+                    tracing::warn!(lock = %path.display(), "taking over the lock of an apply that is gone");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(ProviderError::Failed(format!("cannot create {}: {e}", path.display()))),
+            }
+        }
+        Err(ProviderError::Locked { holder: format!("another apply took {} meanwhile", path.display()) })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
