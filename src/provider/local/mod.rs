@@ -464,6 +464,12 @@ impl Provider for LocalProvider {
         let b = fingerprint::take(&copy, APP_DB, how).map_err(ProviderError::Failed)?;
         let diff = fingerprint::differences(&a, &b);
         if !diff.is_empty() {
+            // A copy known to differ is no copy: the next plan makes a fresh one.
+            self.update(env, id, |m| {
+                if let Some(d) = m.service.data.as_mut() {
+                    d.complete = false;
+                }
+            })?;
             let shown: Vec<String> = diff.iter().take(20).cloned().collect();
             return Err(ProviderError::Failed(format!(
                 "the copy {id} differs from its source {against} ({} difference{}): {}{}",

@@ -1,0 +1,189 @@
+//! The local provider end to end, on real PostgreSQL 15 and 17 servers that each test
+//! starts under its own root and stops when done.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ensure_postgres, env_file, pgconverge, psql, scratch, Servers};
+use pgconverge::provider::local::{binaries, server};
+
+fn config(dir: &Path, body: &str) {
+    ensure_postgres();
+    std::fs::write(dir.join("pgconverge.yaml"), format!("version: 1\nenvironments:\n{body}")).expect("config");
+}
+
+fn apply(dir: &Path) -> common::Run {
+    let run = pgconverge(&["apply", "--auto-approve"], dir);
+    assert_eq!(run.code, 0, "apply failed:\n{}\n{}", run.stdout, run.stderr);
+    run
+}
+
+fn dsn(dir: &Path, var: &str) -> String {
+    env_file(&dir.join(".pgconverge/test.env")).get(var).cloned().unwrap_or_else(|| panic!("{var} not in the env file"))
+}
+
+/// A bare server of each major: initdb, start, SQL, stop.
+#[test]
+fn servers_of_both_majors_start_answer_and_stop() {
+    ensure_postgres();
+    let run_as = server::RunAs::for_user("postgres").expect("run_as");
+    let base = scratch("local_servers");
+    for major in [15, 17] {
+        let dir = base.join(major.to_string());
+        let server = server::Server {
+            bin: binaries::find(major, &[]).expect("binaries"),
+            data_dir: dir.join("data"),
+            socket_dir: dir.join("socket"),
+            log_file: dir.join("log/server.log"),
+            port: server::free_port().expect("port"),
+            run_as,
+        };
+        server.init().expect("initdb");
+        server.start().expect("start");
+        assert!(server.is_running());
+        let v = server.sql("postgres", "SHOW server_version_num").expect("sql");
+        assert_eq!(v.parse::<u32>().expect("number") / 10000, major);
+        assert_eq!(server.sql("postgres", "SHOW data_checksums").expect("sql"), "on");
+        server.stop().expect("stop");
+        assert!(!server.is_running());
+    }
+}
+
+const SCHEMA: &str = "
+    CREATE EXTENSION IF NOT EXISTS pgcrypto;
+    CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, secret bytea, created timestamptz DEFAULT now());
+    CREATE INDEX items_name ON items (name);
+    INSERT INTO items (name, secret) SELECT 'item ' || g, digest(g::text, 'sha256') FROM generate_series(1, 5000) g;
+    CREATE VIEW recent AS SELECT id, name FROM items ORDER BY id DESC LIMIT 10;
+    CREATE FUNCTION item_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM items';
+    SELECT lo_from_bytea(0, 'a large object');";
+
+const CHECK: &str =
+    "SELECT current_setting('server_version_num')::int / 10000, (SELECT count(*) FROM items), item_count(), \
+     (SELECT count(*) FROM recent), (SELECT count(*) FROM pg_largeobject_metadata), \
+     (SELECT count(*) FROM pg_indexes WHERE indexname = 'items_name'), \
+     (SELECT bool_and(secret = digest(id::text, 'sha256')) FROM items), nextval('items_id_seq')";
+
+#[test]
+fn runbook_upgrade_carries_everything_over() {
+    let dir = scratch("local_runbook");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "  test:\n    upgrade: {verify: checksums}\n    postgres:\n      DEFAULT: 15\n");
+    apply(&dir);
+    let old = dsn(&dir, "DEFAULT_DATABASE_DSN");
+    assert_eq!(dsn(&dir, "DATABASE_URL"), old);
+    psql(&old, SCHEMA).expect("load data");
+    let before = psql(&old, CHECK).expect("check");
+    assert!(before.starts_with("15|5000|5000|10|1|1|t|5001"), "{before}");
+
+    config(&dir, "  test:\n    upgrade: {verify: checksums}\n    postgres:\n      DEFAULT: 17\n");
+    let plan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
+    assert_eq!(plan.code, 2, "{}", plan.stderr);
+    let run = apply(&dir);
+    assert!(run.stderr.contains("[test 11/11] delete"), "{}", run.stderr);
+
+    let new = dsn(&dir, "DEFAULT_DATABASE_DSN");
+    assert_ne!(new, old, "the env file names the new server");
+    let after = psql(&new, CHECK).expect("check");
+    assert!(after.starts_with("17|5000|5000|10|1|1|t|5002"), "{after}");
+    assert!(psql(&old, "SELECT 1").is_err(), "the old server is gone");
+    let servers: Vec<_> = std::fs::read_dir(dir.join(".pgconverge/servers")).expect("servers").collect();
+    assert_eq!(servers.len(), 1, "only the new server's files remain");
+
+    let replan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
+    assert_eq!(replan.code, 0, "{}{}", replan.stdout, replan.stderr);
+    let again = apply(&dir);
+    assert!(again.stdout.contains("No changes"), "{}", again.stdout);
+
+    let secret: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(".pgconverge/secrets/test.json")).expect("secret"))
+            .expect("json");
+    let password = secret["password"].as_str().expect("password");
+    assert!(old.contains(password), "the DSN carries the password");
+    for (what, r) in [("plan", &plan), ("apply", &run), ("replan", &replan), ("apply again", &again)] {
+        assert!(!r.stdout.contains(password) && !r.stderr.contains(password), "{what} printed the password");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.join(".pgconverge/test.env")).expect("env file").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn fresh_environment_with_two_prefixes_and_an_undeclared_service() {
+    let dir = scratch("local_two_prefixes");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n      ANALYTICS: 17\n      SCRATCH: 15\n");
+    apply(&dir);
+    let vars = env_file(&dir.join(".pgconverge/test.env"));
+    assert_eq!(vars.len(), 4, "{vars:?}");
+    for (var, major) in
+        [("DEFAULT_DATABASE_DSN", "15"), ("ANALYTICS_DATABASE_DSN", "17"), ("SCRATCH_DATABASE_DSN", "15")]
+    {
+        let v = psql(&vars[var], "SELECT current_setting('server_version_num')::int / 10000").expect("connect");
+        assert_eq!(v, major, "{var}");
+    }
+    psql(&vars["SCRATCH_DATABASE_DSN"], "CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)").expect("write");
+    // SCRATCH leaves the config: its service is no longer pgconverge's to touch.
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n      ANALYTICS: 17\n");
+    let plan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
+    assert_eq!(plan.code, 0, "{}", plan.stdout);
+    assert!(plan.stdout.contains("never touched"), "{}", plan.stdout);
+    assert_eq!(psql(&vars["SCRATCH_DATABASE_DSN"], "SELECT x FROM kept").expect("still there"), "1");
+}
+
+/// Runs the first `n` actions of the current plan, as a saved plan.
+fn apply_first(dir: &Path, n: usize) {
+    let plan = pgconverge(&["plan", "--format", "json"], dir);
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    let mut json: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan");
+    let actions = json["environments"][0]["actions"].as_array_mut().expect("actions");
+    actions.truncate(n);
+    std::fs::write(dir.join("part.json"), json.to_string()).expect("write");
+    let run = pgconverge(&["apply", "--auto-approve", "part.json"], dir);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}
+
+#[test]
+fn fence_blocks_writes_and_verify_catches_a_bad_copy() {
+    let dir = scratch("local_fence_verify");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n");
+    apply(&dir);
+    let old = dsn(&dir, "DEFAULT_DATABASE_DSN");
+    psql(&old, "CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 100)").expect("load");
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 17\n");
+
+    apply_first(&dir, 3); // add, provision, fence
+    let refused = psql(&old, "INSERT INTO t VALUES (101)").expect_err("writes are fenced");
+    assert!(refused.contains("not permitted to log in"), "{refused}");
+
+    apply_first(&dir, 2); // backup, restore
+                          // A row goes missing from the copy behind pgconverge's back.
+    let state = std::fs::read_dir(dir.join(".pgconverge/state/test")).expect("state");
+    let copy: serde_json::Value = state
+        .flatten()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).expect("read")).expect("json")
+        })
+        .find(|m| m["prefix"] == "NEW")
+        .expect("the copy");
+    let port = copy["port"].as_u64().expect("port");
+    let copy_dsn = old.rsplit_once('@').map(|(creds, _)| format!("{creds}@127.0.0.1:{port}/app")).expect("dsn");
+    psql(&copy_dsn, "DELETE FROM t WHERE x = 42").expect("tamper");
+
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(run.stderr.contains("rows:public.t: 100 in the source, 99 in the copy"), "{}", run.stderr);
+    assert_eq!(dsn(&dir, "DEFAULT_DATABASE_DSN"), old, "no cutover after a failed verify");
+    assert!(run.stderr.contains("run `pgconverge apply` again"), "{}", run.stderr);
+
+    // The bad copy is marked incomplete, so applying again copies afresh and finishes.
+    apply(&dir);
+    let new = dsn(&dir, "DEFAULT_DATABASE_DSN");
+    assert_eq!(
+        psql(&new, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("check"),
+        "100|17"
+    );
+}
