@@ -54,7 +54,16 @@ impl ApplyError {
 /// One line per action as it completes, on stderr.
 pub trait Progress {
     fn started(&mut self, env: &str, number: usize, total: usize, action: &Action);
-    fn finished(&mut self, env: &str, number: usize, total: usize, action: &Action, seconds: f64);
+    /// `detail`: what the action moved, for backup and restore.
+    fn finished(
+        &mut self,
+        env: &str,
+        number: usize,
+        total: usize,
+        action: &Action,
+        seconds: f64,
+        detail: Option<String>,
+    );
 }
 
 /// Checks that `plan` was made from `live`; lists what changed when not.
@@ -138,14 +147,14 @@ pub fn apply(
             prediction.check(action).map_err(|r| refused(r, &done))?;
             progress.started(&env, number, total, action);
             let t = Instant::now();
-            let new_id = run(provider, d, &prediction, action).map_err(|source| match source {
+            let (new_id, detail) = run(provider, d, &prediction, action).map_err(|source| match source {
                 Err(reason) => refused(reason, &done),
                 Ok(source) => {
                     ApplyError::Action { env: env.clone(), number, action: label.clone(), source, done: done.clone() }
                 }
             })?;
             let expected = prediction.advance(action, new_id).map_err(|r| refused(r, &done))?;
-            progress.finished(&env, number, total, action, t.elapsed().as_secs_f64());
+            progress.finished(&env, number, total, action, t.elapsed().as_secs_f64(), detail);
             done.push(format!("{env}: {label}"));
             let observed = provider.observe().map_err(ApplyError::Observe)?;
             let now = observed.environments.get(&env_plan.name).cloned().unwrap_or_default();
@@ -158,6 +167,9 @@ pub fn apply(
     Ok(done)
 }
 
+/// What an action gave back: the id of an added service, a word on what it moved.
+type Ran = (Option<crate::model::ServiceId>, Option<String>);
+
 /// Calls the provider for one action. `Err(Err(_))`: the plan names something unknown;
 /// `Err(Ok(_))`: the provider failed.
 fn run(
@@ -165,23 +177,46 @@ fn run(
     d: &DesiredEnv,
     prediction: &Prediction,
     action: &Action,
-) -> Result<Option<crate::model::ServiceId>, Result<ProviderError, String>> {
+) -> Result<Ran, Result<ProviderError, String>> {
     let env = &d.name;
     let id = |s: &crate::model::ServiceId| prediction.resolve(s).map_err(Err);
+    let moved = |bytes: u64, what: &str| Some(format!("{} {what}", human_bytes(bytes)));
     let r = match action {
-        Action::Add { prefix, version, .. } => return p.add(env, prefix, *version).map(Some).map_err(Ok),
+        Action::Add { prefix, version, .. } => {
+            return p.add(env, prefix, *version).map(|id| (Some(id), None)).map_err(Ok)
+        }
+        Action::Backup { service } => {
+            return p.backup(env, &id(service)?).map(|b| (None, moved(b, "dumped"))).map_err(Ok);
+        }
+        Action::Restore { service, from } => {
+            return p.restore(env, &id(service)?, &id(from)?).map(|b| (None, moved(b, "restored"))).map_err(Ok);
+        }
         Action::Provision { service } => p.provision(env, &id(service)?),
         Action::Fence { service } => p.fence(env, &id(service)?),
         Action::Unfence { service } => p.unfence(env, &id(service)?),
-        Action::Backup { service } => p.backup(env, &id(service)?),
-        Action::Restore { service, from } => p.restore(env, &id(service)?, &id(from)?),
         Action::Verify { service, against } => p.verify(env, &id(service)?, &id(against)?, d.upgrade.verify),
         Action::Rename { service, to } => p.rename(env, &id(service)?, to),
         Action::Detach { service } => p.detach(env, &id(service)?),
         Action::Deploy => p.deploy(env),
         Action::Delete { service } => p.delete(env, &id(service)?),
     };
-    r.map(|()| None).map_err(Ok)
+    r.map(|()| (None, None)).map_err(Ok)
+}
+
+/// `12.3 MB`.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
 }
 
 /// A lock under the provider's root, held for a whole apply. A lock whose holder is gone

@@ -211,15 +211,43 @@ fn check_binaries(provider: &LocalProvider, plan: &Plan) -> Result<(), Error> {
     Ok(())
 }
 
-struct StderrProgress;
+/// Progress on stderr: a spinner per action on a terminal, one line per action otherwise.
+#[derive(Default)]
+struct StderrProgress {
+    bar: Option<indicatif::ProgressBar>,
+}
 
 impl apply::Progress for StderrProgress {
     fn started(&mut self, env: &str, number: usize, total: usize, action: &plan::Action) {
-        eprint!("[{env} {number}/{total}] {} … ", render::action_summary(action));
-        let _ = std::io::stderr().flush();
+        let label = format!("[{env} {number}/{total}] {}", render::action_summary(action));
+        let bar = indicatif::ProgressBar::new_spinner();
+        if bar.is_hidden() {
+            eprint!("{label} … ");
+            let _ = std::io::stderr().flush();
+        } else {
+            bar.set_message(label);
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        }
+        self.bar = Some(bar);
     }
-    fn finished(&mut self, _env: &str, _number: usize, _total: usize, _action: &plan::Action, seconds: f64) {
-        eprintln!("done ({seconds:.1} s)");
+
+    fn finished(
+        &mut self,
+        env: &str,
+        number: usize,
+        total: usize,
+        action: &plan::Action,
+        seconds: f64,
+        detail: Option<String>,
+    ) {
+        let detail = detail.map(|d| format!(", {d}")).unwrap_or_default();
+        let done = format!("done ({seconds:.1} s{detail})");
+        match self.bar.take() {
+            Some(bar) if !bar.is_hidden() => {
+                bar.finish_with_message(format!("[{env} {number}/{total}] {} … {done}", render::action_summary(action)))
+            }
+            _ => eprintln!("{done}"),
+        }
     }
 }
 
@@ -306,7 +334,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
             let started = std::time::Instant::now();
             let desired = config.desired();
-            apply::apply(&mut provider, &desired, &plan, &live, &mut StderrProgress)?;
+            apply::apply(&mut provider, &desired, &plan, &live, &mut StderrProgress::default())?;
             writeln!(
                 out,
                 "Apply complete: {total} action{} in {:.1} s.",

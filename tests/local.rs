@@ -187,3 +187,86 @@ fn fence_blocks_writes_and_verify_catches_a_bad_copy() {
         "100|17"
     );
 }
+
+/// Two upgrades in a row: the second starts from a copy whose source is gone.
+#[test]
+fn upgrades_in_a_row_keep_every_row() {
+    let dir = scratch("local_twice");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n");
+    apply(&dir);
+    psql(&dsn(&dir, "DATABASE_URL"), "CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000)")
+        .expect("load");
+    for major in [16, 17] {
+        config(&dir, &format!("  test:\n    postgres:\n      DEFAULT: {major}\n"));
+        apply(&dir);
+        let url = dsn(&dir, "DATABASE_URL");
+        psql(&url, "INSERT INTO t VALUES (0)").expect("the application writes to the new server");
+        let check =
+            psql(&url, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("check");
+        assert_eq!(check, format!("{}|{major}", 1000 + major - 15), "after the upgrade to {major}");
+    }
+}
+
+#[test]
+fn a_second_apply_is_refused_and_a_dead_lock_is_taken_over() {
+    let dir = scratch("local_lock");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n");
+    std::fs::create_dir_all(dir.join(".pgconverge")).expect("root");
+    // A live holder: this test process.
+    std::fs::write(dir.join(".pgconverge/lock"), format!("{} 0\n", std::process::id())).expect("lock");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains(&format!("another apply is running: pid {}", std::process::id())), "{}", run.stderr);
+    assert!(!dir.join(".pgconverge/state").exists(), "nothing was touched");
+    // A holder that is gone (pids never reach this high on Linux).
+    std::fs::write(dir.join(".pgconverge/lock"), "4194305 0\n").expect("lock");
+    apply(&dir);
+    assert!(!dir.join(".pgconverge/lock").exists(), "the lock is released");
+}
+
+#[test]
+fn a_server_that_is_down_is_started_and_deploy_runs_its_command() {
+    let dir = scratch("local_down");
+    let _servers = Servers(dir.join(".pgconverge"));
+    let body = "  test:\n    postgres:\n      DEFAULT: 15\n";
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        format!("version: 1\nprovider:\n  local:\n    deploy:\n      command: 'cp \"$PGCONVERGE_ENV_FILE\" deployed-$PGCONVERGE_ENV.env'\nenvironments:\n{body}"),
+    )
+    .expect("config");
+    ensure_postgres();
+    apply(&dir);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("deployed-test.env")).expect("the deploy command ran"),
+        std::fs::read_to_string(dir.join(".pgconverge/test.env")).expect("env file")
+    );
+    drop(Servers(dir.join(".pgconverge"))); // stops every server
+    let url = dsn(&dir, "DATABASE_URL");
+    assert!(psql(&url, "SELECT 1").is_err(), "the server is down");
+    let show = pgconverge(&["show"], &dir);
+    assert_eq!(show.code, 0, "{}", show.stderr);
+    assert_eq!(psql(&url, "SELECT 1").expect("started again"), "1");
+
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        "version: 1\nprovider:\n  local:\n    deploy:\n      command: 'exit 3'\nenvironments:\n  test:\n    postgres:\n      DEFAULT: 17\n",
+    )
+    .expect("config");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("the deploy command failed"), "{}", run.stderr);
+    // The deploy did not count: statuses stay, and the next apply deploys again.
+    let show = pgconverge(&["show", "--format", "json"], &dir);
+    let live: serde_json::Value = serde_json::from_str(&show.stdout).expect("json");
+    let statuses: Vec<&str> = live["environments"]["test"]["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| s["status"].as_str().expect("status"))
+        .collect();
+    assert!(statuses.contains(&"pending_detachment") && statuses.contains(&"provisioned"), "{statuses:?}");
+    let plan = pgconverge(&["plan"], &dir);
+    assert!(plan.stdout.contains("1. deploy"), "{}", plan.stdout);
+}

@@ -453,6 +453,12 @@ pub fn differences(expected: &EnvLive, observed: &EnvLive) -> Vec<String> {
             .map(|s| {
                 let mut s = s.clone();
                 s.data = s.effective_data();
+                // The source of an old copy may be long gone: its name does not matter.
+                if let Some(d) = s.data.as_mut() {
+                    if d.restored_from.as_ref().is_some_and(|r| !e.services.iter().any(|o| &o.id == r)) {
+                        d.restored_from = Some(ServiceId::gone());
+                    }
+                }
                 s
             })
             .collect();

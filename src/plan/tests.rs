@@ -467,3 +467,33 @@ fn prefixes_migrating_at_once_share_one_deploy() {
         }
     }
 }
+
+/// Regression: a copy whose source was deleted by an earlier upgrade made every later
+/// apply stop after its first action, because the prediction named the source "(gone)".
+#[test]
+fn prediction_matches_a_copy_of_a_deleted_source() {
+    let (d, l) = env(
+        "    postgres: {DEFAULT: 18}\n",
+        r#"{"id":"b","version":17,"prefix":"DEFAULT","status":"attached",
+            "data":{"of":"DEFAULT","complete":true,"restored_from":"a","verified":true}}"#,
+    );
+    let mut p = Prediction::new(&d, &l).expect("prediction");
+    let add = Action::Add {
+        service: ServiceId::added(1),
+        prefix: Prefix::parse("NEW").expect("prefix"),
+        version: Major::new(18).expect("major"),
+    };
+    let expected = p.advance(&add, Some(ServiceId::observed("c").expect("id"))).expect("advance");
+    let mut observed = l.clone();
+    observed.services.push(crate::model::Service {
+        id: ServiceId::observed("c").expect("id"),
+        version: Major::new(18).expect("major"),
+        prefix: Prefix::parse("NEW").expect("prefix"),
+        status: Status::New,
+        fenced: false,
+        data: None,
+    });
+    assert_eq!(differences(&expected, &observed), Vec::<String>::new());
+    observed.services[0].fenced = true;
+    assert_eq!(differences(&expected, &observed).len(), 1);
+}

@@ -31,8 +31,10 @@ pub trait Provider {
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
     fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
-    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
-    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<()>;
+    /// Returns the size of the backup in bytes.
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64>;
+    /// Returns the size of the backup restored, in bytes.
+    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64>;
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()>;
     fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()>;
     fn detach(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;

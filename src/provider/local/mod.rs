@@ -389,7 +389,7 @@ impl Provider for LocalProvider {
         Ok(())
     }
 
-    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
         let (meta, server) = self.running_server(env, id)?;
         let data = meta.service.effective_data().ok_or_else(|| ProviderError::Failed(format!("{id} holds no data")))?;
         let bin = self.newest_binaries(env)?;
@@ -424,10 +424,11 @@ impl Provider for LocalProvider {
         let text = serde_json::to_vec_pretty(&manifest).map_err(failed)?;
         let path = dir.join(format!("{stamp}.json"));
         tracing::info!(service = %id, bytes, "backup taken");
-        write_atomically(&path, &text, 0o644).map_err(|e| io_err("write", &path, e))
+        write_atomically(&path, &text, 0o644).map_err(|e| io_err("write", &path, e))?;
+        Ok(bytes)
     }
 
-    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<()> {
+    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
         let manifest = self.latest_backup(from)?;
         let (meta, server) = self.running_server(env, id)?;
         // Start from an empty database, so that a restore cut short by a crash can simply
@@ -454,7 +455,8 @@ impl Provider for LocalProvider {
                 restored_from: Some(from.clone()),
                 verified: false,
             })
-        })
+        })?;
+        Ok(manifest.bytes)
     }
 
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
