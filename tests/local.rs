@@ -87,6 +87,8 @@ fn runbook_upgrade_carries_everything_over() {
     assert_ne!(new, old, "the env file names the new server");
     let after = psql(&new, CHECK).expect("check");
     assert!(after.starts_with("17|5000|5000|10|1|1|t|5002"), "{after}");
+    let owner = psql(&new, "SELECT tableowner FROM pg_tables WHERE tablename = 'items'").expect("owner");
+    assert_eq!(owner, "app", "ownership is preserved");
     assert!(psql(&old, "SELECT 1").is_err(), "the old server is gone");
     let servers: Vec<_> = std::fs::read_dir(dir.join(".pgconverge/servers")).expect("servers").collect();
     assert_eq!(servers.len(), 1, "only the new server's files remain");
@@ -269,4 +271,18 @@ fn a_server_that_is_down_is_started_and_deploy_runs_its_command() {
     assert!(statuses.contains(&"pending_detachment") && statuses.contains(&"provisioned"), "{statuses:?}");
     let plan = pgconverge(&["plan"], &dir);
     assert!(plan.stdout.contains("1. deploy"), "{}", plan.stdout);
+}
+
+#[test]
+fn a_missing_major_is_a_plan_time_error() {
+    let dir = scratch("local_missing_major");
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 9\n");
+    let run = pgconverge(&["plan"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("no PostgreSQL 9 binaries found") && run.stderr.contains("/usr/lib/postgresql/9/bin"),
+        "{}",
+        run.stderr
+    );
+    assert!(!dir.join(".pgconverge/state").exists(), "nothing was touched");
 }
