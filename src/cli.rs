@@ -283,7 +283,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             if let Some(path) = save {
                 let mut text = Vec::new();
                 render::json::plan(&mut text, &report.plan).map_err(stdout_error)?;
-                write_atomically(&path, &text)
+                crate::atomic::write_atomically(&path, &text, 0o644)
                     .map_err(|source| Error::Write { path: path.display().to_string(), source })?;
             }
             match format {
@@ -454,23 +454,6 @@ fn json_message(e: &serde_json::Error) -> String {
         message.truncate(i);
     }
     message
-}
-
-/// Writes `bytes` to `path` so that readers see the old file or the new one, never half.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plan".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Asks on the terminal; anything but "yes" cancels.

@@ -4,6 +4,7 @@
 //! process or the network; `cli` is where effects live.
 
 pub mod apply;
+pub mod atomic;
 pub mod cli;
 pub mod config;
 pub mod model;

@@ -106,6 +106,10 @@ fn runbook_upgrade_carries_everything_over() {
     for (what, r) in [("plan", &plan), ("apply", &run), ("replan", &replan), ("apply again", &again)] {
         assert!(!r.stdout.contains(password) && !r.stderr.contains(password), "{what} printed the password");
     }
+    for server in std::fs::read_dir(dir.join(".pgconverge/servers")).expect("servers").flatten() {
+        let log = std::fs::read_to_string(server.path().join("log/server.log")).unwrap_or_default();
+        assert!(!log.contains(password), "a server log holds the password");
+    }
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(dir.join(".pgconverge/test.env")).expect("env file").permissions(),
     );

@@ -19,7 +19,6 @@ pub mod fingerprint;
 pub mod server;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,6 +26,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::{Provider, ProviderError, Result};
+use crate::atomic::write_atomically;
 use crate::config::{LocalConfig, Verify};
 use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
 use server::{RunAs, Server};
@@ -81,26 +81,6 @@ fn failed(e: impl std::fmt::Display) -> ProviderError {
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> ProviderError {
     ProviderError::Failed(format!("cannot {what} {}: {e}", path.display()))
-}
-
-/// Writes `bytes` so that a reader sees the old file or the new one, never a part.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 fn now_ms() -> u128 {
@@ -249,7 +229,11 @@ impl LocalProvider {
             match server.start() {
                 Ok(()) => {
                     let secret = self.secret(env)?;
-                    let role = format!("CREATE ROLE {} LOGIN PASSWORD '{}'", secret.role, secret.password);
+                    // The server must not log the statement (and the password) if it fails.
+                    let role = format!(
+                        "SET log_min_error_statement = 'panic'; CREATE ROLE {} LOGIN PASSWORD '{}'",
+                        secret.role, secret.password
+                    );
                     let db = format!("CREATE DATABASE {APP_DB} OWNER {}", secret.role);
                     server
                         .sql_each("postgres", &[&role, &db])
@@ -274,6 +258,22 @@ impl LocalProvider {
         let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
         serde_json::from_str(&text)
             .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))
+    }
+
+    fn mark_backups_incomplete(&self, id: &ServiceId) -> Result<()> {
+        let dir = self.root.join("backups").join(id.as_str());
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+        for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")) {
+            let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
+            let mut m: Manifest = serde_json::from_str(&text)
+                .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))?;
+            if m.complete {
+                m.complete = false;
+                let text = serde_json::to_vec_pretty(&m).map_err(failed)?;
+                write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// The newest major among an environment's services: its pg_dump reads them all.
@@ -378,7 +378,9 @@ impl Provider for LocalProvider {
         server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
         self.update(env, id, |m| m.service.fenced = false)?;
         if meta.service.status.visible() {
-            // Writes can land again: copies taken from it are no longer complete.
+            // Writes can land again: its backups and the copies taken from it are no
+            // longer complete.
+            self.mark_backups_incomplete(id)?;
             for mut other in self.metas(env)? {
                 if let Some(d) = other.service.data.as_mut().filter(|d| d.restored_from.as_ref() == Some(id)) {
                     d.complete = false;
@@ -395,6 +397,8 @@ impl Provider for LocalProvider {
         let bin = self.newest_binaries(env)?;
         let dir = self.root.join("backups").join(id.as_str());
         std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err("protect", &dir, e))?;
         let stamp = now_ms();
         let dump = dir.join(format!("{stamp}.dump"));
         let roles = dir.join(format!("{stamp}.roles.sql"));
@@ -407,6 +411,10 @@ impl Provider for LocalProvider {
         args.truncate(args.len() - 2); // pg_dumpall takes -l, not -d, for its database
         c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(&roles);
         self.run_client(c, "pg_dumpall --roles-only")?;
+        // Dumps hold the data and the roles' password hashes: for root's eyes only.
+        for f in [&partial, &roles] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("protect", f, e))?;
+        }
         std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(|e| io_err("sync", &partial, e))?;
         std::fs::rename(&partial, &dump).map_err(|e| io_err("rename", &partial, e))?;
         let bytes = std::fs::metadata(&dump).map(|m| m.len()).unwrap_or(0);
