@@ -51,9 +51,14 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A fresh directory under the target dir, removed first if a run left it.
+/// A fresh directory, removed first if a run left it. It lives under the system's
+/// temporary directory, not the checkout: the servers' OS user must be able to reach it,
+/// wherever the checkout is.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let base = std::env::temp_dir().join("pgconverge-tests");
+    std::fs::create_dir_all(&base).expect("scratch base");
+    let _ = std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    let dir = base.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
