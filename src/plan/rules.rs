@@ -3,6 +3,8 @@
 //! whether an action is allowed.
 //!
 //! Refinements of DESIGN.md's table, each on the side of never losing data:
+//! - restore, like delete, may not drop the last copy of a dataset: restoring over a
+//!   service's data needs another visible copy of that data;
 //! - verify needs a complete copy: a copy taken while its source still took writes can
 //!   only differ from it, so "verified" would be a lie;
 //! - deploy may attach a service with no data only under a declared prefix P, and only
@@ -300,6 +302,14 @@ impl Ctx {
         }
     }
 
+    /// Another visible service holds dataset `of` (complete, when fence_writes): the data
+    /// of `id` may be dropped, by delete or by restoring over it.
+    pub fn has_other_copy(&self, st: &State, id: Id, of: P) -> bool {
+        st.svcs.iter().any(|o| {
+            o.id != id && o.visible() && o.data.is_some_and(|od| od.of == of && (od.complete || !self.fence_writes))
+        })
+    }
+
     pub fn dataset_exists(&self, st: &State, p: P) -> bool {
         st.svcs.iter().any(|s| s.data.is_some_and(|d| d.of == p))
     }
@@ -387,6 +397,13 @@ impl Ctx {
                     return refuse(format!(
                         "restoring PostgreSQL {} data into {} would downgrade it (set upgrade.allow_downgrade)",
                         f.version, s.version
+                    ));
+                }
+                if let Some(d) = s.data.filter(|d| !self.has_other_copy(st, service, d.of)) {
+                    return refuse(format!(
+                        "restoring into {} would destroy the last copy of {}",
+                        self.id(service),
+                        name(d.of)
                     ));
                 }
                 let mut after = s.clone();
@@ -494,15 +511,8 @@ impl Ctx {
                 if !matches!(s.status, Status::New | Status::Provisioned | Status::Detached) {
                     return refuse(format!("{} is {}", self.id(id), s.status.as_str()));
                 }
-                if let Some(d) = s.data {
-                    let other_copy = st.svcs.iter().any(|o| {
-                        o.id != id
-                            && o.visible()
-                            && o.data.is_some_and(|od| od.of == d.of && (od.complete || !self.fence_writes))
-                    });
-                    if !other_copy {
-                        return refuse(format!("{} may hold the last copy of {}", self.id(id), name(d.of)));
-                    }
+                if let Some(d) = s.data.filter(|d| !self.has_other_copy(st, id, d.of)) {
+                    return refuse(format!("{} may hold the last copy of {}", self.id(id), name(d.of)));
                 }
                 if self.keep_old && self.retired_original(s) {
                     return refuse(format!("{} is the retired original, kept by upgrade.keep_old", self.id(id)));

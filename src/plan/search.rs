@@ -233,7 +233,10 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
     let (mut total, Reverse(max_deletes)) = assigned.unwrap_or((0, Reverse(0)));
     for (k, &(p, v)) in ctx.declared.iter().enumerate() {
         let attached_candidate = st.svcs.iter().any(|s| {
-            s.status == Status::Attached && s.version == v && !ctx.unmanaged(s) && s.data.is_none_or(|d| d.of == p)
+            s.status == Status::Attached
+                && s.version == v
+                && !ctx.unmanaged(s)
+                && (!exists[k] || s.data.is_none_or(|d| d.of == p))
         });
         deploy |= !attached_candidate;
         if exists[k] && needs_copy(ctx, st, p, v) {
@@ -319,9 +322,6 @@ fn must_rename_away(ctx: &Ctx, s: &Svc) -> bool {
 /// `None` if it cannot.
 fn cost_to_hold(ctx: &Ctx, s: &Svc, p: u8, v: u32, exists: bool, verify_cost: u32) -> Option<u32> {
     if s.version != v || !matches!(s.status, Status::New | Status::Provisioned | Status::Attached) {
-        return None;
-    }
-    if s.status == Status::Attached && s.data.is_some_and(|d| d.of != p) {
         return None;
     }
     let mut c = u32::from(s.prefix != p) + u32::from(s.fenced);
