@@ -150,15 +150,29 @@ impl Server {
     }
 
     /// Runs SQL as the superuser in `db`; returns unaligned, tuples-only output.
+    /// The SQL goes through stdin, never the command line, where other users of the
+    /// machine could read it (it may set a password).
     pub fn sql(&self, db: &str, sql: &str) -> Result<String, String> {
-        let mut c = Command::new(self.bin.program("psql"));
-        c.current_dir("/")
+        let mut child = Command::new(self.bin.program("psql"))
+            .current_dir("/")
             .env("PGCONNECT_TIMEOUT", "10")
             .arg("-h")
             .arg(&self.socket_dir)
             .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", db])
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]);
-        let out = self.run(c, "psql")?;
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("psql: cannot run: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, sql.as_bytes()).map_err(|e| format!("psql: {e}"))?;
+        }
+        let out = child.wait_with_output().map_err(|e| format!("psql: {e}"))?;
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("psql failed ({}): {}", out.status, last_lines(&text, 6)));
+        }
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     }
 
