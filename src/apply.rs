@@ -146,6 +146,16 @@ pub fn apply(
             };
             prediction.check(action).map_err(|r| refused(r, &done))?;
             progress.started(&env, number, total, action);
+            let tripped = |name: String, done: &Vec<String>| {
+                crate::failpoint::hit(&name).map_err(|m| ApplyError::Action {
+                    env: env.clone(),
+                    number,
+                    action: label.clone(),
+                    source: ProviderError::Failed(m),
+                    done: done.clone(),
+                })
+            };
+            tripped(format!("before:{number}"), &done)?;
             let t = Instant::now();
             let (new_id, detail) = run(provider, d, &prediction, action).map_err(|source| match source {
                 Err(reason) => refused(reason, &done),
@@ -156,6 +166,7 @@ pub fn apply(
             let expected = prediction.advance(action, new_id).map_err(|r| refused(r, &done))?;
             progress.finished(&env, number, total, action, t.elapsed().as_secs_f64(), detail);
             done.push(format!("{env}: {label}"));
+            tripped(format!("after:{number}"), &done)?;
             let observed = provider.observe().map_err(ApplyError::Observe)?;
             let now = observed.environments.get(&env_plan.name).cloned().unwrap_or_default();
             let differences = plan::differences(&expected, &now);

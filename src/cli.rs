@@ -313,6 +313,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             };
             let mut provider = provider(&config, &file)?;
             let _lock = Lock::acquire(provider.root())?;
+            provider.tidy()?;
             let live = provider.observe()?;
             let report = plan::plan(&config, &live, &only)?;
             let plan = match saved {

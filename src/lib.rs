@@ -7,6 +7,7 @@ pub mod apply;
 pub mod atomic;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod model;
 pub mod plan;
 pub mod provider;

@@ -30,8 +30,14 @@ pub fn ensure_postgres() {
 }
 
 pub fn pgconverge(args: &[&str], dir: &Path) -> Run {
+    pgconverge_with(args, dir, &[])
+}
+
+/// Runs pgconverge with extra environment variables.
+pub fn pgconverge_with(args: &[&str], dir: &Path, vars: &[(&str, &str)]) -> Run {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_pgconverge"))
         .args(args)
+        .envs(vars.iter().copied())
         .current_dir(dir)
         .env_remove("RUST_LOG")
         .env("NO_COLOR", "1")

@@ -228,6 +228,7 @@ impl LocalProvider {
             }
             match server.start() {
                 Ok(()) => {
+                    crate::failpoint::hit("provision:started").map_err(ProviderError::Failed)?;
                     let secret = self.secret(env)?;
                     // The server must not log the statement (and the password) if it fails.
                     let role = format!(
@@ -258,6 +259,50 @@ impl LocalProvider {
         let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
         serde_json::from_str(&text)
             .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))
+    }
+
+    /// Removes what a crash can leave behind: servers and data that no record names
+    /// (stopped first), half-written dumps and temporary files. Call with the lock held.
+    pub fn tidy(&self) -> Result<()> {
+        let mut named = std::collections::BTreeSet::new();
+        if let Ok(envs) = std::fs::read_dir(self.root.join("state")) {
+            for e in envs.flatten() {
+                if let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) {
+                    named.extend(self.metas(&env)?.into_iter().map(|m| m.service.id.to_string()));
+                }
+                remove_temporary_files(&e.path());
+            }
+        }
+        if let Ok(servers) = std::fs::read_dir(self.root.join("servers")) {
+            for e in servers.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if named.contains(&id) {
+                    continue;
+                }
+                let data = e.path().join("data");
+                let major = std::fs::read_to_string(data.join("PG_VERSION")).ok().and_then(|v| v.trim().parse().ok());
+                if let Some(bin) = major.and_then(|m| binaries::find(m, &self.bin_dirs).ok()) {
+                    let orphan = Server {
+                        bin,
+                        data_dir: data,
+                        socket_dir: std::env::temp_dir(),
+                        log_file: e.path().join("log/server.log"),
+                        port: 0,
+                        run_as: self.run_as,
+                    };
+                    orphan.stop().map_err(ProviderError::Failed)?;
+                }
+                tracing::warn!(server = %id, "removing a server that no record names (left by a crash)");
+                std::fs::remove_dir_all(e.path()).map_err(|err| io_err("remove", &e.path(), err))?;
+            }
+        }
+        if let Ok(backups) = std::fs::read_dir(self.root.join("backups")) {
+            for e in backups.flatten() {
+                remove_temporary_files(&e.path());
+            }
+        }
+        remove_temporary_files(&self.root);
+        Ok(())
     }
 
     fn mark_backups_incomplete(&self, id: &ServiceId) -> Result<()> {
@@ -294,6 +339,17 @@ impl LocalProvider {
             )));
         }
         Ok(())
+    }
+}
+
+/// Removes the `.name.tmp-PID` and `.name.partial` files of writes a crash cut short.
+fn remove_temporary_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.contains(".tmp-") || name.ends_with(".partial")) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -416,6 +472,7 @@ impl Provider for LocalProvider {
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("protect", f, e))?;
         }
         std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(|e| io_err("sync", &partial, e))?;
+        crate::failpoint::hit("backup:dumped").map_err(ProviderError::Failed)?;
         std::fs::rename(&partial, &dump).map_err(|e| io_err("rename", &partial, e))?;
         let bytes = std::fs::metadata(&dump).map(|m| m.len()).unwrap_or(0);
         let quiet = meta.service.fenced || !meta.service.status.visible();
@@ -449,12 +506,14 @@ impl Provider for LocalProvider {
         let mut c = Command::new(server.bin.program("psql"));
         c.args(server.conn_args("postgres")).args(["-X", "-q", "-f"]).arg(&manifest.roles);
         self.run_client(c, "psql (roles)")?;
+        crate::failpoint::hit("restore:roles").map_err(ProviderError::Failed)?;
         // The source may have been fenced when its roles were dumped.
         server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
         let mut c = Command::new(server.bin.program("pg_restore"));
         c.args(server.conn_args(APP_DB)).args(["--exit-on-error", "--no-password"]).arg(&manifest.dump);
         self.run_client(c, "pg_restore")?;
         server.sql(APP_DB, "ANALYZE").map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("restore:restored").map_err(ProviderError::Failed)?;
         let _ = meta;
         self.update(env, id, |m| {
             m.service.data = Some(Data {
@@ -527,6 +586,7 @@ impl Provider for LocalProvider {
         let path = self.env_file(env);
         let text = lines.join("\n") + "\n";
         write_atomically(&path, text.as_bytes(), 0o600).map_err(|e| io_err("write", &path, e))?;
+        crate::failpoint::hit("deploy:env_written").map_err(ProviderError::Failed)?;
         if let Some(cmd) = &self.command {
             let status = Command::new("sh")
                 .args(["-c", cmd])
@@ -562,12 +622,14 @@ impl Provider for LocalProvider {
 
     fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let meta = self.load(env, id)?;
+        // The record goes first: a crash after it leaves only a server and files that no
+        // record names, which `tidy` removes.
+        let path = self.meta_path(env, id);
+        std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+        crate::failpoint::hit("delete:record_removed").map_err(ProviderError::Failed)?;
         if meta.service.status != Status::New {
             self.server(&meta)?.stop().map_err(ProviderError::Failed)?;
         }
-        // The record goes first: a crash after it leaves only files, which nothing reads.
-        let path = self.meta_path(env, id);
-        std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
         let dir = self.root.join("servers").join(id.as_str());
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
