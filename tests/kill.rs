@@ -1,0 +1,128 @@
+//! kill -9 under live writes: a writer commits rows through the env file's DSN (reading
+//! the file again whenever it reconnects) while apply upgrades the database; apply's whole
+//! process group is killed at several moments, then apply runs again. Every row the
+//! writer saw committed must be in the final database.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ensure_postgres, env_file, pgconverge, psql, scratch, Servers};
+
+#[test]
+fn kill_apply_under_live_writes_and_lose_nothing() {
+    ensure_postgres();
+    let dir = scratch("kill_under_writes");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    let config = |major: u32| {
+        std::fs::write(
+            dir.join("pgconverge.yaml"),
+            format!("version: 1\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"),
+        )
+        .expect("config");
+    };
+    config(15);
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    let env = root.join("test.env");
+    let url = env_file(&env)["DATABASE_URL"].clone();
+    psql(
+        &url,
+        "CREATE TABLE w (n bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp()); \
+                CREATE TABLE bulk AS SELECT g, md5(g::text) FROM generate_series(1, 100000) g",
+    )
+    .expect("load");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let env = env.clone();
+        std::thread::spawn(move || {
+            let mut committed = Vec::new();
+            let mut last = Instant::now();
+            let mut longest = Duration::ZERO;
+            let started = Instant::now();
+            let mut n = 0u64;
+            // Bounded in time whatever happens to the test around it.
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let url = env_file(&env)["DATABASE_URL"].clone();
+                if psql(&url, &format!("INSERT INTO w (n) VALUES ({})", n + 1)).is_ok() {
+                    n += 1;
+                    committed.push(n);
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            (committed, longest)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
+    config(17);
+    // Kill when apply reaches each phase in turn (plus a little, to land inside the next
+    // step): new server provisioned, old one fenced, copy restored, old one retired.
+    let services = || -> Vec<serde_json::Value> {
+        std::fs::read_dir(root.join("state/test"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect()
+    };
+    type Phase = (&'static str, u64, fn(&[serde_json::Value]) -> bool);
+    let phases: [Phase; 4] = [
+        ("new server provisioned", 0, |s| s.iter().any(|v| v["prefix"] == "NEW" && v["status"] == "provisioned")),
+        ("old server fenced", 30, |s| s.iter().any(|v| v["fenced"] == true)),
+        ("copy restored", 0, |s| s.iter().any(|v| v["prefix"] == "NEW" && !v["data"].is_null())),
+        ("old server retired", 0, |s| s.iter().any(|v| v["prefix"] == "OLD")),
+    ];
+    for (phase, extra, reached) in phases {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+            .args(["apply", "--auto-approve"])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("apply");
+        let waited = Instant::now();
+        while !reached(&services())
+            && child.try_wait().expect("wait").is_none()
+            && waited.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(extra));
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+        let status = child.wait().expect("wait");
+        eprintln!("{phase}: apply {}", if status.success() { "had finished" } else { "killed" });
+        assert!(!status.success(), "apply finished before the kill at '{phase}'");
+    }
+    let last = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(last.code, 0, "{}{}", last.stdout, last.stderr);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (committed, longest) = writer.join().expect("writer");
+
+    let url = env_file(&env)["DATABASE_URL"].clone();
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("version"), "17");
+    let present: Vec<u64> =
+        psql(&url, "SELECT n FROM w ORDER BY n").expect("rows").lines().map(|l| l.parse().expect("number")).collect();
+    let missing: Vec<&u64> = committed.iter().filter(|n| present.binary_search(n).is_err()).collect();
+    assert!(committed.len() > 20, "the writer committed only {} rows", committed.len());
+    assert!(missing.is_empty(), "{} committed writes lost: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert_eq!(psql(&url, "SELECT count(*) FROM bulk").expect("bulk"), "100000");
+    eprintln!(
+        "{} writes committed and all present after 4 kills; longest gap between two committed writes: {:.2} s",
+        committed.len(),
+        longest.as_secs_f64()
+    );
+}
