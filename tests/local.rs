@@ -290,3 +290,39 @@ fn a_missing_major_is_a_plan_time_error() {
     );
     assert!(!dir.join(".pgconverge/state").exists(), "nothing was touched");
 }
+
+/// Saved plans that were tampered with, cut short or made elsewhere are refused before
+/// anything is touched.
+#[test]
+fn tampered_truncated_and_foreign_plans_are_refused() {
+    let dir = scratch("local_saved_plans");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n");
+    apply(&dir);
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 17\n");
+    let plan = pgconverge(&["plan", "--format", "json", "--out", "plan.json"], &dir);
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    let good: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan");
+    let old = good["environments"][0]["actions"][2]["service"].as_str().expect("the fenced service").to_owned();
+    let before = pgconverge(&["show", "--format", "json"], &dir).stdout;
+
+    let mut tampered = good.clone();
+    tampered["environments"][0]["actions"][0] = serde_json::json!({"op": "delete", "service": old});
+    let mut foreign = good.clone();
+    foreign["observed"] = serde_json::json!(format!("sha256:{}", "0".repeat(64)));
+    let mut unknown_op = good.clone();
+    unknown_op["environments"][0]["actions"][0] = serde_json::json!({"op": "drop_everything"});
+    let cases = [
+        ("tampered", tampered.to_string(), "is not allowed now"),
+        ("truncated", plan.stdout[..plan.stdout.len() / 2].to_owned(), "plan.json:"),
+        ("foreign", foreign.to_string(), "the plan is stale"),
+        ("unknown op", unknown_op.to_string(), "unknown variant `drop_everything`"),
+    ];
+    for (what, text, want) in cases {
+        std::fs::write(dir.join("plan.json"), text).expect("write");
+        let run = pgconverge(&["apply", "--auto-approve", "plan.json"], &dir);
+        assert_eq!(run.code, 1, "{what}: {}", run.stdout);
+        assert!(run.stderr.contains(want), "{what}: want {want:?} in {}", run.stderr);
+        assert_eq!(pgconverge(&["show", "--format", "json"], &dir).stdout, before, "{what}: something was touched");
+    }
+}
