@@ -14,6 +14,7 @@ pub const INSIDE: &[&str] = &[
     "restore:restored",
     "deploy:env_written",
     "delete:record_removed",
+    "delete:stopped",
 ];
 
 /// Passes, fails or crashes, as `PGCONVERGE_FAILPOINTS` says for `name`.

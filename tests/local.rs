@@ -326,3 +326,75 @@ fn tampered_truncated_and_foreign_plans_are_refused() {
         assert_eq!(pgconverge(&["show", "--format", "json"], &dir).stdout, before, "{what}: something was touched");
     }
 }
+
+/// The stored record of the service under `prefix` in environment `test`.
+fn record(dir: &Path, prefix: &str) -> serde_json::Value {
+    std::fs::read_dir(dir.join(".pgconverge/state/test"))
+        .expect("state")
+        .flatten()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).expect("read")).expect("json")
+        })
+        .find(|r| r["prefix"] == prefix)
+        .expect("a record")
+}
+
+/// A missing pg_dump, a port taken while the server was down, a server that will not
+/// start: each a clear error and exit 1, and once the cause is gone apply finishes.
+#[test]
+fn broken_machines_give_clear_errors_and_recover() {
+    let dir = scratch("local_broken");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n");
+    apply(&dir);
+    let url = dsn(&dir, "DATABASE_URL");
+    psql(&url, "CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 10)").expect("load");
+
+    // A PostgreSQL 17 installation without pg_dump, found first.
+    let real = binaries::find(17, &[]).expect("17");
+    let partial = dir.join("pg17-without-pg_dump");
+    std::fs::create_dir_all(&partial).expect("dir");
+    for e in std::fs::read_dir(&real.dir).expect("bin").flatten() {
+        if e.file_name() != "pg_dump" {
+            std::os::unix::fs::symlink(e.path(), partial.join(e.file_name())).expect("link");
+        }
+    }
+    let with_bin_dirs = |dirs: &str| {
+        std::fs::write(
+            dir.join("pgconverge.yaml"),
+            format!("version: 1\nprovider:\n  local:\n    bin_dirs: [{dirs}]\nenvironments:\n  test:\n    postgres:\n      DEFAULT: 17\n"),
+        )
+        .expect("config");
+    };
+    with_bin_dirs(&partial.display().to_string());
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("pg_dump: cannot run"), "{}", run.stderr);
+    with_bin_dirs("");
+
+    // The old server is down and its port taken: observe cannot start it.
+    drop(Servers(dir.join(".pgconverge")));
+    let port = url.rsplit_once(':').and_then(|(_, rest)| rest.split('/').next()).expect("port");
+    let squatter = std::net::TcpListener::bind(format!("127.0.0.1:{port}")).expect("take the port");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("did not start"), "{}", run.stderr);
+    drop(squatter);
+
+    // A server whose configuration is broken will not start either.
+    let id = record(&dir, "DEFAULT")["id"].as_str().expect("id").to_owned();
+    let conf = dir.join(".pgconverge/servers").join(id).join("data/postgresql.auto.conf");
+    let original = std::fs::read_to_string(&conf).expect("conf");
+    std::fs::write(&conf, format!("{original}\nshared_buffers = 'plenty'\n")).expect("break");
+    let run = pgconverge(&["show"], &dir);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("did not start") && run.stderr.contains("shared_buffers"), "{}", run.stderr);
+    std::fs::write(&conf, original).expect("mend");
+
+    apply(&dir);
+    let url = dsn(&dir, "DATABASE_URL");
+    assert_eq!(
+        psql(&url, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("check"),
+        "10|17"
+    );
+}

@@ -328,7 +328,11 @@ impl LocalProvider {
     }
 
     fn run_client(&self, mut c: Command, what: &str) -> Result<()> {
-        let out = c.stdin(Stdio::null()).output().map_err(|e| ProviderError::Failed(format!("{what}: {e}")))?;
+        let program = c.get_program().to_string_lossy().into_owned();
+        let out = c
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ProviderError::Failed(format!("{what}: cannot run {program}: {e}")))?;
         if !out.status.success() {
             let text = String::from_utf8_lossy(&out.stderr);
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
@@ -629,6 +633,7 @@ impl Provider for LocalProvider {
         crate::failpoint::hit("delete:record_removed").map_err(ProviderError::Failed)?;
         if meta.service.status != Status::New {
             self.server(&meta)?.stop().map_err(ProviderError::Failed)?;
+            crate::failpoint::hit("delete:stopped").map_err(ProviderError::Failed)?;
         }
         let dir = self.root.join("servers").join(id.as_str());
         if dir.exists() {
