@@ -398,3 +398,37 @@ fn broken_machines_give_clear_errors_and_recover() {
         "10|17"
     );
 }
+
+/// A root that turned read-only: apply fails at once with the reason, touching nothing;
+/// once writable again, apply finishes. Needs a read-only bind mount (root on Linux).
+#[test]
+fn a_read_only_root_is_a_clear_error() {
+    if server::RunAs::for_user("postgres").ok().flatten().is_none() {
+        eprintln!("not root: cannot mount a read-only root here; CI (root) runs this test");
+        return;
+    }
+    let dir = scratch("local_read_only");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n");
+    apply(&dir);
+    config(&dir, "  test:\n    postgres:\n      DEFAULT: 17\n");
+    let before = pgconverge(&["show", "--format", "json"], &dir).stdout;
+    let mount = |args: &[&str]| std::process::Command::new("mount").args(args).status().is_ok_and(|s| s.success());
+    let root_s = root.to_str().expect("utf-8");
+    assert!(
+        mount(&["--bind", root_s, root_s]) && mount(&["-o", "remount,ro,bind", root_s]),
+        "this test needs to mount {root_s} read-only (run the tests as root on Linux)"
+    );
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    let unmounted = std::process::Command::new("umount").arg(root_s).status().is_ok_and(|s| s.success());
+    assert!(unmounted, "could not unmount {root_s}");
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(run.stderr.contains("Read-only file system"), "{}", run.stderr);
+    assert_eq!(pgconverge(&["show", "--format", "json"], &dir).stdout, before, "nothing was touched");
+    apply(&dir);
+    assert_eq!(
+        psql(&dsn(&dir, "DATABASE_URL"), "SELECT current_setting('server_version_num')::int / 10000").expect("v"),
+        "17"
+    );
+}
