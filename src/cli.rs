@@ -38,6 +38,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// The config file and the environments a command is about.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Config file.
+    #[arg(short = 'f', long = "file", default_value = "pgconverge.yaml")]
+    pub file: PathBuf,
+    /// Only this environment (repeatable).
+    #[arg(long = "env", value_name = "NAME")]
+    pub env: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the config file and report what it declares.
@@ -48,14 +59,12 @@ pub enum Command {
     },
     /// Show the actions that converge the live services to the config.
     Plan {
-        #[arg(short = 'f', long = "file", default_value = "pgconverge.yaml")]
-        file: PathBuf,
-        /// Plan only this environment (repeatable).
-        #[arg(long = "env", value_name = "NAME")]
-        env: Vec<String>,
+        #[command(flatten)]
+        target: Target,
         /// Plan against this live-state snapshot instead of observing the provider.
         #[arg(long, value_name = "SNAPSHOT")]
         live: Option<PathBuf>,
+        /// Output: text for people, markdown for pull-request comments, json (plan format 1).
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         /// Also save the plan (JSON, format 1) for `apply PLAN`.
@@ -67,25 +76,22 @@ pub enum Command {
     },
     /// Carry out a plan (a saved one, or a fresh one).
     Apply {
-        #[arg(short = 'f', long = "file", default_value = "pgconverge.yaml")]
-        file: PathBuf,
-        /// A plan saved by `plan --out`.
+        #[command(flatten)]
+        target: Target,
+        /// A plan saved by `plan --out`; refused if the live state changed since.
         plan: Option<PathBuf>,
-        #[arg(long = "env", value_name = "NAME")]
-        env: Vec<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         auto_approve: bool,
     },
     /// Show the live services.
     Show {
-        #[arg(short = 'f', long = "file", default_value = "pgconverge.yaml")]
-        file: PathBuf,
-        #[arg(long = "env", value_name = "NAME")]
-        env: Vec<String>,
+        #[command(flatten)]
+        target: Target,
         /// Show this snapshot instead of observing the provider.
         #[arg(long, value_name = "SNAPSHOT")]
         live: Option<PathBuf>,
+        /// Output: text for people, json (the live-state snapshot, format 1).
         #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
         format: ShowFormat,
     },
@@ -269,7 +275,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             .map_err(stdout_error)?;
             Ok(Outcome::Done)
         }
-        Command::Plan { file, env, live, format, out: save, detailed_exitcode } => {
+        Command::Plan { target: Target { file, env }, live, format, out: save, detailed_exitcode } => {
             let config = config::load(&file)?;
             let only = env_names(&env)?;
             let (live, provider) = observe(&config, &file, live.as_deref())?;
@@ -294,7 +300,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             .map_err(stdout_error)?;
             Ok(if detailed_exitcode && report.plan.has_changes() { Outcome::ChangesPending } else { Outcome::Done })
         }
-        Command::Apply { file, plan: saved, env, auto_approve } => {
+        Command::Apply { target: Target { file, env }, plan: saved, auto_approve } => {
             let config = config::load(&file)?;
             let only = env_names(&env)?;
             let saved: Option<Plan> = match &saved {
@@ -352,7 +358,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             }
             Ok(Outcome::Done)
         }
-        Command::Show { file, env, live: snapshot, format } => {
+        Command::Show { target: Target { file, env }, live: snapshot, format } => {
             let only = env_names(&env)?;
             let mut live = match &snapshot {
                 Some(path) => {
