@@ -128,10 +128,7 @@ impl LocalProvider {
     }
 
     fn load(&self, env: &EnvName, id: &ServiceId) -> Result<Meta> {
-        let path = self.meta_path(env, id);
-        let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))
+        read_record(&self.meta_path(env, id))
     }
 
     fn store(&self, env: &EnvName, meta: &Meta) -> Result<()> {
@@ -192,9 +189,8 @@ impl LocalProvider {
 
     fn secret(&self, env: &EnvName) -> Result<Secret> {
         let path = self.root.join("secrets").join(format!("{env}.json"));
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            return serde_json::from_str(&text)
-                .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())));
+        if path.exists() {
+            return read_record(&path);
         }
         let secret = Secret { role: APP_ROLE.into(), password: random_hex(24)? };
         let text = serde_json::to_vec(&secret).map_err(failed)?;
@@ -256,9 +252,7 @@ impl LocalProvider {
         let path = manifests
             .pop()
             .ok_or_else(|| ProviderError::Inconsistent(format!("no backup of {id} in {}", dir.display())))?;
-        let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))
+        read_record(&path)
     }
 
     /// Removes what a crash can leave behind: servers and data that no record names
@@ -309,9 +303,7 @@ impl LocalProvider {
         let dir = self.root.join("backups").join(id.as_str());
         let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
         for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")) {
-            let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
-            let mut m: Manifest = serde_json::from_str(&text)
-                .map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))?;
+            let mut m: Manifest = read_record(&path)?;
             if m.complete {
                 m.complete = false;
                 let text = serde_json::to_vec_pretty(&m).map_err(failed)?;
@@ -344,6 +336,13 @@ impl LocalProvider {
         }
         Ok(())
     }
+}
+
+/// Reads one of the provider's JSON files; a file that does not parse is reported as
+/// damaged rather than guessed at.
+fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_err("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| ProviderError::Inconsistent(format!("{} is damaged: {e}", path.display())))
 }
 
 /// Removes the `.name.tmp-PID` and `.name.partial` files of writes a crash cut short.
