@@ -407,18 +407,18 @@ impl Live {
             }
         }
         let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
-        let hash = Sha256::digest(&bytes);
-        let mut out = String::from("sha256:");
-        for b in hash {
-            out.push_str(&format!("{b:02x}"));
-        }
-        out
+        format!("sha256:{}", hex(&Sha256::digest(&bytes)))
     }
 }
 
 /// A short hex digest of `s`, for names derived from paths.
 pub fn short_digest(s: &str) -> String {
-    Sha256::digest(s.as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(s.as_bytes())[..6])
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Cuts hostile input down to a size that is safe to echo in an error.

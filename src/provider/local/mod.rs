@@ -90,7 +90,7 @@ fn now_ms() -> u128 {
 fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(failed)?, &mut buf).map_err(failed)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::model::hex(&buf))
 }
 
 impl LocalProvider {
