@@ -4,9 +4,9 @@
 //! is finished by planning afresh and applying again.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::config::DesiredEnv;
+use crate::config::{DesiredEnv, Verify};
 use crate::model::{EnvLive, Live};
 use crate::plan::{self, Action, Plan, Prediction};
 use crate::provider::{Provider, ProviderError};
@@ -102,6 +102,16 @@ fn summary(env: &EnvLive) -> String {
         .join(", ")
 }
 
+/// What an apply did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// One line per action carried out.
+    pub done: Vec<String>,
+    /// Per environment, how long the application could not write (wall clock, from the
+    /// start of the action that blocked writes to the end of the one that allowed them).
+    pub write_outages: Vec<(String, Duration)>,
+}
+
 /// Carries out `plan` (made from `live`) environment by environment.
 pub fn apply(
     provider: &mut dyn Provider,
@@ -109,8 +119,9 @@ pub fn apply(
     plan: &Plan,
     live: &Live,
     progress: &mut dyn Progress,
-) -> Result<Vec<String>, ApplyError> {
+) -> Result<Applied, ApplyError> {
     let mut done = Vec::new();
+    let mut write_outages = Vec::new();
     for env_plan in &plan.environments {
         if env_plan.actions.is_empty() {
             continue;
@@ -134,6 +145,11 @@ pub fn apply(
             done: done.clone(),
         })?;
         let total = env_plan.actions.len();
+        let mut outage = Duration::ZERO;
+        let mut blocked_since = None;
+        // A backup followed by a restore of it runs as one streamed step; the restore's
+        // turn then only reports it.
+        let mut restored_with_backup = false;
         for (i, action) in env_plan.actions.iter().enumerate() {
             let number = i + 1;
             let label = action_summary(action);
@@ -157,16 +173,46 @@ pub fn apply(
             };
             tripped(format!("before:{number}"), &done)?;
             let t = Instant::now();
-            let (new_id, detail) = run(provider, d, &prediction, action).map_err(|source| match source {
-                Err(reason) => refused(reason, &done),
+            let failed = |source: Result<ProviderError, String>, done: &Vec<String>| match source {
+                Err(reason) => refused(reason, done),
                 Ok(source) => {
                     ApplyError::Action { env: env.clone(), number, action: label.clone(), source, done: done.clone() }
                 }
-            })?;
+            };
+            let next = env_plan.actions.get(i + 1);
+            let (new_id, detail) = if std::mem::take(&mut restored_with_backup) {
+                (None, Some("streamed with the backup".to_owned()))
+            } else if let Some(Action::Restore { service: target, from }) =
+                next.filter(|n| streams(&prediction, action, n))
+            {
+                let verified_later = env_plan.actions[i..]
+                    .iter()
+                    .any(|a| matches!(a, Action::Verify { service, against } if service == target && against == from));
+                let verify = if verified_later { d.upgrade.verify } else { Verify::None };
+                let bytes = (|| {
+                    let (from, target) =
+                        (prediction.resolve(from).map_err(Err)?, prediction.resolve(target).map_err(Err)?);
+                    provider.backup_and_restore(&d.name, &from, &target, verify).map_err(Ok)
+                })()
+                .map_err(|source| failed(source, &done))?;
+                restored_with_backup = true;
+                (None, Some(format!("{} dumped, streamed into {target}", human_bytes(bytes))))
+            } else {
+                run(provider, d, &prediction, action).map_err(|source| failed(source, &done))?
+            };
+            let was_blocked = prediction.writes_blocked();
             let expected = prediction.advance(action, new_id).map_err(|r| refused(r, &done))?;
+            match (was_blocked, prediction.writes_blocked()) {
+                (false, true) => blocked_since = Some(t),
+                (true, false) => outage += blocked_since.take().map_or(Duration::ZERO, |s| s.elapsed()),
+                _ => {}
+            }
             progress.finished(&env, number, total, action, t.elapsed().as_secs_f64(), detail);
             done.push(format!("{env}: {label}"));
             tripped(format!("after:{number}"), &done)?;
+            if restored_with_backup {
+                continue; // the live state is a step ahead of the prediction until the restore's turn
+            }
             let observed = provider.observe().map_err(ApplyError::Observe)?;
             let now = observed.environments.get(&env_plan.name).cloned().unwrap_or_default();
             let differences = plan::differences(&expected, &now);
@@ -174,8 +220,19 @@ pub fn apply(
                 return Err(ApplyError::Surprise { env, number, action: label, differences, done });
             }
         }
+        outage += blocked_since.map_or(Duration::ZERO, |s| s.elapsed());
+        if !outage.is_zero() {
+            write_outages.push((env, outage));
+        }
     }
-    Ok(done)
+    Ok(Applied { done, write_outages })
+}
+
+/// Whether `action` is a backup that `next` restores, allowed once the backup is done.
+fn streams(prediction: &Prediction, action: &Action, next: &Action) -> bool {
+    let (Action::Backup { service }, Action::Restore { from, .. }) = (action, next) else { return false };
+    let mut after = prediction.clone();
+    from == service && after.advance(action, None).is_ok() && after.check(next).is_ok()
 }
 
 /// What an action gave back: the id of an added service, a word on what it moved.

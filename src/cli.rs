@@ -341,7 +341,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
             let started = std::time::Instant::now();
             let desired = config.desired();
-            apply::apply(&mut provider, &desired, &plan, &live, &mut StderrProgress::default())?;
+            let applied = apply::apply(&mut provider, &desired, &plan, &live, &mut StderrProgress::default())?;
             writeln!(
                 out,
                 "Apply complete: {total} action{} in {:.1} s.",
@@ -349,6 +349,14 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 started.elapsed().as_secs_f64()
             )
             .map_err(stdout_error)?;
+            for (env, outage) in &applied.write_outages {
+                writeln!(
+                    out,
+                    "Writes were blocked for {:.2} s in environment {env} (fence to deploy).",
+                    outage.as_secs_f64()
+                )
+                .map_err(stdout_error)?;
+            }
             for env in plan.environments.iter().filter(|e| !e.actions.is_empty()) {
                 let path = provider.env_file(&env.name);
                 if path.exists() {

@@ -10,6 +10,7 @@
 pub const INSIDE: &[&str] = &[
     "provision:started",
     "backup:dumped",
+    "copy:backed_up",
     "restore:roles",
     "restore:restored",
     "deploy:env_written",

@@ -82,6 +82,8 @@ fn runbook_upgrade_carries_everything_over() {
     assert_eq!(plan.code, 2, "{}", plan.stderr);
     let run = apply(&dir);
     assert!(run.stderr.contains("[test 11/11] delete"), "{}", run.stderr);
+    assert!(run.stderr.contains("dumped, streamed into +1"), "the dump is streamed into the restore: {}", run.stderr);
+    assert!(run.stdout.contains("Writes were blocked for"), "{}", run.stdout);
 
     let new = dsn(&dir, "DEFAULT_DATABASE_DSN");
     assert_ne!(new, old, "the env file names the new server");
@@ -89,6 +91,25 @@ fn runbook_upgrade_carries_everything_over() {
     assert!(after.starts_with("17|5000|5000|10|1|1|t|5002"), "{after}");
     let owner = psql(&new, "SELECT tableowner FROM pg_tables WHERE tablename = 'items'").expect("owner");
     assert_eq!(owner, "app", "ownership is preserved");
+    let settings = psql(&new, "SELECT current_setting('max_wal_size') || ' ' || current_setting('checkpoint_timeout')");
+    assert_eq!(settings.expect("settings"), "1GB 5min", "the load settings are gone once the copy is in use");
+
+    // The backup streamed into the copy is kept, whole: pg_restore reads every item of it.
+    let backups: Vec<_> = std::fs::read_dir(dir.join(".pgconverge/backups"))
+        .expect("backups")
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).expect("backup dir").flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dump"))
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    let list = std::process::Command::new(binaries::find(17, &[]).expect("17").program("pg_restore"))
+        .arg("--list")
+        .arg(&backups[0])
+        .output()
+        .expect("pg_restore --list");
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("TABLE DATA public items"), "{list}");
     assert!(psql(&old, "SELECT 1").is_err(), "the old server is gone");
     let servers: Vec<_> = std::fs::read_dir(dir.join(".pgconverge/servers")).expect("servers").collect();
     assert_eq!(servers.len(), 1, "only the new server's files remain");
@@ -369,7 +390,7 @@ fn broken_machines_give_clear_errors_and_recover() {
     with_bin_dirs(&partial.display().to_string());
     let run = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("pg_dump: cannot run"), "{}", run.stderr);
+    assert!(run.stderr.contains("cannot run") && run.stderr.contains("pg_dump"), "{}", run.stderr);
     with_bin_dirs("");
 
     // The old server is down and its port taken: observe cannot start it.

@@ -332,7 +332,7 @@ mod tests;
 /// Follows a plan's actions through the rules while apply carries them out: checks each
 /// one against the state the plan predicts, and says what the provider should then show.
 /// Added services (`+n`) are bound to the ids the provider gave them.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Prediction {
     ctx: Ctx,
     state: State,
@@ -412,6 +412,11 @@ impl Prediction {
             self.added.push(new_id.ok_or("the provider gave the added service no id")?);
         }
         Ok(self.expected())
+    }
+
+    /// The application cannot write: a service it sees is fenced.
+    pub fn writes_blocked(&self) -> bool {
+        self.ctx.in_outage(&self.state)
     }
 
     /// The services as the rules predict them, in snapshot form.

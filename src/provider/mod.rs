@@ -35,6 +35,17 @@ pub trait Provider {
     fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64>;
     /// Returns the size of the backup restored, in bytes.
     fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64>;
+    /// `backup from` then `restore id from`, as one step: a provider that can stream the
+    /// dump into the restore while it writes the backup overrides this. `verify` says how
+    /// a later `verify id against from` will compare them, so that the provider may take
+    /// fingerprints while it is at it. Returns the size of the backup in bytes. After a
+    /// failure either, both or neither may have happened, as after the two one by one.
+    fn backup_and_restore(&mut self, env: &EnvName, from: &ServiceId, id: &ServiceId, verify: Verify) -> Result<u64> {
+        let _ = verify;
+        let bytes = self.backup(env, from)?;
+        self.restore(env, id, from)?;
+        Ok(bytes)
+    }
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()>;
     fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()>;
     fn detach(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;

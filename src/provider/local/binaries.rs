@@ -58,8 +58,23 @@ pub fn parse_major(version_output: &str) -> Option<u32> {
     v.split(['.', 'b', 'r']).next()?.parse().ok()
 }
 
-/// Finds the binaries of `major`, confirming with `postgres --version`.
+/// Finds the binaries of `major`, confirming with `postgres --version` the first time
+/// this process asks (the provider asks for every server it touches, after every action).
 pub fn find(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, String> {
+    type Found = std::collections::HashMap<(u32, Vec<PathBuf>), Binaries>;
+    static FOUND: std::sync::Mutex<Option<Found>> = std::sync::Mutex::new(None);
+    let key = (major, bin_dirs.to_vec());
+    if let Some(b) = FOUND.lock().ok().and_then(|f| f.as_ref()?.get(&key).cloned()) {
+        return Ok(b);
+    }
+    let found = search(major, bin_dirs)?;
+    if let Ok(mut f) = FOUND.lock() {
+        f.get_or_insert_with(Default::default).insert(key, found.clone());
+    }
+    Ok(found)
+}
+
+fn search(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, String> {
     let dirs = candidates(major, bin_dirs);
     for dir in &dirs {
         let postgres = dir.join("postgres");

@@ -17,6 +17,7 @@
 pub mod binaries;
 pub mod fingerprint;
 pub mod server;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -31,6 +32,13 @@ use crate::config::{LocalConfig, Verify};
 use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
 use server::{RunAs, Server};
 
+/// Settings of a server while a copy is restored into it and verified: no checkpoint
+/// until the application uses it. Checkpoints in the middle of a load write pages twice,
+/// and make the first read of every page after them (verify's counts, ANALYZE) log a
+/// full page image while setting hint bits. Durability is untouched: every commit is
+/// flushed to the WAL as always; only the WAL is kept longer, up to the size of the copy.
+const LOAD_SETTINGS: [(&str, &str); 2] = [("max_wal_size", "64GB"), ("checkpoint_timeout", "1d")];
+
 /// The role and database the application uses on every server of an environment.
 pub const APP_ROLE: &str = "app";
 pub const APP_DB: &str = "app";
@@ -43,6 +51,12 @@ struct Meta {
     service: Service,
     /// The server's TCP port, once provisioned.
     port: Option<u16>,
+    /// The application database is as provisioning made it: empty, never restored into.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    untouched: bool,
+    /// The server runs with `LOAD_SETTINGS`, until deploy makes it visible.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    loading: bool,
 }
 
 /// A backup on disk.
@@ -59,6 +73,18 @@ struct Manifest {
     taken_at_ms: u128,
 }
 
+/// The files of a backup being taken.
+struct BackupFiles {
+    dump: PathBuf,
+    roles: PathBuf,
+    /// Where the dump is written until it is whole.
+    partial: PathBuf,
+    manifest: PathBuf,
+    stamp: u128,
+    /// The programs that dump: the newest major of the environment's servers.
+    bin: binaries::Binaries,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Secret {
     role: String,
@@ -73,6 +99,12 @@ pub struct LocalProvider {
     run_as: Option<RunAs>,
     env_file: String,
     command: Option<String>,
+    /// Postmaster pids whose server answered with its recorded major: observe asks a
+    /// server once per start, not after every action.
+    answered: std::collections::BTreeSet<i32>,
+    /// Fingerprints taken ahead of a verify, while the copy streamed: each of a service
+    /// that nothing can change until the verify (a fenced source, an unattached copy).
+    fingerprints: BTreeMap<ServiceId, (Verify, fingerprint::Fingerprint)>,
 }
 
 fn failed(e: impl std::fmt::Display) -> ProviderError {
@@ -106,6 +138,8 @@ impl LocalProvider {
             run_as,
             env_file: config.deploy.env_file.clone().unwrap_or_else(|| "{env}.env".into()),
             command: config.deploy.command.clone(),
+            answered: Default::default(),
+            fingerprints: Default::default(),
         })
     }
 
@@ -293,6 +327,7 @@ impl LocalProvider {
         if let Ok(backups) = std::fs::read_dir(self.root.join("backups")) {
             for e in backups.flatten() {
                 remove_temporary_files(&e.path());
+                remove_unfinished_backups(&e.path());
             }
         }
         remove_temporary_files(&self.root);
@@ -319,6 +354,127 @@ impl LocalProvider {
         binaries::find(newest, &self.bin_dirs).map_err(ProviderError::Failed)
     }
 
+    /// Names the files of a new backup of `meta`'s service and dumps its roles.
+    fn start_backup(&self, env: &EnvName, meta: &Meta, server: &Server) -> Result<BackupFiles> {
+        if meta.service.effective_data().is_none() {
+            return Err(ProviderError::Failed(format!("{} holds no data", meta.service.id)));
+        }
+        let bin = self.newest_binaries(env)?;
+        let dir = self.root.join("backups").join(meta.service.id.as_str());
+        std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err("protect", &dir, e))?;
+        let stamp = now_ms();
+        let files = BackupFiles {
+            dump: dir.join(format!("{stamp}.dump")),
+            roles: dir.join(format!("{stamp}.roles.sql")),
+            partial: dir.join(format!(".{stamp}.dump.partial")),
+            manifest: dir.join(format!("{stamp}.json")),
+            stamp,
+            bin,
+        };
+        let mut c = Command::new(files.bin.program("pg_dumpall"));
+        let mut args = server.conn_args("postgres");
+        args.truncate(args.len() - 2); // pg_dumpall takes -l, not -d, for its database
+        c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(&files.roles);
+        self.run_client(c, "pg_dumpall --roles-only")?;
+        Ok(files)
+    }
+
+    /// Makes a dumped backup durable and visible: sync, rename, manifest.
+    fn finish_backup(&self, meta: &Meta, files: BackupFiles) -> Result<Manifest> {
+        let data = meta.service.effective_data().ok_or_else(|| failed("the service holds no data"))?;
+        // Dumps hold the data and the roles' password hashes: for root's eyes only.
+        for f in [&files.partial, &files.roles] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("protect", f, e))?;
+            std::fs::File::open(f).and_then(|f| f.sync_all()).map_err(|e| io_err("sync", f, e))?;
+        }
+        crate::failpoint::hit("backup:dumped").map_err(ProviderError::Failed)?;
+        std::fs::rename(&files.partial, &files.dump).map_err(|e| io_err("rename", &files.partial, e))?;
+        let bytes = std::fs::metadata(&files.dump).map(|m| m.len()).unwrap_or(0);
+        let quiet = meta.service.fenced || !meta.service.status.visible();
+        let manifest = Manifest {
+            service: meta.service.id.clone(),
+            dataset: data.of,
+            complete: data.complete && quiet,
+            source_version: meta.service.version,
+            dump: files.dump,
+            roles: files.roles,
+            bytes,
+            taken_at_ms: files.stamp,
+        };
+        let text = serde_json::to_vec_pretty(&manifest).map_err(failed)?;
+        tracing::info!(service = %meta.service.id, bytes, "backup taken");
+        write_atomically(&files.manifest, &text, 0o644).map_err(|e| io_err("write", &files.manifest, e))?;
+        Ok(manifest)
+    }
+
+    /// Empties the application database of `id`'s server and restores the roles of a
+    /// backup.
+    fn prepare_restore(&self, env: &EnvName, id: &ServiceId, server: &Server, roles: &Path) -> Result<()> {
+        // Start from an empty database, so that a restore cut short by a crash can simply
+        // be run again. A database no restore has touched is empty already (making one
+        // costs a fifth of a second inside the write outage).
+        let settings: Vec<String> =
+            LOAD_SETTINGS.iter().map(|(name, value)| format!("ALTER SYSTEM SET {name} = '{value}';")).collect();
+        server
+            .sql("postgres", &format!("{} SELECT pg_reload_conf();", settings.join(" ")))
+            .map_err(ProviderError::Failed)?;
+        let meta = self.load(env, id)?;
+        self.update(env, id, |m| {
+            m.untouched = false;
+            m.loading = true;
+        })?;
+        if !meta.untouched {
+            let secret = self.secret(env)?;
+            let create = format!("CREATE DATABASE {APP_DB} OWNER {}", secret.role);
+            let drop_db = format!("DROP DATABASE IF EXISTS {APP_DB} WITH (FORCE)");
+            server.sql_each("postgres", &[&drop_db, &create]).map_err(ProviderError::Failed)?;
+        }
+        // Roles first, so that ownership is preserved; existing roles only raise notices.
+        let mut c = Command::new(server.bin.program("psql"));
+        c.args(server.conn_args("postgres")).args(["-X", "-q", "-f"]).arg(roles);
+        self.run_client(c, "psql (roles)")?;
+        crate::failpoint::hit("restore:roles").map_err(ProviderError::Failed)?;
+        // The source may have been fenced when its roles were dumped.
+        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map(drop).map_err(ProviderError::Failed)
+    }
+
+    /// Records a restore that completed: statistics first, so that the application's
+    /// first queries on the copy are planned as well as on the source. With `verify`, the
+    /// copy's fingerprint is taken at the same time, on the other core.
+    fn finish_restore(
+        &mut self,
+        env: &EnvName,
+        id: &ServiceId,
+        from: &ServiceId,
+        server: &Server,
+        manifest: &Manifest,
+        verify: Verify,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        let (analyzed, copy_fp) = std::thread::scope(|s| {
+            let fp = (verify != Verify::None).then(|| s.spawn(|| fingerprint::take(server, APP_DB, verify)));
+            let analyzed = server.sql(APP_DB, "ANALYZE");
+            (analyzed, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
+        });
+        analyzed.map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "copy analyzed");
+        crate::failpoint::hit("restore:restored").map_err(ProviderError::Failed)?;
+        self.update(env, id, |m| {
+            m.service.data = Some(Data {
+                of: manifest.dataset.clone(),
+                complete: manifest.complete,
+                restored_from: Some(from.clone()),
+                verified: false,
+            })
+        })?;
+        if let Some(fp) = copy_fp {
+            self.fingerprints.insert(id.clone(), (verify, fp));
+        }
+        Ok(())
+    }
+
     fn run_client(&self, mut c: Command, what: &str) -> Result<()> {
         let program = c.get_program().to_string_lossy().into_owned();
         let out = c
@@ -338,6 +494,22 @@ impl LocalProvider {
     }
 }
 
+/// pg_dump's archive format: custom, compressed with lz4 where pg_dump has it (16 and
+/// later), which costs the least CPU of the methods that shrink a dump well.
+fn dump_format(bin: &binaries::Binaries) -> [&'static str; 3] {
+    ["-Fc", "-Z", if bin.major >= 16 { "lz4" } else { "1" }]
+}
+
+/// pg_restore into the application database, all or nothing, with memory enough to sort
+/// most indexes without spilling to disk (a session setting: the server's stay as they
+/// are).
+fn restore_command(server: &Server) -> Command {
+    let mut c = Command::new(server.bin.program("pg_restore"));
+    c.args(server.conn_args(APP_DB)).args(["--exit-on-error", "--single-transaction", "--no-password"]);
+    c.env("PGOPTIONS", "-c maintenance_work_mem=512MB");
+    c
+}
+
 /// Reads one of the provider's JSON files; a file that does not parse is reported as
 /// damaged rather than guessed at.
 fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -352,6 +524,19 @@ fn remove_temporary_files(dir: &Path) {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') && (name.contains(".tmp-") || name.ends_with(".partial")) {
             let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes the roles dumps of backups that never got their manifest.
+fn remove_unfinished_backups(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(stamp) = name.strip_suffix(".roles.sql") {
+            if !dir.join(format!("{stamp}.json")).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }
@@ -387,13 +572,17 @@ impl Provider for LocalProvider {
                         tracing::warn!(service = %meta.service.id, "server was down; starting it");
                         server.start().map_err(ProviderError::Failed)?;
                     }
-                    let num = server.sql("postgres", "SHOW server_version_num").map_err(ProviderError::Failed)?;
-                    let major = num.parse::<u32>().map(|n| n / 10000).unwrap_or(0);
-                    if major != meta.service.version.get() {
-                        return Err(ProviderError::Inconsistent(format!(
-                            "{} is recorded as PostgreSQL {} but its server answers as {major}",
-                            meta.service.id, meta.service.version
-                        )));
+                    let pid = server.postmaster().unwrap_or(0);
+                    if !self.answered.contains(&pid) {
+                        let num = server.sql("postgres", "SHOW server_version_num").map_err(ProviderError::Failed)?;
+                        let major = num.parse::<u32>().map(|n| n / 10000).unwrap_or(0);
+                        if major != meta.service.version.get() {
+                            return Err(ProviderError::Inconsistent(format!(
+                                "{} is recorded as PostgreSQL {} but its server answers as {major}",
+                                meta.service.id, meta.service.version
+                            )));
+                        }
+                        self.answered.insert(pid);
                     }
                 }
                 services.push(meta.service);
@@ -410,7 +599,7 @@ impl Provider for LocalProvider {
         let id = ServiceId::observed(&format!("pg{version}-{}", random_hex(4)?)).map_err(failed)?;
         let service =
             Service { id: id.clone(), version, prefix: prefix.clone(), status: Status::New, fenced: false, data: None };
-        self.store(env, &Meta { service, port: None })?;
+        self.store(env, &Meta { service, port: None, untouched: false, loading: false })?;
         Ok(id)
     }
 
@@ -418,6 +607,7 @@ impl Provider for LocalProvider {
         let mut meta = self.load(env, id)?;
         self.create_server(env, &mut meta)?;
         meta.service.status = Status::Provisioned;
+        meta.untouched = true;
         self.store(env, &meta)
     }
 
@@ -433,6 +623,7 @@ impl Provider for LocalProvider {
     }
 
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        self.fingerprints.remove(id);
         let (meta, server) = self.running_server(env, id)?;
         server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
         self.update(env, id, |m| m.service.fenced = false)?;
@@ -452,88 +643,79 @@ impl Provider for LocalProvider {
 
     fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
         let (meta, server) = self.running_server(env, id)?;
-        let data = meta.service.effective_data().ok_or_else(|| ProviderError::Failed(format!("{id} holds no data")))?;
-        let bin = self.newest_binaries(env)?;
-        let dir = self.root.join("backups").join(id.as_str());
-        std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io_err("protect", &dir, e))?;
-        let stamp = now_ms();
-        let dump = dir.join(format!("{stamp}.dump"));
-        let roles = dir.join(format!("{stamp}.roles.sql"));
-        let partial = dir.join(format!(".{stamp}.dump.partial"));
-        let mut c = Command::new(bin.program("pg_dump"));
-        c.args(server.conn_args(APP_DB)).args(["-Fc", "-f"]).arg(&partial);
+        let files = self.start_backup(env, &meta, &server)?;
+        let mut c = Command::new(files.bin.program("pg_dump"));
+        c.args(server.conn_args(APP_DB)).args(dump_format(&files.bin)).arg("-f").arg(&files.partial);
         self.run_client(c, "pg_dump")?;
-        let mut c = Command::new(bin.program("pg_dumpall"));
-        let mut args = server.conn_args("postgres");
-        args.truncate(args.len() - 2); // pg_dumpall takes -l, not -d, for its database
-        c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(&roles);
-        self.run_client(c, "pg_dumpall --roles-only")?;
-        // Dumps hold the data and the roles' password hashes: for root's eyes only.
-        for f in [&partial, &roles] {
-            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("protect", f, e))?;
-        }
-        std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(|e| io_err("sync", &partial, e))?;
-        crate::failpoint::hit("backup:dumped").map_err(ProviderError::Failed)?;
-        std::fs::rename(&partial, &dump).map_err(|e| io_err("rename", &partial, e))?;
-        let bytes = std::fs::metadata(&dump).map(|m| m.len()).unwrap_or(0);
-        let quiet = meta.service.fenced || !meta.service.status.visible();
-        let manifest = Manifest {
-            service: id.clone(),
-            dataset: data.of,
-            complete: data.complete && quiet,
-            source_version: meta.service.version,
-            dump,
-            roles,
-            bytes,
-            taken_at_ms: stamp,
-        };
-        let text = serde_json::to_vec_pretty(&manifest).map_err(failed)?;
-        let path = dir.join(format!("{stamp}.json"));
-        tracing::info!(service = %id, bytes, "backup taken");
-        write_atomically(&path, &text, 0o644).map_err(|e| io_err("write", &path, e))?;
-        Ok(bytes)
+        let manifest = self.finish_backup(&meta, files)?;
+        Ok(manifest.bytes)
     }
 
     fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
         let manifest = self.latest_backup(from)?;
-        let (meta, server) = self.running_server(env, id)?;
-        // Start from an empty database, so that a restore cut short by a crash can simply
-        // be run again.
-        let secret = self.secret(env)?;
-        let create = format!("CREATE DATABASE {APP_DB} OWNER {}", secret.role);
-        let drop = format!("DROP DATABASE IF EXISTS {APP_DB} WITH (FORCE)");
-        server.sql_each("postgres", &[&drop, &create]).map_err(ProviderError::Failed)?;
-        // Roles first, so that ownership is preserved; existing roles only raise notices.
-        let mut c = Command::new(server.bin.program("psql"));
-        c.args(server.conn_args("postgres")).args(["-X", "-q", "-f"]).arg(&manifest.roles);
-        self.run_client(c, "psql (roles)")?;
-        crate::failpoint::hit("restore:roles").map_err(ProviderError::Failed)?;
-        // The source may have been fenced when its roles were dumped.
-        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
-        let mut c = Command::new(server.bin.program("pg_restore"));
-        c.args(server.conn_args(APP_DB)).args(["--exit-on-error", "--no-password"]).arg(&manifest.dump);
+        let (_, server) = self.running_server(env, id)?;
+        self.prepare_restore(env, id, &server, &manifest.roles)?;
+        let mut c = restore_command(&server);
+        c.arg(&manifest.dump);
         self.run_client(c, "pg_restore")?;
-        server.sql(APP_DB, "ANALYZE").map_err(ProviderError::Failed)?;
-        crate::failpoint::hit("restore:restored").map_err(ProviderError::Failed)?;
-        let _ = meta;
-        self.update(env, id, |m| {
-            m.service.data = Some(Data {
-                of: manifest.dataset.clone(),
-                complete: manifest.complete,
-                restored_from: Some(from.clone()),
-                verified: false,
-            })
-        })?;
+        self.fingerprints.remove(id);
+        self.finish_restore(env, id, from, &server, &manifest, Verify::None)?;
+        Ok(manifest.bytes)
+    }
+
+    fn backup_and_restore(&mut self, env: &EnvName, from: &ServiceId, id: &ServiceId, verify: Verify) -> Result<u64> {
+        self.fingerprints.remove(id);
+        let (meta, source) = self.running_server(env, from)?;
+        let (_, target) = self.running_server(env, id)?;
+        let files = self.start_backup(env, &meta, &source)?;
+        self.prepare_restore(env, id, &target, &files.roles)?;
+        let mut dump = Command::new(files.bin.program("pg_dump"));
+        dump.args(source.conn_args(APP_DB)).args(dump_format(&files.bin));
+        let restore = restore_command(&target);
+        // The copy leaves about half a core idle: the source's fingerprint, which cannot
+        // change while it is fenced, is taken meanwhile.
+        let quiet = meta.service.fenced || !meta.service.status.visible();
+        let fingerprint_source = verify != Verify::None && quiet && !self.fingerprints.contains_key(from);
+        let started = std::time::Instant::now();
+        let (streamed, source_fp) = std::thread::scope(|s| {
+            let fp = fingerprint_source.then(|| s.spawn(|| fingerprint::take(&source, APP_DB, verify)));
+            let streamed = stream::tee(dump, restore, &files.partial);
+            (streamed, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
+        });
+        let streamed = streamed.map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "dump streamed into the restore");
+        if let Some(e) = streamed.producer_error {
+            return Err(ProviderError::Failed(e));
+        }
+        // The dump is whole even when the restore failed: keep it, so that the next apply
+        // only has to restore.
+        let manifest = self.finish_backup(&meta, files)?;
+        if let Some(e) = streamed.consumer_error {
+            return Err(ProviderError::Failed(e));
+        }
+        if let Some(fp) = source_fp {
+            self.fingerprints.insert(from.clone(), (verify, fp));
+        }
+        crate::failpoint::hit("copy:backed_up").map_err(ProviderError::Failed)?;
+        self.finish_restore(env, id, from, &target, &manifest, verify)?;
         Ok(manifest.bytes)
     }
 
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
         let (_, copy) = self.running_server(env, id)?;
         let (_, source) = self.running_server(env, against)?;
-        let a = fingerprint::take(&source, APP_DB, how).map_err(ProviderError::Failed)?;
-        let b = fingerprint::take(&copy, APP_DB, how).map_err(ProviderError::Failed)?;
+        let mut taken = |id: &ServiceId| match self.fingerprints.remove(id) {
+            Some((h, fp)) if h == how => Some(fp),
+            _ => None,
+        };
+        let (a, b) = (taken(against), taken(id));
+        // What is missing is taken now, both servers at once.
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| a.map_or_else(|| fingerprint::take(&source, APP_DB, how), Ok));
+            let b = b.map_or_else(|| fingerprint::take(&copy, APP_DB, how), Ok);
+            (a.join().unwrap_or_else(|_| Err("the fingerprint thread panicked".into())), b)
+        });
+        let (a, b) = (a.map_err(ProviderError::Failed)?, b.map_err(ProviderError::Failed)?);
         let diff = fingerprint::differences(&a, &b);
         if !diff.is_empty() {
             // A copy known to differ is no copy: the next plan makes a fresh one.
@@ -586,6 +768,16 @@ impl Provider for LocalProvider {
         if let Some(d) = default {
             lines.push(format!("DATABASE_URL={d}"));
         }
+        for meta in metas.iter_mut().filter(|m| visible_after(m) && m.loading) {
+            let server = self.server(meta)?;
+            let reset: Vec<String> =
+                LOAD_SETTINGS.iter().map(|(name, _)| format!("ALTER SYSTEM RESET {name};")).collect();
+            server
+                .sql("postgres", &format!("{} SELECT pg_reload_conf();", reset.join(" ")))
+                .map_err(ProviderError::Failed)?;
+            meta.loading = false;
+            self.store(env, meta)?;
+        }
         let path = self.env_file(env);
         let text = lines.join("\n") + "\n";
         write_atomically(&path, text.as_bytes(), 0o600).map_err(|e| io_err("write", &path, e))?;
@@ -624,6 +816,7 @@ impl Provider for LocalProvider {
     }
 
     fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        self.fingerprints.remove(id);
         let meta = self.load(env, id)?;
         // The record goes first: a crash after it leaves only a server and files that no
         // record names, which `tidy` removes.

@@ -133,20 +133,34 @@ impl Server {
         Ok(())
     }
 
-    pub fn is_running(&self) -> bool {
-        let mut c = self.command("pg_ctl");
-        c.arg("-D").arg(&self.data_dir).arg("status").stdout(Stdio::null()).stderr(Stdio::null());
-        c.status().is_ok_and(|s| s.success())
+    /// The postmaster's pid, while it runs: what `pg_ctl status` checks, without
+    /// starting a program (observe asks after every action).
+    pub fn postmaster(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok().filter(|p| *p > 0)?;
+        alive(pid).then_some(pid)
     }
 
-    /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost).
+    pub fn is_running(&self) -> bool {
+        self.postmaster().is_some()
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost)
+    /// and waits until it is gone, polling more often than `pg_ctl stop -w` does.
     pub fn stop(&self) -> Result<(), String> {
-        if !self.data_dir.join("postmaster.pid").exists() {
-            return Ok(());
-        }
+        let Some(pid) = self.postmaster() else { return Ok(()) };
         let mut c = self.command("pg_ctl");
-        c.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "-t", "60", "stop"]);
-        self.run(c, "pg_ctl stop").map(drop)
+        c.args(["kill", "INT", &pid.to_string()]);
+        self.run(c, "pg_ctl kill INT")
+            .map_err(|e| format!("cannot stop the server in {}: {e}", self.data_dir.display()))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while alive(pid) {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("the server in {} (pid {pid}) did not stop within 60 s", self.data_dir.display()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// Runs SQL as the superuser in `db`; returns unaligned, tuples-only output.
@@ -193,6 +207,15 @@ impl Server {
             "-d".into(),
             db.into(),
         ]
+    }
+}
+
+/// Whether process `pid` runs (a zombie, waiting to be reaped, does not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses, which may hold spaces.
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
     }
 }
 
