@@ -84,3 +84,27 @@ fn json_plan_round_trips() {
     let back: plan::Plan = serde_json::from_str(&text).expect("parse");
     assert_eq!(back, plan);
 }
+
+/// The labels a reviewer (or a CI rule) scans for, and the outage column.
+#[test]
+fn markdown_labels_the_risks() {
+    let live: Live = serde_json::from_str(
+        r#"{"format_version":1,"environments":{"test":{"services":[{"id":"t","version":16,"prefix":"DEFAULT","status":"attached"}]}}}"#,
+    )
+    .expect("live");
+    let report_for = |upgrade: &str| {
+        let yaml =
+            format!("version: 1\nenvironments:\n  test:\n    upgrade: {upgrade}\n    postgres:\n      DEFAULT: 17\n");
+        let config = config::parse(Path::new("pgconverge.yaml"), &yaml).expect("config");
+        markdown(&plan::plan(&config, &live, &[]).expect("plan"))
+    };
+    let fenced = report_for("{verify: counts}");
+    assert!(fenced.contains("| 6 actions (fence → deploy) | `blocks-writes` `deletes-service` |"), "{fenced}");
+    assert!(!fenced.contains("no-fence"), "{fenced}");
+    let unfenced = report_for("{fence_writes: false, verify: none}");
+    assert!(
+        unfenced.contains("| none (not fenced) | `deletes-service` `no-fence: writes may be lost` |"),
+        "{unfenced}"
+    );
+    assert!(unfenced.contains("writes made between the backup and the deploy will be lost"), "{unfenced}");
+}

@@ -6,7 +6,7 @@ use similar::ChangeTag;
 
 use super::{action_summary, diff, risk_label, version_changes};
 use crate::config::Verify;
-use crate::plan::{Report, Risk};
+use crate::plan::{Action, EnvReport, Report, Risk};
 
 pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
     let changing: Vec<_> = report.environments.iter().filter(|e| !e.steps.is_empty()).collect();
@@ -25,21 +25,31 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
         if changing.len() == 1 { "" } else { "s" }
     )?;
     writeln!(out)?;
-    writeln!(out, "| Environment | From → to | Actions | Risks |")?;
-    writeln!(out, "|---|---|---:|---|")?;
+    writeln!(out, "| Environment | From → to | Actions | Write outage | Risks |")?;
+    writeln!(out, "|---|---|---:|---|---|")?;
     for env in &report.environments {
+        let labels: Vec<String> = risk_labels(env).iter().map(|l| format!("`{l}`")).collect();
         writeln!(
             out,
-            "| `{}` | {} | {} | {} |",
+            "| `{}` | {} | {} | {} | {} |",
             env.name,
             version_changes(env).join("<br>"),
             env.steps.len(),
-            risks(env)
+            outage(env),
+            if labels.is_empty() { "none".to_owned() } else { labels.join(" ") }
         )?;
     }
     for env in &changing {
         writeln!(out)?;
-        writeln!(out, "#### `{}`", env.name)?;
+        // Collapsed, so that a comment on many environments stays short; GitHub and
+        // GitLab render markdown inside <details> after a blank line.
+        writeln!(
+            out,
+            "<details><summary><code>{}</code>: {}, {} actions</summary>",
+            env.name,
+            version_changes(env).join(", "),
+            env.steps.len()
+        )?;
         writeln!(out)?;
         writeln!(out, "```diff")?;
         for (tag, line) in diff(env) {
@@ -65,23 +75,41 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
                 env.outage_actions
             )?;
         }
+        writeln!(out)?;
+        writeln!(out, "</details>")?;
     }
     warnings(out, report)
 }
 
-fn risks(env: &crate::plan::EnvReport) -> String {
-    let mut r = Vec::new();
+/// Short labels a reviewer can scan for (and a CI rule can match).
+fn risk_labels(env: &EnvReport) -> Vec<&'static str> {
+    let mut labels = Vec::new();
     if env.steps.iter().any(|s| s.risk == Some(Risk::BlocksWrites)) {
-        r.push(format!("blocks writes ({} actions)", env.outage_actions));
+        labels.push("blocks-writes");
     }
-    let deletes = env.steps.iter().filter(|s| s.risk == Some(Risk::DeletesService)).count();
-    if deletes > 0 {
-        r.push(format!("deletes {deletes} service{}", if deletes == 1 { "" } else { "s" }));
+    if env.steps.iter().any(|s| s.risk == Some(Risk::DeletesService)) {
+        labels.push("deletes-service");
     }
-    if r.is_empty() {
-        "none".into()
-    } else {
-        r.join(", ")
+    if copies_unfenced(env) {
+        labels.push("no-fence: writes may be lost");
+    }
+    labels
+}
+
+/// The plan copies data while the application can still write to the source.
+fn copies_unfenced(env: &EnvReport) -> bool {
+    let copies = env.steps.iter().any(|s| matches!(s.action, Action::Restore { .. }));
+    let fences = env.steps.iter().any(|s| matches!(s.action, Action::Fence { .. }));
+    copies && !fences
+}
+
+/// How long the application cannot write, in actions: the time depends on the size of
+/// the data, which the plan does not know.
+fn outage(env: &EnvReport) -> String {
+    match env.outage_actions {
+        0 if copies_unfenced(env) => "none (not fenced)".into(),
+        0 => "none".into(),
+        n => format!("{n} action{} (fence → deploy)", if n == 1 { "" } else { "s" }),
     }
 }
 
@@ -92,7 +120,7 @@ fn warnings(out: &mut impl Write, report: &Report) -> io::Result<()> {
             continue;
         }
         let up = &env.desired.upgrade;
-        let copies = env.steps.iter().any(|s| matches!(s.action, crate::plan::Action::Restore { .. }));
+        let copies = env.steps.iter().any(|s| matches!(s.action, Action::Restore { .. }));
         if copies && !up.fence_writes {
             w.push(format!(
                 "`{}`: `fence_writes` is off: writes made between the backup and the deploy will be lost.",
