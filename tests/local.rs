@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{ensure_postgres, env_file, pgconverge, psql, scratch, Servers};
+use common::{ensure_postgres, env_file, pgconverge, pgconverge_with, psql, scratch, Servers};
 use pgconverge::provider::local::{binaries, server};
 
 fn config(dir: &Path, body: &str) {
@@ -216,6 +216,39 @@ fn fence_blocks_writes_and_verify_catches_a_bad_copy() {
 }
 
 /// Two upgrades in a row: the second starts from a copy whose source is gone.
+/// Environments are applied in `rollout` order, and a failure in one leaves the ones
+/// after it untouched; the next apply finishes both.
+#[test]
+fn rollout_stops_at_the_first_failing_environment() {
+    ensure_postgres();
+    let dir = scratch("local_rollout");
+    let _servers = Servers(dir.join(".pgconverge"));
+    let body = |v: u32| {
+        format!("rollout: [test, live]\nenvironments:\n  live:\n    postgres: {{DEFAULT: {v}}}\n  test:\n    postgres: {{DEFAULT: {v}}}\n")
+    };
+    std::fs::write(dir.join("pgconverge.yaml"), format!("version: 1\n{}", body(15))).expect("config");
+    apply(&dir);
+    let file_of = |env: &str| dir.join(format!(".pgconverge/{env}.env"));
+    let live_before = std::fs::read_to_string(file_of("live")).expect("env file");
+
+    std::fs::write(dir.join("pgconverge.yaml"), format!("version: 1\n{}", body(17))).expect("config");
+    let plan = pgconverge(&["plan"], &dir);
+    assert!(plan.stdout.contains("Warning: live would run DEFAULT on PostgreSQL 17"), "{}", plan.stdout);
+    let run = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "before:4=error")]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("environment test: action 4"), "test goes first: {}", run.stderr);
+    assert!(!run.stderr.contains("[live "), "live was touched: {}", run.stderr);
+    assert_eq!(std::fs::read_to_string(file_of("live")).expect("env file"), live_before);
+
+    let run = apply(&dir);
+    assert!(run.stderr.contains("[live 11/11]"), "{}", run.stderr);
+    for env in ["test", "live"] {
+        let url = env_file(&file_of(env)).get("DATABASE_URL").cloned().expect("DATABASE_URL");
+        let version = psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("version");
+        assert_eq!(version, "17", "{env}");
+    }
+}
+
 #[test]
 fn upgrades_in_a_row_keep_every_row() {
     let dir = scratch("local_twice");

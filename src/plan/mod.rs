@@ -111,6 +111,8 @@ pub struct Report {
     pub environments: Vec<EnvReport>,
     /// Environments in the snapshot that the config does not declare: never touched.
     pub unmanaged_environments: Vec<EnvName>,
+    /// Environments that would run a major an earlier one in `rollout` does not run yet.
+    pub rollout_warnings: Vec<String>,
 }
 
 /// Why an environment has no plan.
@@ -151,7 +153,39 @@ pub fn plan(config: &Config, live: &Live, only: &[EnvName]) -> Result<Report, Pl
             .map(|e| EnvPlan { name: e.name.clone(), actions: e.steps.iter().map(|s| s.action.clone()).collect() })
             .collect(),
     };
-    Ok(Report { plan, environments, unmanaged_environments })
+    let rollout_warnings = rollout_warnings(config, &desired, live, &environments);
+    Ok(Report { plan, environments, unmanaged_environments, rollout_warnings })
+}
+
+/// An environment that would move a prefix to a major that an environment before it in
+/// `rollout` declares the prefix in but does not run yet skips the promotion the rollout
+/// exists for: an upgrade should reach `live` only after it ran in `test`.
+fn rollout_warnings(config: &Config, desired: &[DesiredEnv], live: &Live, planned: &[EnvReport]) -> Vec<String> {
+    let runs = |env: &EnvName, prefix: &Prefix, major: Major| {
+        live.environments
+            .get(env)
+            .is_some_and(|e| e.services.iter().any(|s| s.status.visible() && &s.prefix == prefix && s.version == major))
+    };
+    let mut out = Vec::new();
+    for (k, later) in config.rollout.iter().enumerate() {
+        let Some(report) = planned.iter().find(|r| &r.name == later && !r.steps.is_empty()) else { continue };
+        for (prefix, major) in &report.desired.postgres {
+            if runs(later, prefix, *major) {
+                continue;
+            }
+            for earlier in &config.rollout[..k] {
+                let declares =
+                    desired.iter().any(|d| &d.name == earlier && d.postgres.iter().any(|(p, _)| p == prefix));
+                if declares && !runs(earlier, prefix, *major) {
+                    out.push(format!(
+                        "`{later}` would run {prefix} on PostgreSQL {major}, which `{earlier}` (earlier in `rollout`) does not run yet: promote through `{earlier}` first"
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Plans one environment.

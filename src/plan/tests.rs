@@ -310,6 +310,35 @@ fn environments_follow_rollout_then_file_order() {
     assert!(matches!(plan(&config, &Live::empty(), &unknown), Err(PlanError::UnknownEnvironment(_))));
 }
 
+#[test]
+fn rollout_warns_when_a_later_environment_runs_ahead() {
+    let warnings = |rollout: &str, test_major: u32, test_prefix: &str| {
+        let text = format!(
+            "version: 1\n{rollout}environments:\n  test: {{postgres: {{{test_prefix}: 17}}}}\n  live: {{postgres: {{DEFAULT: 17}}}}\n"
+        );
+        let config = parse(Path::new("t.yaml"), &text).expect("config");
+        let live: Live = serde_json::from_str(&format!(
+            r#"{{"format_version":1,"environments":{{
+              "test":{{"services":[{{"id":"t","version":{test_major},"prefix":"{test_prefix}","status":"attached"}}]}},
+              "live":{{"services":[{{"id":"l","version":16,"prefix":"DEFAULT","status":"attached"}}]}}}}}}"#
+        ))
+        .expect("live");
+        plan(&config, &live, &[]).expect("plan").rollout_warnings
+    };
+    // Both move to 17 in one change: live would run 17 before test has.
+    let w = warnings("rollout: [test, live]\n", 16, "DEFAULT");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("`live` would run DEFAULT on PostgreSQL 17") && w[0].contains("promote through `test`"));
+    // Test runs 17 already: the promotion happened.
+    assert!(warnings("rollout: [test, live]\n", 17, "DEFAULT").is_empty());
+    // The order is the rollout's: with live first, test is the one running ahead.
+    let w = warnings("rollout: [live, test]\n", 16, "DEFAULT");
+    assert!(w.len() == 1 && w[0].starts_with("`test` would run DEFAULT"), "{w:?}");
+    // No rollout, or an earlier environment without that prefix: nothing to promote.
+    assert!(warnings("", 16, "DEFAULT").is_empty());
+    assert!(warnings("rollout: [test, live]\n", 16, "OTHER").is_empty());
+}
+
 mod optimality {
     use super::super::rules::{Ctx, State};
     use super::super::search::{astar, brute_force, Outcome};

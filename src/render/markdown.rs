@@ -137,6 +137,7 @@ fn warnings(out: &mut impl Write, report: &Report) -> io::Result<()> {
     for name in &report.unmanaged_environments {
         w.push(format!("environment `{name}` is not in the config and is never touched."));
     }
+    w.extend(report.rollout_warnings.iter().map(|r| format!("{r}.")));
     if !w.is_empty() {
         writeln!(out)?;
         writeln!(out, "> [!WARNING]")?;

@@ -72,6 +72,9 @@ pub fn plan(out: &mut impl Write, report: &Report, color: bool) -> io::Result<()
     for name in &report.unmanaged_environments {
         writeln!(out, "Environment {name} is not in the config: never touched.")?;
     }
+    for w in &report.rollout_warnings {
+        writeln!(out, "Warning: {}.", w.replace('`', ""))?;
+    }
     let total: usize = report.environments.iter().map(|e| e.steps.len()).sum();
     if total == 0 {
         writeln!(out, "No changes.")?;
