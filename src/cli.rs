@@ -97,6 +97,14 @@ pub enum Command {
     },
     /// Print the JSON schema of pgconverge.yaml.
     Schema,
+    /// Print a shell completion script (e.g. `pgconverge completions bash > /etc/bash_completion.d/pgconverge`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff; e.g. `pgconverge man > /usr/local/share/man/man1/pgconverge.1`).
+    Man,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -399,6 +407,15 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
         }
         Command::Schema => {
             writeln!(out, "{}", schema_json()).map_err(stdout_error)?;
+            Ok(Outcome::Done)
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "pgconverge", out);
+            Ok(Outcome::Done)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(out).map_err(stdout_error)?;
             Ok(Outcome::Done)
         }
     }

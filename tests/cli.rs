@@ -393,3 +393,36 @@ fn ci_examples_run_commands_pgconverge_accepts() {
         }
     }
 }
+
+#[test]
+fn completions_and_man_page_cover_every_command() {
+    let dir = std::env::temp_dir();
+    for (shell, marker) in [
+        ("bash", "_pgconverge()"),
+        ("zsh", "#compdef pgconverge"),
+        ("fish", "complete -c pgconverge"),
+        ("elvish", "pgconverge"),
+        ("powershell", "pgconverge"),
+    ] {
+        let run = pgconverge(&["completions", shell], &dir);
+        assert_eq!(run.code, 0, "{shell}: {}", run.stderr);
+        assert!(run.stdout.contains(marker), "{shell}: {}", run.stdout);
+        for sub in ["validate", "plan", "apply", "show", "schema", "completions", "man"] {
+            assert!(run.stdout.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    assert!(run_has_plan_options(&pgconverge(&["completions", "bash"], &dir).stdout));
+    let man = pgconverge(&["man"], &dir);
+    assert_eq!(man.code, 0, "{}", man.stderr);
+    assert!(man.stdout.contains(".TH pgconverge 1"), "{}", man.stdout);
+    for section in [".SH NAME", ".SH SYNOPSIS", ".SH SUBCOMMANDS", "pgconverge\\-apply"] {
+        assert!(man.stdout.contains(section), "man page lacks {section}: {}", man.stdout);
+    }
+    let bad = pgconverge(&["completions", "tcsh"], &dir);
+    assert_eq!(bad.code, 1, "an unknown shell is a usage error");
+}
+
+/// Options complete too, not only subcommand names.
+fn run_has_plan_options(bash: &str) -> bool {
+    ["--detailed-exitcode", "--format", "--auto-approve"].iter().all(|o| bash.contains(o))
+}
