@@ -300,13 +300,18 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 crate::atomic::write_atomically(&path, &text, 0o644)
                     .map_err(|source| Error::Write { path: path.display().to_string(), source })?;
             }
+            let compose = compose_edit(&config, &file, &only)?;
             match format {
                 Format::Text => render::text::plan(out, &report, use_color()),
                 Format::Markdown => render::markdown::plan(out, &report),
                 Format::Json => render::json::plan(out, &report.plan),
             }
             .map_err(stdout_error)?;
-            Ok(if detailed_exitcode && report.plan.has_changes() { Outcome::ChangesPending } else { Outcome::Done })
+            if let Some(edit) = &compose {
+                render_compose_edit(out, edit, format).map_err(stdout_error)?;
+            }
+            let changes = report.plan.has_changes() || compose.is_some();
+            Ok(if detailed_exitcode && changes { Outcome::ChangesPending } else { Outcome::Done })
         }
         Command::Apply { target: Target { file, env }, plan: saved, auto_approve } => {
             let config = config::load(&file)?;
@@ -338,11 +343,18 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 None => report.plan.clone(),
             };
             check_binaries(&provider, &plan)?;
+            let compose = compose_edit(&config, &file, &only)?;
             if !plan.has_changes() {
                 writeln!(out, "No changes. The live services match the config.").map_err(stdout_error)?;
+                if let Some(edit) = &compose {
+                    write_compose_edit(out, edit)?;
+                }
                 return Ok(Outcome::Done);
             }
             render::text::plan(out, &report, use_color()).map_err(stdout_error)?;
+            if let Some(edit) = &compose {
+                render_compose_edit(out, edit, Format::Text).map_err(stdout_error)?;
+            }
             if !auto_approve {
                 confirm(out)?;
             }
@@ -371,6 +383,9 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                     writeln!(out, "Environment {}: the application reads {}", env.name, path.display())
                         .map_err(stdout_error)?;
                 }
+            }
+            if let Some(edit) = &compose {
+                write_compose_edit(out, edit)?;
             }
             Ok(Outcome::Done)
         }
@@ -419,6 +434,82 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             Ok(Outcome::Done)
         }
     }
+}
+
+/// The compose file of `local_dev` and the edit that makes it follow its environment;
+/// `None` when there is no `local_dev` or the file is there already.
+struct ComposeEdit {
+    path: PathBuf,
+    old: String,
+    retag: crate::localdev::Retag,
+    service: String,
+}
+
+/// Only when the followed environment is among those planned (`only`; empty is all).
+fn compose_edit(config: &Config, file: &Path, only: &[EnvName]) -> Result<Option<ComposeEdit>, Error> {
+    let (Some(dev), Some(major)) = (&config.local_dev, config.local_dev_major()) else { return Ok(None) };
+    if !only.is_empty() && !only.contains(&dev.follows) {
+        return Ok(None);
+    }
+    let path = file.parent().unwrap_or(Path::new("")).join(&dev.compose_file);
+    let hint = "local_dev.compose_file names a compose file whose `services.<service>.image` has a version tag";
+    let old = std::fs::read_to_string(&path).map_err(|e| Error::Input {
+        at: path.display().to_string(),
+        message: format!("cannot read the compose file of local_dev: {e}"),
+        hint,
+    })?;
+    let retag = crate::localdev::retag(&old, &dev.service, major).map_err(|e| Error::Input {
+        at: match e.at {
+            Some((line, col)) => format!("{}:{line}:{col}", path.display()),
+            None => path.display().to_string(),
+        },
+        message: e.message,
+        hint,
+    })?;
+    Ok(retag.map(|retag| ComposeEdit { path, old, retag, service: dev.service.clone() }))
+}
+
+fn render_compose_edit(out: &mut impl Write, edit: &ComposeEdit, format: Format) -> std::io::Result<()> {
+    let path = edit.path.display().to_string();
+    let diff = crate::localdev::diff(&path, &edit.old, &edit.retag.text);
+    match format {
+        Format::Text => {
+            writeln!(out, "Local development: {path} moves service {} to {}:", edit.service, edit.retag.to)?;
+            write!(out, "{diff}")
+        }
+        Format::Markdown => {
+            writeln!(out)?;
+            writeln!(out, "#### Local development: `{path}`")?;
+            writeln!(out)?;
+            writeln!(out, "```diff")?;
+            write!(out, "{diff}")?;
+            writeln!(out, "```")
+        }
+        // Plan format 1 has no place for it; apply works it out from the config again.
+        Format::Json => Ok(()),
+    }
+}
+
+/// Writes the compose edit and says what a developer runs next: the old data volume
+/// holds a cluster the new major cannot open.
+fn write_compose_edit(out: &mut impl Write, edit: &ComposeEdit) -> Result<(), Error> {
+    let mode =
+        std::fs::metadata(&edit.path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777);
+    crate::atomic::write_atomically(&edit.path, edit.retag.text.as_bytes(), mode.unwrap_or(0o644))
+        .map_err(|source| Error::Write { path: edit.path.display().to_string(), source })?;
+    let file = edit.path.display();
+    let service = &edit.service;
+    writeln!(
+        out,
+        "Local development: {file} now runs {} for service {service} (was {}). Its data volume holds a \
+         cluster the new major cannot open; recreate it and load the data again:\n  \
+         docker compose -f {file} down -v\n  \
+         docker compose -f {file} pull {service}\n  \
+         docker compose -f {file} up -d\n  \
+         then pull the database into it (on Divio: divio app pull db)",
+        edit.retag.to, edit.retag.from
+    )
+    .map_err(stdout_error)
 }
 
 /// The JSON schema of pgconverge.yaml, as committed in `schemas/`.

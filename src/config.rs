@@ -41,6 +41,29 @@ pub struct Config {
     pub rollout: Vec<EnvName>,
     /// The environments, each with its declared services.
     pub environments: OrderedMap<EnvName, EnvironmentConfig>,
+    /// A docker compose file for local development whose database image follows the
+    /// major of an environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_dev: Option<LocalDevConfig>,
+}
+
+/// Keeps the database image of a compose file on the major an environment runs.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalDevConfig {
+    /// The compose file, relative to this file (e.g. `docker-compose.yml`).
+    pub compose_file: PathBuf,
+    /// The compose service that runs PostgreSQL (e.g. `db`).
+    pub service: String,
+    /// The environment whose major the image follows (e.g. `live`).
+    pub follows: EnvName,
+    /// The prefix of that environment the image follows. Default: DEFAULT.
+    #[serde(default = "default_prefix")]
+    pub prefix: Prefix,
+}
+
+fn default_prefix() -> Prefix {
+    Prefix::parse("DEFAULT").expect("DEFAULT is a valid prefix")
 }
 
 /// `version: 1`.
@@ -236,6 +259,13 @@ pub struct DesiredEnv {
 }
 
 impl Config {
+    /// The major the local development image follows: the followed prefix's declared one.
+    pub fn local_dev_major(&self) -> Option<Major> {
+        let dev = self.local_dev.as_ref()?;
+        let (_, env) = self.environments.0.iter().find(|(n, _)| *n == dev.follows)?;
+        env.postgres.0.iter().find(|(p, _)| *p == dev.prefix).map(|(_, m)| *m)
+    }
+
     /// Environments in apply order: `rollout` first, then the rest in file order.
     pub fn desired(&self) -> Vec<DesiredEnv> {
         let mut order: Vec<&EnvName> = self.rollout.iter().collect();
@@ -536,6 +566,29 @@ fn validate(config: &Config) -> Result<(), Invalid> {
                 vec!["rollout".into(), i.to_string()],
                 format!("`{name}` appears twice"),
                 "list each environment once",
+            ));
+        }
+    }
+    if let Some(dev) = &config.local_dev {
+        let Some((_, env)) = config.environments.0.iter().find(|(n, _)| *n == dev.follows) else {
+            return Err((
+                vec!["local_dev".into(), "follows".into()],
+                format!("`{}` is not a declared environment", dev.follows),
+                "local_dev.follows names an environment from `environments`",
+            ));
+        };
+        if !env.postgres.0.iter().any(|(p, _)| *p == dev.prefix) {
+            return Err((
+                vec!["local_dev".into(), "prefix".into()],
+                format!("environment `{}` declares no prefix {}", dev.follows, dev.prefix),
+                "local_dev.prefix names a prefix the followed environment declares (default DEFAULT)",
+            ));
+        }
+        if dev.service.trim().is_empty() {
+            return Err((
+                vec!["local_dev".into(), "service".into()],
+                "the service name is empty".into(),
+                "name the compose service that runs PostgreSQL",
             ));
         }
     }

@@ -16,7 +16,12 @@ fn every_example_validates() {
     let mut seen = 0;
     for entry in std::fs::read_dir(repo().join("examples")).expect("examples") {
         let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") && !path.to_string_lossy().contains("workflow") {
+        // The CI examples are workflows, not pgconverge configs (tested below).
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+            && !name.contains("-ci")
+            && !name.contains("actions")
+        {
             let run = pgconverge(&["validate", "-f", path.to_str().expect("utf-8")], &repo());
             assert_eq!(run.code, 0, "{}: {}", path.display(), run.stderr);
             seen += 1;
@@ -40,6 +45,16 @@ fn committed_schema_is_current() {
 #[test]
 fn config_errors_point_at_the_key() {
     let cases: &[(&str, &str, &str)] = &[
+        (
+            "local_dev follows an unknown environment",
+            "version: 1\nenvironments:\n  live: {postgres: {DEFAULT: 17}}\nlocal_dev:\n  compose_file: c.yml\n  service: db\n  follows: prod\n",
+            "c.yaml:7:3: local_dev.follows: `prod` is not a declared environment",
+        ),
+        (
+            "local_dev follows a prefix the environment lacks",
+            "version: 1\nenvironments:\n  live: {postgres: {DEFAULT: 17}}\nlocal_dev: {compose_file: c.yml, service: db, follows: live, prefix: CACHE}\n",
+            "c.yaml:4:62: local_dev.prefix: environment `live` declares no prefix CACHE",
+        ),
         (
             "unknown key",
             "version: 1\nenvironments:\n  live:\n    postgres: {DEFAULT: 17}\n    colour: red\n",
@@ -425,4 +440,41 @@ fn completions_and_man_page_cover_every_command() {
 /// Options complete too, not only subcommand names.
 fn run_has_plan_options(bash: &str) -> bool {
     ["--detailed-exitcode", "--format", "--auto-approve"].iter().all(|o| bash.contains(o))
+}
+
+/// `local_dev`: plan shows the compose file's image moving, as a diff, and counts it as a
+/// change; a compose file pgconverge cannot follow is an error that says where.
+#[test]
+fn local_dev_compose_image_follows_an_environment() {
+    let dir = scratch("cli_local_dev");
+    let compose = "services:\n  db:\n    image: postgres:13.5-alpine  # keep me\n    ports: [\"5432:5432\"]\n";
+    std::fs::write(dir.join("docker-compose.yml"), compose).expect("compose");
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        "version: 1\nenvironments:\n  test: {postgres: {DEFAULT: 17}}\n  live: {postgres: {DEFAULT: 16}}\nlocal_dev:\n  compose_file: docker-compose.yml\n  service: db\n  follows: live\n",
+    )
+    .expect("config");
+    let converged = r#"{"format_version":1,"environments":{
+      "test":{"services":[{"id":"t","version":17,"prefix":"DEFAULT","status":"attached"}]},
+      "live":{"services":[{"id":"l","version":16,"prefix":"DEFAULT","status":"attached"}]}}}"#;
+    std::fs::write(dir.join("live.json"), converged).expect("snapshot");
+
+    let plan = pgconverge(&["plan", "--live", "live.json", "--detailed-exitcode"], &dir);
+    assert_eq!(plan.code, 2, "the compose file is a pending change: {}{}", plan.stdout, plan.stderr);
+    assert!(plan.stdout.contains("-    image: postgres:13.5-alpine  # keep me"), "{}", plan.stdout);
+    assert!(plan.stdout.contains("+    image: postgres:16-alpine  # keep me"), "{}", plan.stdout);
+    let md = pgconverge(&["plan", "--live", "live.json", "--format", "markdown"], &dir);
+    assert!(md.stdout.contains("#### Local development: `") && md.stdout.contains("```diff"), "{}", md.stdout);
+    let only_test = pgconverge(&["plan", "--live", "live.json", "--env", "test", "--detailed-exitcode"], &dir);
+    assert_eq!(only_test.code, 0, "live is not planned, so its compose file waits: {}", only_test.stdout);
+    assert_eq!(std::fs::read_to_string(dir.join("docker-compose.yml")).expect("compose"), compose, "plan wrote");
+
+    std::fs::write(dir.join("docker-compose.yml"), "services:\n  db:\n    image: postgres:latest\n").expect("compose");
+    let bad = pgconverge(&["plan", "--live", "live.json"], &dir);
+    assert_eq!(bad.code, 1);
+    assert!(
+        bad.stderr.contains("docker-compose.yml:3:12") && bad.stderr.contains("cannot tell the PostgreSQL major"),
+        "{}",
+        bad.stderr
+    );
 }

@@ -249,6 +249,41 @@ fn rollout_stops_at_the_first_failing_environment() {
     }
 }
 
+/// `local_dev`: apply moves the compose file's image to the followed environment's major,
+/// touching nothing else, and says what to run next.
+#[test]
+fn apply_moves_the_compose_image_and_says_what_to_run() {
+    let dir = scratch("local_compose");
+    let _servers = Servers(dir.join(".pgconverge"));
+    let compose = "# dev stack\nservices:\n  db:\n    image: \"postgres:13-alpine\"\n    volumes: [pg:/var/lib/postgresql/data]\nvolumes:\n  pg: {}\n";
+    let path = dir.join("docker-compose.yml");
+    std::fs::write(&path, compose).expect("compose");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640)).expect("mode");
+    config(
+        &dir,
+        "  test:\n    postgres:\n      DEFAULT: 15\nlocal_dev:\n  compose_file: docker-compose.yml\n  service: db\n  follows: test\n",
+    );
+    let run = apply(&dir);
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("compose"),
+        compose.replace("postgres:13-alpine", "postgres:15-alpine")
+    );
+    assert!(
+        run.stdout.contains("now runs postgres:15-alpine for service db (was postgres:13-alpine)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("down -v") && run.stdout.contains("pull db") && run.stdout.contains("up -d"),
+        "{}",
+        run.stdout
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).expect("compose").permissions());
+    assert_eq!(mode & 0o777, 0o640, "the file keeps its mode");
+    let again = apply(&dir);
+    assert!(again.stdout.contains("No changes") && !again.stdout.contains("Local development"), "{}", again.stdout);
+}
+
 #[test]
 fn upgrades_in_a_row_keep_every_row() {
     let dir = scratch("local_twice");
