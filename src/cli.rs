@@ -347,6 +347,10 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             if !plan.has_changes() {
                 writeln!(out, "No changes. The live services match the config.").map_err(stdout_error)?;
                 if let Some(edit) = &compose {
+                    render_compose_edit(out, edit, Format::Text).map_err(stdout_error)?;
+                    if !auto_approve {
+                        confirm(out)?;
+                    }
                     write_compose_edit(out, edit)?;
                 }
                 return Ok(Outcome::Done);

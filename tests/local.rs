@@ -282,6 +282,14 @@ fn apply_moves_the_compose_image_and_says_what_to_run() {
     assert_eq!(mode & 0o777, 0o640, "the file keeps its mode");
     let again = apply(&dir);
     assert!(again.stdout.contains("No changes") && !again.stdout.contains("Local development"), "{}", again.stdout);
+
+    // The compose file alone differs: apply still asks first, and without a terminal
+    // it refuses and leaves the file alone.
+    std::fs::write(&path, compose).expect("compose");
+    let asked = pgconverge(&["apply"], &dir);
+    assert_eq!(asked.code, 1, "{}{}", asked.stdout, asked.stderr);
+    assert!(asked.stdout.contains("+    image: \"postgres:15-alpine\""), "the diff is shown: {}", asked.stdout);
+    assert_eq!(std::fs::read_to_string(&path).expect("compose"), compose);
 }
 
 #[test]
