@@ -58,9 +58,10 @@ pub fn retag(text: &str, service: &str, major: Major) -> Result<Option<Retag>, C
     let start = value_start + offset;
     let new_line = format!("{}{to}{}", &line[..start], &line[start + image.len()..]);
     let mut lines: Vec<&str> = text.split_inclusive('\n').collect();
-    let ending = &lines[line_no][line.len()..];
+    let ending = lines.get(line_no).and_then(|l| l.get(line.len()..)).unwrap_or("");
     let replaced = format!("{new_line}{ending}");
-    lines[line_no] = &replaced;
+    let slot = lines.get_mut(line_no).ok_or_else(|| error(at, "the `image:` line moved while it was edited"))?;
+    *slot = &replaced;
     Ok(Some(Retag { line: line_no + 1, col: start + 1, from: image.to_owned(), to, text: lines.concat() }))
 }
 

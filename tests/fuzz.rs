@@ -68,6 +68,20 @@ proptest! {
     }
 
     #[test]
+    fn compose_retag_survives_mutations(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), any::<u8>()), 1..12)) {
+        let compose = b"# dev\nservices:\n  web:\n    image: app:1\n  db:\n    image: \"postgres:13.5-alpine\" # db\n    ports: [\"5432:5432\"]\nvolumes: {pg: {}}\n";
+        let bytes = mutate(compose.to_vec(), &edits);
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            let major = serde_json::from_str("17").expect("major");
+            if let Ok(Some(r)) = pgconverge::localdev::retag(text, "db", major) {
+                // An edit changes the one tag and converges.
+                prop_assert_eq!(r.text.len() as isize - text.len() as isize, r.to.len() as isize - r.from.len() as isize);
+                prop_assert!(matches!(pgconverge::localdev::retag(&r.text, "db", major), Ok(None)));
+            }
+        }
+    }
+
+    #[test]
     fn mutated_snapshots_plan_or_fail_cleanly(edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..1, b'0'..=b'9'), 1..4)) {
         // Digit flips keep the JSON valid: versions and ids change, the planner must cope.
         let bytes = mutate(example("live.json"), &edits);
