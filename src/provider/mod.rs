@@ -1,6 +1,7 @@
 //! Providers: where the services live. Every side effect of `apply` goes through the
 //! `Provider` trait: one method to observe, one per action of the rules.
 
+pub mod divio;
 pub mod local;
 
 use crate::config::Verify;
