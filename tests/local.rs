@@ -19,6 +19,11 @@ fn apply(dir: &Path) -> common::Run {
     run
 }
 
+/// `rows|major` of table `t` on the server at `url`.
+fn rows_and_major(url: &str) -> String {
+    psql(url, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("check")
+}
+
 fn dsn(dir: &Path, var: &str) -> String {
     env_file(&dir.join(".pgconverge/test.env")).get(var).cloned().unwrap_or_else(|| panic!("{var} not in the env file"))
 }
@@ -209,13 +214,9 @@ fn fence_blocks_writes_and_verify_catches_a_bad_copy() {
     // The bad copy is marked incomplete, so applying again copies afresh and finishes.
     apply(&dir);
     let new = dsn(&dir, "DEFAULT_DATABASE_DSN");
-    assert_eq!(
-        psql(&new, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("check"),
-        "100|17"
-    );
+    assert_eq!(rows_and_major(&new), "100|17");
 }
 
-/// Two upgrades in a row: the second starts from a copy whose source is gone.
 /// Environments are applied in `rollout` order, and a failure in one leaves the ones
 /// after it untouched; the next apply finishes both.
 #[test]
@@ -292,6 +293,7 @@ fn apply_moves_the_compose_image_and_says_what_to_run() {
     assert_eq!(std::fs::read_to_string(&path).expect("compose"), compose);
 }
 
+/// Two upgrades in a row: the second starts from a copy whose source is gone.
 #[test]
 fn upgrades_in_a_row_keep_every_row() {
     let dir = scratch("local_twice");
@@ -305,8 +307,7 @@ fn upgrades_in_a_row_keep_every_row() {
         apply(&dir);
         let url = dsn(&dir, "DATABASE_URL");
         psql(&url, "INSERT INTO t VALUES (0)").expect("the application writes to the new server");
-        let check =
-            psql(&url, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("check");
+        let check = rows_and_major(&url);
         assert_eq!(check, format!("{}|{major}", 1000 + major - 15), "after the upgrade to {major}");
     }
 }
@@ -490,10 +491,7 @@ fn broken_machines_give_clear_errors_and_recover() {
 
     apply(&dir);
     let url = dsn(&dir, "DATABASE_URL");
-    assert_eq!(
-        psql(&url, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("check"),
-        "10|17"
-    );
+    assert_eq!(rows_and_major(&url), "10|17");
 }
 
 /// A root that turned read-only: apply fails at once with the reason, touching nothing;

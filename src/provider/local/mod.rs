@@ -412,14 +412,10 @@ impl LocalProvider {
     /// Empties the application database of `id`'s server and restores the roles of a
     /// backup.
     fn prepare_restore(&self, env: &EnvName, id: &ServiceId, server: &Server, roles: &Path) -> Result<()> {
+        load_settings(server, true)?;
         // Start from an empty database, so that a restore cut short by a crash can simply
         // be run again. A database no restore has touched is empty already (making one
         // costs a fifth of a second inside the write outage).
-        let settings: Vec<String> =
-            LOAD_SETTINGS.iter().map(|(name, value)| format!("ALTER SYSTEM SET {name} = '{value}';")).collect();
-        server
-            .sql("postgres", &format!("{} SELECT pg_reload_conf();", settings.join(" ")))
-            .map_err(ProviderError::Failed)?;
         let meta = self.load(env, id)?;
         self.update(env, id, |m| {
             m.untouched = false;
@@ -483,15 +479,33 @@ impl LocalProvider {
             .map_err(|e| ProviderError::Failed(format!("{what}: cannot run {program}: {e}")))?;
         if !out.status.success() {
             let text = String::from_utf8_lossy(&out.stderr);
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
             return Err(ProviderError::Failed(format!(
                 "{what} failed ({}): {}",
                 out.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                server::last_lines(&text, 5)
             )));
         }
         Ok(())
     }
+}
+
+/// Puts `LOAD_SETTINGS` on a server, or takes them off; both take effect at once.
+fn load_settings(server: &Server, on: bool) -> Result<()> {
+    let statements: Vec<String> =
+        LOAD_SETTINGS
+            .iter()
+            .map(|(name, value)| {
+                if on {
+                    format!("ALTER SYSTEM SET {name} = '{value}';")
+                } else {
+                    format!("ALTER SYSTEM RESET {name};")
+                }
+            })
+            .collect();
+    server
+        .sql("postgres", &format!("{} SELECT pg_reload_conf();", statements.join(" ")))
+        .map(drop)
+        .map_err(ProviderError::Failed)
 }
 
 /// pg_dump's archive format: custom, compressed with lz4 where pg_dump has it (16 and
@@ -770,11 +784,7 @@ impl Provider for LocalProvider {
         }
         for meta in metas.iter_mut().filter(|m| visible_after(m) && m.loading) {
             let server = self.server(meta)?;
-            let reset: Vec<String> =
-                LOAD_SETTINGS.iter().map(|(name, _)| format!("ALTER SYSTEM RESET {name};")).collect();
-            server
-                .sql("postgres", &format!("{} SELECT pg_reload_conf();", reset.join(" ")))
-                .map_err(ProviderError::Failed)?;
+            load_settings(&server, false)?;
             meta.loading = false;
             self.store(env, meta)?;
         }

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 
+use super::server::last_lines;
+
 const CHUNK: usize = 256 * 1024;
 const STDERR_LIMIT: usize = 64 * 1024;
 
@@ -74,7 +76,7 @@ pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<
     let sink_status = sink.wait().map_err(|e| format!("{consumer_name}: {e}"))?;
     let failure = |name: &str, status: ExitStatus, stderr: Option<JoinHandle<String>>| {
         let text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
-        (!status.success()).then(|| format!("{name} failed ({status}): {}", tail(&text)))
+        (!status.success()).then(|| format!("{name} failed ({status}): {}", last_lines(&text, 5)))
     };
     let mut producer_error = failure(&producer_name, source_status, source_stderr);
     if producer_error.is_none() {
@@ -100,12 +102,6 @@ fn drain(child: &mut Child) -> Option<JoinHandle<String>> {
         }
         String::from_utf8_lossy(&kept).into_owned()
     }))
-}
-
-/// The last lines of a program's messages, on one line.
-pub fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 #[cfg(test)]
