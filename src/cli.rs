@@ -10,6 +10,7 @@ use crate::apply::{self, ApplyError, Lock};
 use crate::config::{self, Config, ConfigError};
 use crate::model::{EnvName, Live};
 use crate::plan::{self, Plan, PlanError};
+use crate::provider::divio::DivioProvider;
 use crate::provider::local::LocalProvider;
 use crate::provider::{Provider, ProviderError};
 use crate::render::{self, Format};
@@ -131,9 +132,6 @@ pub enum Error {
     /// A snapshot or saved plan that cannot be read.
     #[error("{at}: {message}")]
     Input { at: String, message: String, hint: &'static str },
-    /// The command needs a provider, which this build does not have yet.
-    #[error("{0}")]
-    NoProvider(&'static str),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -162,7 +160,6 @@ impl Error {
             }
             Error::Plan(_) => None,
             Error::Input { hint, .. } => Some(*hint),
-            Error::NoProvider(_) => Some("plan against a snapshot: pgconverge plan --live examples/live.json"),
             Error::Write { .. } | Error::Cancelled => None,
             Error::Provider(ProviderError::Locked { .. }) => {
                 Some("wait for it to finish; a lock whose process is gone is taken over")
@@ -192,37 +189,69 @@ impl Error {
     }
 }
 
-const NO_DIVIO: &str = "the divio provider is not implemented yet; use provider.local, or plan against a snapshot";
+/// The provider the config names.
+enum AnyProvider {
+    Local(LocalProvider),
+    Divio(Box<DivioProvider>),
+}
 
-fn provider(config: &Config, file: &Path) -> Result<LocalProvider, Error> {
-    if config.provider.divio.is_some() {
-        return Err(Error::NoProvider(NO_DIVIO));
+impl AnyProvider {
+    fn new(config: &Config, file: &Path) -> Result<AnyProvider, Error> {
+        Ok(match &config.provider.divio {
+            Some(divio) => AnyProvider::Divio(Box::new(DivioProvider::new(divio, file, config.desired())?)),
+            None => AnyProvider::Local(LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?),
+        })
     }
-    Ok(LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?)
+
+    fn get(&mut self) -> &mut dyn Provider {
+        match self {
+            AnyProvider::Local(p) => p,
+            AnyProvider::Divio(p) => p.as_mut(),
+        }
+    }
+
+    fn root(&self) -> &Path {
+        match self {
+            AnyProvider::Local(p) => p.root(),
+            AnyProvider::Divio(p) => p.root(),
+        }
+    }
+
+    /// Refuses, before anything is touched, a plan this provider could not carry out: a
+    /// major whose binaries are missing, an action the API cannot do.
+    fn check(&self, plan: &Plan) -> Result<(), Error> {
+        match self {
+            AnyProvider::Local(p) => {
+                for a in plan.environments.iter().flat_map(|e| &e.actions) {
+                    if let plan::Action::Add { version, .. } = a {
+                        p.check_binaries(*version)?;
+                    }
+                }
+            }
+            AnyProvider::Divio(p) => p.check(plan)?,
+        }
+        Ok(())
+    }
+
+    /// The env file a local deploy writes; Divio has none.
+    fn env_file(&self, env: &EnvName) -> Option<PathBuf> {
+        match self {
+            AnyProvider::Local(p) => Some(p.env_file(env)),
+            AnyProvider::Divio(_) => None,
+        }
+    }
 }
 
 /// Plans against the snapshot at `live`, or against what the provider observes.
-fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, Option<LocalProvider>), Error> {
+fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, Option<AnyProvider>), Error> {
     match live {
         Some(path) => Ok((read_json(path, "snapshot")?, None)),
         None => {
-            let mut p = provider(config, file)?;
-            let live = p.observe()?;
+            let mut p = AnyProvider::new(config, file)?;
+            let live = p.get().observe()?;
             Ok((live, Some(p)))
         }
     }
-}
-
-/// Every major a plan adds must be installed before anything is touched.
-fn check_binaries(provider: &LocalProvider, plan: &Plan) -> Result<(), Error> {
-    for env in &plan.environments {
-        for a in &env.actions {
-            if let plan::Action::Add { version, .. } = a {
-                provider.check_binaries(*version)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Progress on stderr: a spinner per action on a terminal, one line per action otherwise.
@@ -289,7 +318,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let (live, provider) = observe(&config, &file, live.as_deref())?;
             let report = plan::plan(&config, &live, &only)?;
             if let Some(p) = &provider {
-                check_binaries(p, &report.plan)?;
+                p.check(&report.plan)?;
             }
             for e in &report.environments {
                 tracing::info!(env = %e.name, actions = e.steps.len(), outage = e.outage_actions, "planned");
@@ -330,10 +359,12 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 }
                 None => None,
             };
-            let mut provider = provider(&config, &file)?;
+            let mut provider = AnyProvider::new(&config, &file)?;
             let _lock = Lock::acquire(provider.root())?;
-            provider.tidy()?;
-            let live = provider.observe()?;
+            if let AnyProvider::Local(local) = &provider {
+                local.tidy()?;
+            }
+            let live = provider.get().observe()?;
             let report = plan::plan(&config, &live, &only)?;
             let plan = match saved {
                 Some(p) => {
@@ -342,7 +373,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 }
                 None => report.plan.clone(),
             };
-            check_binaries(&provider, &plan)?;
+            provider.check(&plan)?;
             let compose = compose_edit(&config, &file, &only)?;
             if !plan.has_changes() {
                 writeln!(out, "No changes. The live services match the config.").map_err(stdout_error)?;
@@ -365,7 +396,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
             let started = std::time::Instant::now();
             let desired = config.desired();
-            let applied = apply::apply(&mut provider, &desired, &plan, &live, &mut StderrProgress::default())?;
+            let applied = apply::apply(provider.get(), &desired, &plan, &live, &mut StderrProgress::default())?;
             writeln!(
                 out,
                 "Apply complete: {total} action{} in {:.1} s.",
@@ -382,8 +413,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 .map_err(stdout_error)?;
             }
             for env in plan.environments.iter().filter(|e| !e.actions.is_empty()) {
-                let path = provider.env_file(&env.name);
-                if path.exists() {
+                if let Some(path) = provider.env_file(&env.name).filter(|p| p.exists()) {
                     writeln!(out, "Environment {}: the application reads {}", env.name, path.display())
                         .map_err(stdout_error)?;
                 }

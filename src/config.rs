@@ -134,9 +134,31 @@ pub struct DivioConfig {
     /// Control Panel zone, or a full http(s) URL. Default `divio.com`.
     #[serde(default)]
     pub zone: Option<String>,
-    /// Environment variable holding the API token. Default `DIVIO_TOKEN`.
+    /// Environment variable holding the API token. Default `DIVIO_TOKEN`; when it is unset,
+    /// the password of `machine control.<zone>` in `~/.netrc` (or `$NETRC_PATH`).
     #[serde(default)]
     pub token_env: Option<String>,
+    /// Where the lock and the records of fences and restores live, relative to this file.
+    /// Default `.pgconverge`.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// Shell command that stops the application writing (e.g. turns maintenance mode on).
+    /// Without it the API cannot fence, and plans that fence are refused.
+    #[serde(default)]
+    pub fence_command: Option<String>,
+    /// Shell command that lets the application write again.
+    #[serde(default)]
+    pub unfence_command: Option<String>,
+    /// Shell command that compares a restored copy with its source (exit 0: the same).
+    /// Without it the API cannot verify, and plans that verify are refused.
+    #[serde(default)]
+    pub verify_command: Option<String>,
+    /// Seconds between polls of a backup, restore or deployment. Default 3.
+    #[serde(default)]
+    pub poll_seconds: Option<f64>,
+    /// Minutes to wait for one backup, restore or deployment. Default 60.
+    #[serde(default)]
+    pub wait_minutes: Option<u64>,
 }
 
 /// How a service is copied to its new version.
@@ -599,6 +621,9 @@ fn validate(config: &Config) -> Result<(), Invalid> {
             "choose one provider per file",
         ));
     }
+    if let Some(divio) = &config.provider.divio {
+        validate_divio(divio)?;
+    }
     for (name, env) in &config.environments.0 {
         let upgrade = config.upgrade.resolve(&env.upgrade);
         let env_path = |rest: &[&str]| {
@@ -641,6 +666,35 @@ fn validate(config: &Config) -> Result<(), Invalid> {
 }
 
 /// 1-based line and column of a byte offset.
+fn validate_divio(divio: &DivioConfig) -> Result<(), Invalid> {
+    let at = |key: &str| vec!["provider".to_owned(), "divio".to_owned(), key.to_owned()];
+    let slug_like = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if divio.application.is_empty() || !divio.application.chars().all(slug_like) {
+        return Err((
+            at("application"),
+            format!("`{}` is not an application slug or uuid", crate::model::shorten(&divio.application)),
+            "name the application by its slug (letters, digits, `-`) or its uuid",
+        ));
+    }
+    if let Some(zone) = &divio.zone {
+        crate::provider::divio::base_url(zone).map_err(|m| (at("zone"), m, "e.g. `divio.com`"))?;
+    }
+    if divio.fence_command.is_some() != divio.unfence_command.is_some() {
+        return Err((
+            at(if divio.fence_command.is_some() { "fence_command" } else { "unfence_command" }),
+            "fence_command and unfence_command go together: set both or neither".into(),
+            "a fence that nothing lifts would keep the application from writing for good",
+        ));
+    }
+    if let Some(p) = divio.poll_seconds.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 600.0)) {
+        return Err((at("poll_seconds"), format!("{p} is not between 0 and 600"), "the default is 3"));
+    }
+    if divio.wait_minutes == Some(0) {
+        return Err((at("wait_minutes"), "0 minutes leaves no time to wait".into(), "the default is 60"));
+    }
+    Ok(())
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{pgconverge, repo, scratch};
+use common::{pgconverge, pgconverge_with, repo, scratch};
 
 const RUNBOOK_LIVE: &str = r#"{"format_version":1,"environments":{"live":{"services":[
   {"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}]}}}"#;
@@ -326,18 +326,24 @@ fn show_round_trips_the_snapshot() {
 }
 
 #[test]
-fn the_divio_provider_is_not_there_yet() {
-    let dir = scratch("no_divio");
-    std::fs::write(
-        dir.join("pgconverge.yaml"),
-        "version: 1\nprovider:\n  divio: {application: app}\nenvironments:\n  live: {postgres: {DEFAULT: 17}}\n",
-    )
-    .expect("write");
-    for args in [&["plan"][..], &["apply", "--auto-approve"], &["show"]] {
-        let run = pgconverge(args, &dir);
-        assert_eq!(run.code, 1, "{args:?}");
-        assert!(run.stderr.contains("divio provider is not implemented yet"), "{args:?}: {}", run.stderr);
+fn divio_settings_are_checked_with_their_position_before_anything_is_asked() {
+    let dir = scratch("divio_settings");
+    for (divio, key, at) in [
+        ("{application: app, zone: 'divio .com'}", "provider.divio.zone", ":3:"),
+        ("{application: app, fence_command: 'true'}", "provider.divio.fence_command", ":3:"),
+        ("{application: app, poll_seconds: 0}", "provider.divio.poll_seconds", ":3:"),
+        ("{application: 'a&b=c'}", "provider.divio.application", ":3:"),
+    ] {
+        let config =
+            format!("version: 1\nprovider:\n  divio: {divio}\nenvironments:\n  live: {{postgres: {{DEFAULT: 17}}}}\n");
+        std::fs::write(dir.join("pgconverge.yaml"), config).expect("write");
+        for args in [&["validate"][..], &["plan"], &["apply", "--auto-approve"]] {
+            let run = pgconverge_with(args, &dir, &[("DIVIO_TOKEN", "t")]);
+            assert_eq!(run.code, 1, "{args:?} {divio}");
+            assert!(run.stderr.contains(key) && run.stderr.contains(at), "{args:?} {divio}: {}", run.stderr);
+        }
     }
+    assert!(!dir.join(".pgconverge").exists(), "nothing was touched");
 }
 
 #[test]

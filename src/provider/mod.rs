@@ -19,6 +19,22 @@ pub enum ProviderError {
     /// An action failed; the message says how.
     #[error("{0}")]
     Failed(String),
+    /// The provider cannot carry out what was asked; nothing was done.
+    #[error("{0}")]
+    Refused(String),
+    /// The provider's API cannot do this action: a person does it by hand, then applies
+    /// again. Made by `ProviderError::manual`.
+    #[error("{0}")]
+    Manual(String),
+}
+
+impl ProviderError {
+    /// `why` the API could not, and the `step` that does it by hand.
+    pub fn manual(why: &str, step: &str) -> ProviderError {
+        ProviderError::Manual(format!(
+            "the API cannot do this ({why}); do it by hand in the Control Panel: {step}, then run `pgconverge apply` again"
+        ))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ProviderError>;

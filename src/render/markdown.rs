@@ -5,7 +5,6 @@ use std::io::{self, Write};
 use similar::ChangeTag;
 
 use super::{action_summary, diff, risk_label, version_changes};
-use crate::config::Verify;
 use crate::plan::{Action, EnvReport, Report, Risk};
 
 pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
@@ -119,17 +118,7 @@ fn warnings(out: &mut impl Write, report: &Report) -> io::Result<()> {
         if env.steps.is_empty() {
             continue;
         }
-        let up = &env.desired.upgrade;
-        let copies = env.steps.iter().any(|s| matches!(s.action, Action::Restore { .. }));
-        if copies && !up.fence_writes {
-            w.push(format!(
-                "`{}`: `fence_writes` is off: writes made between the backup and the deploy will be lost.",
-                env.name
-            ));
-        }
-        if copies && up.verify == Verify::None {
-            w.push(format!("`{}`: `verify` is `none`: the copy is not compared with its source.", env.name));
-        }
+        w.extend(super::copy_risks(env).into_iter().map(|r| format!("`{}`: {r}", env.name)));
         for id in &env.unmanaged {
             w.push(format!("`{}`: service `{id}` is not managed by pgconverge and is never touched.", env.name));
         }

@@ -105,3 +105,17 @@ pub fn diff(env: &EnvReport) -> Vec<(similar::ChangeTag, String)> {
     let d = similar::TextDiff::from_lines(&old, &new);
     d.iter_all_changes().map(|c| (c.tag(), c.value().trim_end().to_owned())).collect()
 }
+
+/// The risks a plan's copies run by the settings' choice, with backticks around settings.
+pub fn copy_risks(env: &EnvReport) -> Vec<String> {
+    let up = &env.desired.upgrade;
+    let copies = env.steps.iter().any(|s| matches!(s.action, Action::Restore { .. }));
+    let mut risks = Vec::new();
+    if copies && !up.fence_writes {
+        risks.push("`fence_writes` is off: writes made between the backup and the deploy will be lost.".to_owned());
+    }
+    if copies && up.verify == crate::config::Verify::None {
+        risks.push("`verify` is `none`: the copy is not compared with its source.".to_owned());
+    }
+    risks
+}

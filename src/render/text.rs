@@ -62,6 +62,9 @@ pub fn plan(out: &mut impl Write, report: &Report, color: bool) -> io::Result<()
                 String::new()
             };
             writeln!(out, "  {n} action{}{outage}.", if n == 1 { "" } else { "s" })?;
+            for risk in super::copy_risks(env) {
+                writeln!(out, "  {}", p.paint(YELLOW, &format!("Warning: {}", risk.replace('`', ""))))?;
+            }
         }
         if !env.unmanaged.is_empty() {
             let ids: Vec<String> = env.unmanaged.iter().map(|i| i.to_string()).collect();

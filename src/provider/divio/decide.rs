@@ -1,10 +1,7 @@
-//! Groundwork of the Divio provider (issue 7): the pure decisions it rests on, each
-//! tested on its own. How the Control Panel's words map onto the rules' (statuses, the
-//! major of a catalogue entry), where the API lives and where the token comes from, when
-//! a request is retried, and what a person does by hand when an unconfirmed endpoint is
-//! missing. The HTTP client, the provider and its emulator are not written yet; until
-//! they are, commands that need the Divio provider refuse (see `cli::provider`).
-//! What is known of the API: `shared/divio-api.md`.
+//! The pure decisions the Divio provider rests on, each tested on its own: how the
+//! Control Panel's words map onto the rules' (statuses, the major of a catalogue entry),
+//! where the API lives and where the token comes from, when a request is retried, and
+//! what a person does by hand when an unconfirmed endpoint is missing.
 
 use std::time::Duration;
 

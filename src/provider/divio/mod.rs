@@ -1,0 +1,788 @@
+//! The Divio provider: the services of an application's environments, driven through the
+//! Control Panel API (`shared/divio-api.md`). Add, backup, restore and deploy use endpoints
+//! that Divio's own client uses; provision, detach, rename and delete use the API's REST
+//! convention, and when the API answers 404 or 405 to one of them apply stops with the
+//! Control Panel step that does it by hand.
+//!
+//! The API shows neither write fences nor where a service's data came from. The provider
+//! keeps its own records of both (the fences its `fence_command` set, the restores it
+//! made) under `root`, beside the lock, and reads them only while the service they name
+//! exists; without them a service that is not visible holds no known data, and the next
+//! plan copies again rather than trust a copy it cannot see.
+
+mod api;
+pub mod decide;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub use decide::*;
+
+use self::api::{Api, ApiError};
+use super::{Provider, ProviderError, Result};
+use crate::config::{DesiredEnv, DivioConfig, Verify};
+use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, FORMAT_VERSION};
+use crate::plan::{Action, Plan};
+
+const V3: &str = "/apps/v3";
+
+/// A service instance as last observed.
+#[derive(Clone, Debug)]
+struct Instance {
+    env: EnvName,
+    region: String,
+    service: Service,
+}
+
+/// A backup taken in this run, for the restore that follows it.
+#[derive(Clone, Debug)]
+struct Backup {
+    uuid: String,
+    instance_backup: String,
+    of: Prefix,
+    complete: bool,
+}
+
+/// What the API cannot show, as this provider recorded it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Records {
+    #[serde(default)]
+    fences: Vec<Fence>,
+    #[serde(default)]
+    holds: Vec<Holds>,
+}
+
+/// A fence set by `fence_command`; `lifted` once a deploy moved the application off the
+/// fenced service and `unfence_command` ran.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Fence {
+    env: EnvName,
+    service: ServiceId,
+    prefix: Prefix,
+    #[serde(default)]
+    lifted: bool,
+}
+
+/// What a service holds: recorded when a restore into it succeeds, and whenever it is
+/// seen visible (the application's own data), so that it is still known once the service
+/// is detached and the API can no longer tell.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Holds {
+    env: EnvName,
+    service: ServiceId,
+    data: Data,
+}
+
+#[derive(Debug)]
+pub struct DivioProvider {
+    api: Api,
+    application: String,
+    envs: Vec<DesiredEnv>,
+    root: PathBuf,
+    fence_command: Option<String>,
+    unfence_command: Option<String>,
+    verify_command: Option<String>,
+    poll: Duration,
+    wait: Duration,
+    app_uuid: Option<String>,
+    env_uuids: BTreeMap<EnvName, String>,
+    /// Catalogue entries by uuid (`None`: not PostgreSQL), and the regions already listed.
+    catalogue: BTreeMap<String, (Option<u32>, String)>,
+    regions_listed: BTreeSet<String>,
+    instances: BTreeMap<ServiceId, Instance>,
+    backups: BTreeMap<ServiceId, Backup>,
+    records: Records,
+}
+
+fn failed(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::Failed(e.to_string())
+}
+
+/// An API error as the user should read it: a refused token says what to do.
+fn api_err(e: ApiError) -> ProviderError {
+    match e.code() {
+        Some(401 | 403) => ProviderError::Failed(format!(
+            "the Divio API refused the token ({e}); create a new access token in the Control Panel \
+             (account → access tokens) and put it in the token environment variable or ~/.netrc"
+        )),
+        _ => ProviderError::Failed(format!("Divio API: {e}")),
+    }
+}
+
+fn text(v: &Value, key: &str) -> Result<String> {
+    v.get(key)
+        .and_then(|x| x.as_str().map(str::to_owned).or_else(|| x.as_u64().map(|n| n.to_string())))
+        .ok_or_else(|| ProviderError::Inconsistent(format!("the Divio API's answer has no `{key}`")))
+}
+
+/// Looks like a uuid: an application named by uuid needs no lookup.
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.chars()
+            .enumerate()
+            .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() })
+}
+
+/// The token: from `token_env`, else from the netrc entry of the zone's Control Panel.
+fn token(config: &DivioConfig, zone: &str) -> Result<String> {
+    let var = config.token_env.clone().unwrap_or_else(|| "DIVIO_TOKEN".into());
+    if let Some(t) = std::env::var(&var).ok().filter(|t| !t.trim().is_empty()) {
+        return Ok(t);
+    }
+    let netrc = std::env::var_os("NETRC_PATH")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".netrc")));
+    let host = match zone.split_once("://") {
+        Some((_, rest)) => rest.split(['/', ':']).next().unwrap_or(rest).to_owned(),
+        None => netrc_host(zone),
+    };
+    let from_netrc =
+        netrc.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).and_then(|t| netrc_password(&t, &host));
+    from_netrc.ok_or_else(|| {
+        ProviderError::Failed(format!(
+            "no Divio API token: set {var}, or log in with `divio login` (which stores it in ~/.netrc for {host})"
+        ))
+    })
+}
+
+impl DivioProvider {
+    /// `envs`: the environments the config declares; only those are observed.
+    pub fn new(config: &DivioConfig, config_path: &Path, envs: Vec<DesiredEnv>) -> Result<Self> {
+        let zone = config.zone.clone().unwrap_or_else(|| "divio.com".into());
+        let base = base_url(&zone).map_err(failed)?;
+        let api = Api::new(&base, &token(config, &zone)?).map_err(failed)?;
+        let dir = config_path.parent().unwrap_or(Path::new(""));
+        let root = dir.join(config.root.clone().unwrap_or_else(|| PathBuf::from(".pgconverge")));
+        let mut p = DivioProvider {
+            api,
+            application: config.application.trim().to_owned(),
+            envs,
+            root,
+            fence_command: config.fence_command.clone(),
+            unfence_command: config.unfence_command.clone(),
+            verify_command: config.verify_command.clone(),
+            poll: Duration::from_secs_f64(config.poll_seconds.unwrap_or(3.0)),
+            wait: Duration::from_secs(60 * config.wait_minutes.unwrap_or(60)),
+            app_uuid: None,
+            env_uuids: BTreeMap::new(),
+            catalogue: BTreeMap::new(),
+            regions_listed: BTreeSet::new(),
+            instances: BTreeMap::new(),
+            backups: BTreeMap::new(),
+            records: Records::default(),
+        };
+        p.records = p.read_records()?;
+        Ok(p)
+    }
+
+    /// Where the lock lives.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn records_path(&self) -> PathBuf {
+        let name: String =
+            self.application.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        self.root.join(format!("divio-{name}.json"))
+    }
+
+    fn read_records(&self) -> Result<Records> {
+        let path = self.records_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                ProviderError::Inconsistent(format!("{}: {e}; remove it to start afresh", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Records::default()),
+            Err(e) => Err(failed(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    fn write_records(&self) -> Result<()> {
+        let path = self.records_path();
+        let bytes = serde_json::to_vec_pretty(&self.records).map_err(failed)?;
+        crate::atomic::write_atomically(&path, &bytes, 0o644)
+            .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Refuses, before anything is touched, a plan with actions the API cannot carry out:
+    /// a fence without `fence_command`, a verify without `verify_command`.
+    pub fn check(&self, plan: &Plan) -> Result<()> {
+        for env in &plan.environments {
+            let verifies = env.actions.iter().any(|a| matches!(a, Action::Verify { .. }));
+            if verifies && self.verify_command.is_none() {
+                return Err(ProviderError::Refused(format!(
+                    "environment {}: the plan verifies the copy, but Divio gives pgconverge no access to the \
+                     databases. Set provider.divio.verify_command, or accept the risk with `upgrade.verify: none`: \
+                     the copy is then put in use without being compared with its source",
+                    env.name
+                )));
+            }
+            let fences = env.actions.iter().any(|a| matches!(a, Action::Fence { .. } | Action::Unfence { .. }));
+            if fences && self.fence_command.is_none() {
+                let fence_writes = self.envs.iter().find(|d| d.name == env.name).is_none_or(|d| d.upgrade.fence_writes);
+                let accept = if fence_writes {
+                    "accept the risk with `upgrade.fence_writes: false`: as in Divio's own runbook, every write \
+                     between the backup and the deploy will then be lost"
+                } else {
+                    "with `upgrade.verify: none` as well, accept that the copy is neither fenced nor verified"
+                };
+                return Err(ProviderError::Refused(format!(
+                    "environment {}: the plan blocks writes (fence), which the Divio API cannot do. Set \
+                     provider.divio.fence_command and unfence_command (e.g. commands that turn maintenance mode \
+                     on and off), or {accept}",
+                    env.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn app(&mut self) -> Result<String> {
+        if let Some(uuid) = &self.app_uuid {
+            return Ok(uuid.clone());
+        }
+        // A refused token is said plainly before anything else is asked.
+        self.api.get("/iam/v3/me/").map_err(api_err)?;
+        let uuid = if is_uuid(&self.application) {
+            self.application.clone()
+        } else {
+            let found = self.api.list(&format!("{V3}/applications/?slug={}", self.application)).map_err(api_err)?;
+            let found: Vec<&Value> =
+                found.iter().filter(|a| a.get("slug").and_then(Value::as_str) == Some(&self.application)).collect();
+            match found.as_slice() {
+                [one] => text(one, "uuid")?,
+                [] => return Err(failed(format!("no application `{}` is visible to this token", self.application))),
+                _ => {
+                    return Err(failed(format!(
+                        "several applications are called `{}`; name it by uuid",
+                        self.application
+                    )))
+                }
+            }
+        };
+        let envs = self.api.list(&format!("{V3}/environments/?application={uuid}")).map_err(api_err)?;
+        for e in &envs {
+            if let Ok(name) = EnvName::parse(&text(e, "slug")?) {
+                self.env_uuids.insert(name, text(e, "uuid")?);
+            }
+        }
+        if let Some(missing) = self.envs.iter().find(|d| !self.env_uuids.contains_key(&d.name)) {
+            let have: Vec<&str> = self.env_uuids.keys().map(EnvName::as_str).collect();
+            return Err(ProviderError::Inconsistent(format!(
+                "application {} has no environment `{}` (it has: {})",
+                self.application,
+                missing.name,
+                have.join(", ")
+            )));
+        }
+        self.app_uuid = Some(uuid.clone());
+        Ok(uuid)
+    }
+
+    fn env_uuid(&self, env: &EnvName) -> Result<String> {
+        self.env_uuids.get(env).cloned().ok_or_else(|| failed(format!("environment {env} is not known")))
+    }
+
+    /// Lists the catalogue of each region not listed yet.
+    fn list_catalogues(&mut self, regions: BTreeSet<String>) -> Result<()> {
+        let app = self.app()?;
+        let todo: Vec<String> = regions.into_iter().filter(|r| !self.regions_listed.contains(r)).collect();
+        let paths = todo.iter().map(|r| format!("{V3}/services/?region={r}&website={app}")).collect();
+        for (region, entries) in todo.iter().zip(self.api.list_all(paths).map_err(api_err)?) {
+            for e in entries {
+                let (identifier, name) =
+                    (text(&e, "identifier").unwrap_or_default(), text(&e, "name").unwrap_or_default());
+                self.catalogue.insert(text(&e, "uuid")?, (postgres_major(&identifier, &name), name));
+            }
+            self.regions_listed.insert(region.clone());
+        }
+        Ok(())
+    }
+
+    fn instance(&self, id: &ServiceId) -> Result<&Instance> {
+        self.instances.get(id).ok_or_else(|| failed(format!("service {id} is not among the observed services")))
+    }
+
+    /// The dataset a visible service under a temporary or retired prefix holds, and whether
+    /// the prefix is the retired one: `NEW_P` and `OLD_P` are bound to P; `NEW` and `OLD` to
+    /// the one declared prefix no visible service holds under its own name (the one
+    /// migrating), if there is exactly one.
+    fn bound(desired: &DesiredEnv, prefix: &Prefix, visible: &[&Prefix]) -> Option<(Prefix, bool)> {
+        let up = &desired.upgrade;
+        let declared = || desired.postgres.iter().map(|(p, _)| p);
+        let retired = |base: &Prefix| base == &up.retired_prefix;
+        for base in [&up.temporary_prefix, &up.retired_prefix] {
+            if prefix == base {
+                let mut free = declared().filter(|p| !visible.contains(p));
+                return match (free.next(), free.next()) {
+                    (Some(p), None) => Some((p.clone(), retired(base))),
+                    _ => None,
+                };
+            }
+            if let Some(p) = declared().find(|p| prefix.as_str() == format!("{base}_{p}")) {
+                return Some((p.clone(), retired(base)));
+            }
+        }
+        None
+    }
+
+    /// Runs one of the configured shell commands with the service it is about in its
+    /// environment; its output goes to the log, and into the error when it fails.
+    fn run_command(&self, what: &str, command: &str, env: &EnvName, vars: &[(&str, &str)]) -> Result<()> {
+        let mut c = Command::new("sh");
+        c.args(["-c", command]).env("PGCONVERGE_ENV", env.as_str()).env("PGCONVERGE_APPLICATION", &self.application);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let out = c.stdin(Stdio::null()).output().map_err(|e| failed(format!("{what}: cannot run `sh`: {e}")))?;
+        let said = String::from_utf8_lossy(&[out.stdout.as_slice(), out.stderr.as_slice()].concat()).trim().to_owned();
+        if !said.is_empty() {
+            tracing::info!(command = what, output = %said, "command output");
+        }
+        if !out.status.success() {
+            let last = super::local::server::last_lines(&said, 5);
+            return Err(failed(format!(
+                "{what} failed ({}){}",
+                out.status,
+                if last.is_empty() { String::new() } else { format!(": {last}") }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Polls `step` every `poll` until it gives an answer, for at most `wait`.
+    fn wait_for<T>(&self, what: &str, mut step: impl FnMut(&Api) -> Result<Option<T>>) -> Result<T> {
+        let deadline = Instant::now() + self.wait;
+        loop {
+            if let Some(done) = step(&self.api)? {
+                return Ok(done);
+            }
+            if Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "{what} did not finish within {} minutes; it may still finish: look in the Control Panel, \
+                     then run apply again",
+                    self.wait.as_secs() / 60
+                )));
+            }
+            std::thread::sleep(self.poll);
+        }
+    }
+
+    /// One of the unconfirmed endpoints: a 404 or 405 means the API has no such endpoint,
+    /// and the person running apply is told the Control Panel step instead.
+    fn unconfirmed(&self, result: std::result::Result<Value, ApiError>, env: &EnvName, manual: Manual) -> Result<()> {
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.code(), Some(404 | 405)) => {
+                Err(ProviderError::manual(&e.to_string(), &manual_step(env.as_str(), manual)))
+            }
+            Err(e) => Err(api_err(e)),
+        }
+    }
+
+    fn instance_path(id: &ServiceId) -> String {
+        format!("{V3}/service-instances/{id}/")
+    }
+}
+
+/// A field read as a success word (`"SUCCESS"`) or a bool.
+fn succeeded(v: &Value) -> bool {
+    match v.get("success") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s.eq_ignore_ascii_case("SUCCESS"),
+        _ => false,
+    }
+}
+
+/// Set and neither null nor false: a timestamp or `true`.
+fn is_set(v: &Value, key: &str) -> bool {
+    !matches!(v.get(key), None | Some(Value::Null) | Some(Value::Bool(false)))
+}
+
+impl Provider for DivioProvider {
+    fn observe(&mut self) -> Result<Live> {
+        self.app()?;
+        let names: Vec<EnvName> = self.envs.iter().map(|d| d.name.clone()).collect();
+        let mut paths = Vec::new();
+        for name in &names {
+            paths.push(format!("{V3}/service-instances/?environment={}", self.env_uuid(name)?));
+        }
+        let listed = self.api.list_all(paths).map_err(api_err)?;
+        let regions = listed.iter().flatten().filter_map(|i| text(i, "region").ok()).collect();
+        self.list_catalogues(regions)?;
+
+        let mut live = Live::empty();
+        self.instances.clear();
+        for (desired, items) in self.envs.iter().zip(&listed) {
+            let env = &desired.name;
+            let mut found = Vec::new();
+            for item in items {
+                let uuid = text(item, "uuid")?;
+                let word = text(item, "service_status")?;
+                let status = status(&word).ok_or_else(|| {
+                    ProviderError::Inconsistent(format!(
+                        "service instance {uuid} in {env} has status `{word}`, which this version of pgconverge \
+                         does not know; nothing was done"
+                    ))
+                })?;
+                let Some(status) = status else { continue }; // removed
+                if !text(item, "type").unwrap_or_default().eq_ignore_ascii_case("DATABASE") {
+                    continue;
+                }
+                let service = text(item, "service")?;
+                let Some((major, _)) = self.catalogue.get(&service) else {
+                    return Err(ProviderError::Inconsistent(format!(
+                        "service instance {uuid} in {env} uses catalogue entry {service}, which its region's catalogue does not list"
+                    )));
+                };
+                let Some(major) = *major else { continue }; // another engine
+                let bad = |m: String| ProviderError::Inconsistent(format!("service instance {uuid} in {env}: {m}"));
+                let service = Service {
+                    id: ServiceId::observed(&uuid).map_err(bad)?,
+                    version: Major::new(major).map_err(bad)?,
+                    prefix: Prefix::parse(&text(item, "prefix")?).map_err(bad)?,
+                    status,
+                    fenced: false,
+                    data: None,
+                };
+                found.push((service, text(item, "region").unwrap_or_default()));
+            }
+            let visible: Vec<&Prefix> =
+                found.iter().filter(|(s, _)| s.status.visible()).map(|(s, _)| &s.prefix).collect();
+            let bound: Vec<_> = found.iter().map(|(s, _)| Self::bound(desired, &s.prefix, &visible)).collect();
+            let mut services = Vec::new();
+            for ((mut s, region), bound) in found.into_iter().zip(bound) {
+                s.fenced = self.records.fences.iter().any(|f| &f.env == env && f.service == s.id);
+                let known = self.records.holds.iter().find(|c| &c.env == env && c.service == s.id);
+                s.data = match (known, bound) {
+                    (Some(c), _) => Some(c.data.clone()),
+                    // The retired original stays the application's database until a deploy;
+                    // a new service it can see holds a copy this provider did not make.
+                    (None, Some((of, retired))) if s.status.visible() => {
+                        Some(Data { of, complete: retired, restored_from: None, verified: false })
+                    }
+                    _ => None,
+                };
+                if known.is_none() && s.status.visible() {
+                    if let Some(data) = s.effective_data() {
+                        self.records.holds.push(Holds { env: env.clone(), service: s.id.clone(), data });
+                    }
+                }
+                self.instances.insert(s.id.clone(), Instance { env: env.clone(), region, service: s.clone() });
+                services.push(s);
+            }
+            live.environments.insert(env.clone(), EnvLive { services });
+        }
+        let before = self.records.clone();
+        let exists = |env: &EnvName, id: &ServiceId| self.instances.get(id).is_some_and(|i| &i.env == env);
+        self.records.fences.retain(|f| exists(&f.env, &f.service));
+        self.records.holds.retain(|c| exists(&c.env, &c.service));
+        if self.records != before {
+            self.write_records()?;
+        }
+        live.format_version = FORMAT_VERSION;
+        Ok(live)
+    }
+
+    fn add(&mut self, env: &EnvName, prefix: &Prefix, version: Major) -> Result<ServiceId> {
+        let env_uuid = self.env_uuid(env)?;
+        let mut regions: Vec<&str> = self
+            .instances
+            .values()
+            .filter(|i| &i.env == env && !i.region.is_empty())
+            .map(|i| i.region.as_str())
+            .collect();
+        regions.dedup();
+        let region = match regions.as_slice() {
+            [one] => one.to_string(),
+            [] => {
+                let all = self.api.list(&format!("{V3}/regions/")).map_err(api_err)?;
+                match all.as_slice() {
+                    [one] => text(one, "uuid")?,
+                    _ => return Err(failed(format!("environment {env} has no database yet, so its region is unknown: add one in the Control Panel first"))),
+                }
+            }
+            _ => {
+                return Err(failed(format!(
+                    "environment {env} has services in several regions; pgconverge cannot tell which to use"
+                )))
+            }
+        };
+        self.list_catalogues([region.clone()].into())?;
+        let mut offers: Vec<(&String, &(Option<u32>, String))> =
+            self.catalogue.iter().filter(|(_, (m, _))| m.is_some()).collect();
+        offers.sort_by(|a, b| a.1 .1.cmp(&b.1 .1));
+        let Some((service, _)) = offers.iter().find(|(_, (m, _))| *m == Some(version.get())) else {
+            let mut majors: Vec<u32> = offers.iter().filter_map(|(_, (m, _))| *m).collect();
+            majors.dedup();
+            let majors: Vec<String> = majors.iter().map(u32::to_string).collect();
+            return Err(failed(format!(
+                "the Divio catalogue offers no PostgreSQL {version} to this application (it offers: {})",
+                majors.join(", ")
+            )));
+        };
+        let body = json!({"environment": env_uuid, "region": region, "service": service, "prefix": prefix.as_str()});
+        let created = self.api.post(&format!("{V3}/service-instances/"), body).map_err(api_err)?;
+        ServiceId::observed(&text(&created, "uuid")?).map_err(ProviderError::Inconsistent)
+    }
+
+    fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let prefix = self.instance(id)?.service.prefix.clone();
+        let r = self.api.post(&format!("{}provision/", Self::instance_path(id)), json!({}));
+        self.unconfirmed(r, env, Manual::Provision { prefix: prefix.as_str() })
+    }
+
+    fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let prefix = self.instance(id)?.service.prefix.clone();
+        let Some(command) = &self.fence_command else {
+            return Err(ProviderError::Refused(
+                "the Divio API cannot block writes; set provider.divio.fence_command".into(),
+            ));
+        };
+        self.run_command(
+            "fence_command",
+            command,
+            env,
+            &[("PGCONVERGE_SERVICE", id.as_str()), ("PGCONVERGE_PREFIX", prefix.as_str())],
+        )?;
+        self.records.fences.push(Fence { env: env.clone(), service: id.clone(), prefix, lifted: false });
+        self.write_records()
+    }
+
+    fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let prefix = self.instance(id)?.service.prefix.clone();
+        let Some(command) = &self.unfence_command else {
+            return Err(ProviderError::Refused(
+                "the Divio API cannot allow writes; set provider.divio.unfence_command".into(),
+            ));
+        };
+        self.run_command(
+            "unfence_command",
+            command,
+            env,
+            &[("PGCONVERGE_SERVICE", id.as_str()), ("PGCONVERGE_PREFIX", prefix.as_str())],
+        )?;
+        self.records.fences.retain(|f| !(&f.env == env && &f.service == id));
+        // Writes may now reach it: what was copied from it is no longer whole.
+        if self.instance(id)?.service.status.visible() {
+            for c in self.records.holds.iter_mut().filter(|c| c.data.restored_from.as_ref() == Some(id)) {
+                c.data.complete = false;
+            }
+            if let Some(b) = self.backups.get_mut(id) {
+                b.complete = false;
+            }
+        }
+        self.write_records()
+    }
+
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
+        let service = self.instance(id)?.service.clone();
+        let data = service.effective_data().ok_or_else(|| failed(format!("{id} holds no data to back up")))?;
+        let body = json!({
+            "environment": self.env_uuid(env)?,
+            "services": [id.as_str()],
+            "trigger": "MANUAL",
+            "notes": format!("pgconverge: {} before its upgrade", service.prefix),
+        });
+        let created = self.api.post(&format!("{V3}/backups/"), body).map_err(api_err)?;
+        let uuid = text(&created, "uuid")?;
+        let done = self.wait_for(&format!("backup {uuid}"), |api| {
+            let b = api.get(&format!("{V3}/backups/{uuid}/")).map_err(api_err)?;
+            let state = b.get("state").and_then(Value::as_str).unwrap_or_default();
+            Ok(state.eq_ignore_ascii_case("COMPLETED").then_some(b))
+        })?;
+        if !succeeded(&done) {
+            return Err(failed(format!(
+                "backup {uuid} of {} ended with success = {}",
+                service.prefix,
+                done.get("success").unwrap_or(&Value::Null)
+            )));
+        }
+        let parts: Vec<String> = done
+            .get("service_instance_backups")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_owned).or_else(|| text(p, "uuid").ok())).collect())
+            .unwrap_or_default();
+        let mut found = None;
+        for part in parts {
+            let sib = self.api.get(&format!("{V3}/service-instance-backups/{part}/")).map_err(api_err)?;
+            if text(&sib, "service_instance").ok().as_deref() == Some(id.as_str()) {
+                found = Some((part, sib.get("size").and_then(Value::as_u64).unwrap_or(0)));
+            }
+        }
+        let (instance_backup, size) = found.ok_or_else(|| failed(format!("backup {uuid} holds no backup of {id}")))?;
+        let complete = data.complete && (service.fenced || !service.status.visible());
+        self.backups.insert(id.clone(), Backup { uuid, instance_backup, of: data.of, complete });
+        Ok(size)
+    }
+
+    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
+        let backup = self
+            .backups
+            .get(from)
+            .cloned()
+            .ok_or_else(|| failed(format!("no backup of {from} was taken in this run")))?;
+        let body = json!({
+            "backup": backup.uuid,
+            "service_instance_restores": [{"service_instance_backup": backup.instance_backup, "service_instance": id.as_str()}],
+            "notes": format!("pgconverge: copy of {} into {id}", backup.of),
+        });
+        let created = self.api.post(&format!("{V3}/backup-restores/"), body).map_err(api_err)?;
+        let uuid = text(&created, "uuid")?;
+        let done = self.wait_for(&format!("restore {uuid}"), |api| {
+            let r = api.get(&format!("{V3}/backup-restores/{uuid}/")).map_err(api_err)?;
+            Ok(is_set(&r, "finished").then_some(r))
+        })?;
+        if !succeeded(&done) {
+            return Err(failed(format!(
+                "restore {uuid} into {id} ended with success = {}",
+                done.get("success").unwrap_or(&Value::Null)
+            )));
+        }
+        let data = Data {
+            of: backup.of.clone(),
+            complete: backup.complete,
+            restored_from: Some(from.clone()),
+            verified: false,
+        };
+        self.records.holds.retain(|c| !(&c.env == env && &c.service == id));
+        self.records.holds.push(Holds { env: env.clone(), service: id.clone(), data });
+        self.write_records()?;
+        let size =
+            self.api.get(&format!("{V3}/service-instance-backups/{}/", backup.instance_backup)).map_err(api_err)?;
+        Ok(size.get("size").and_then(Value::as_u64).unwrap_or(0))
+    }
+
+    fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
+        let Some(command) = &self.verify_command else {
+            return Err(ProviderError::Refused(
+                "Divio gives no database access to verify with; set provider.divio.verify_command".into(),
+            ));
+        };
+        let (copy, source) =
+            (self.instance(id)?.service.prefix.clone(), self.instance(against)?.service.prefix.clone());
+        self.run_command(
+            "verify_command",
+            command,
+            env,
+            &[
+                ("PGCONVERGE_SERVICE", id.as_str()),
+                ("PGCONVERGE_PREFIX", copy.as_str()),
+                ("PGCONVERGE_AGAINST", against.as_str()),
+                ("PGCONVERGE_AGAINST_PREFIX", source.as_str()),
+                ("PGCONVERGE_VERIFY", how.as_str()),
+            ],
+        )?;
+        let copy = self.records.holds.iter_mut().find(|c| &c.env == env && &c.service == id);
+        copy.ok_or_else(|| failed(format!("{id} holds no copy this provider made")))?.data.verified = true;
+        self.write_records()
+    }
+
+    fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()> {
+        let from = self.instance(id)?.service.prefix.clone();
+        let r = self.api.patch(&Self::instance_path(id), json!({"prefix": to.as_str()}));
+        self.unconfirmed(r, env, Manual::Rename { from: from.as_str(), to: to.as_str() })
+    }
+
+    fn detach(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let prefix = self.instance(id)?.service.prefix.clone();
+        let r = self.api.post(&format!("{}detach/", Self::instance_path(id)), json!({}));
+        self.unconfirmed(r, env, Manual::Detach { prefix: prefix.as_str() })
+    }
+
+    fn deploy(&mut self, env: &EnvName) -> Result<()> {
+        let env_uuid = self.env_uuid(env)?;
+        let running = self.api.list(&format!("{V3}/deployments/?environment={env_uuid}")).map_err(api_err)?;
+        // A deployment already under way started before this apply's changes: it is waited
+        // for, then a new one carries them.
+        if let Some(busy) = running.iter().find(|d| !is_set(d, "ended_at")) {
+            let uuid = text(busy, "uuid")?;
+            tracing::info!(%env, deployment = %uuid, "waiting for the deployment already running");
+            self.wait_for(&format!("the running deployment {uuid}"), |api| {
+                let d = api.get(&format!("{V3}/deployments/{uuid}/")).map_err(api_err)?;
+                Ok(is_set(&d, "ended_at").then_some(()))
+            })?;
+        }
+        let created =
+            self.api.post(&format!("{V3}/deployments/"), json!({"environment": env_uuid})).map_err(api_err)?;
+        let uuid = text(&created, "uuid")?;
+        let done = self.wait_for(&format!("deployment {uuid}"), |api| {
+            let d = api.get(&format!("{V3}/deployments/{uuid}/")).map_err(api_err)?;
+            Ok(is_set(&d, "ended_at").then_some(d))
+        })?;
+        if !succeeded(&done) {
+            return Err(failed(format!("deployment {uuid} of {env} failed; its log is in the Control Panel")));
+        }
+        // The application now uses the copies: the fences on what it left may be lifted
+        // (a fence is often the whole application's maintenance mode).
+        let fenced: Vec<Fence> = self.records.fences.iter().filter(|f| &f.env == env && !f.lifted).cloned().collect();
+        for f in fenced {
+            if let Some(command) = &self.unfence_command {
+                let vars = [("PGCONVERGE_SERVICE", f.service.as_str()), ("PGCONVERGE_PREFIX", f.prefix.as_str())];
+                self.run_command("unfence_command", command, env, &vars)?;
+            }
+            for r in self.records.fences.iter_mut().filter(|r| **r == f) {
+                r.lifted = true;
+            }
+            self.write_records()?;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let prefix = self.instance(id)?.service.prefix.clone();
+        let r = self.api.delete(&Self::instance_path(id));
+        self.unconfirmed(r, env, Manual::Delete { prefix: prefix.as_str() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Upgrade;
+
+    fn prefix(p: &str) -> Prefix {
+        Prefix::parse(p).expect("prefix")
+    }
+
+    fn env(declared: &[&str]) -> DesiredEnv {
+        DesiredEnv {
+            name: EnvName::parse("live").expect("name"),
+            postgres: declared.iter().map(|p| (prefix(p), Major::new(17).expect("major"))).collect(),
+            upgrade: Upgrade::default(),
+        }
+    }
+
+    #[test]
+    fn temporary_and_retired_prefixes_are_bound_to_their_dataset() {
+        let one = env(&["DEFAULT"]);
+        let bound = |d: &DesiredEnv, p: &str, visible: &[&str]| {
+            let visible: Vec<Prefix> = visible.iter().map(|v| prefix(v)).collect();
+            DivioProvider::bound(d, &prefix(p), &visible.iter().collect::<Vec<_>>())
+        };
+        assert_eq!(bound(&one, "OLD", &["OLD"]), Some((prefix("DEFAULT"), true)));
+        assert_eq!(bound(&one, "NEW", &["DEFAULT", "NEW"]), None, "DEFAULT is visible under its own name");
+        assert_eq!(bound(&one, "NEW", &["NEW"]), Some((prefix("DEFAULT"), false)));
+        assert_eq!(bound(&one, "ANALYTICS", &["ANALYTICS"]), None, "not ours");
+        let two = env(&["DEFAULT", "ANALYTICS"]);
+        assert_eq!(bound(&two, "OLD_ANALYTICS", &["DEFAULT"]), Some((prefix("ANALYTICS"), true)));
+        assert_eq!(bound(&two, "NEW_DEFAULT", &["DEFAULT"]), Some((prefix("DEFAULT"), false)));
+        assert_eq!(bound(&two, "OLD", &["OLD"]), None, "two prefixes could own a plain OLD");
+        assert_eq!(bound(&two, "OLD", &["OLD", "ANALYTICS"]), Some((prefix("DEFAULT"), true)));
+    }
+
+    #[test]
+    fn uuids_and_answers_are_read_as_the_api_writes_them() {
+        assert!(is_uuid("00000000-0000-4000-a000-000000000001"));
+        assert!(!is_uuid("my-app") && !is_uuid("00000000-0000-4000-a000-00000000000g"));
+        assert!(succeeded(&json!({"success": "SUCCESS"})) && succeeded(&json!({"success": true})));
+        assert!(!succeeded(&json!({"success": "PARTIAL"})) && !succeeded(&json!({"success": null})));
+        assert!(is_set(&json!({"ended_at": "2026-11-25T12:00:00Z"}), "ended_at"));
+        assert!(!is_set(&json!({"ended_at": null}), "ended_at") && !is_set(&json!({}), "finished"));
+    }
+}

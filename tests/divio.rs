@@ -1,0 +1,259 @@
+//! The Divio provider against an in-process emulator of the Control Panel API
+//! (`tests/divio_emulator`), through the real binary, as a CI job would run it.
+
+mod common;
+mod divio_emulator;
+
+use std::path::{Path, PathBuf};
+
+use common::{pgconverge_with, scratch, Run};
+use divio_emulator::{lock, serve, Shared, World, PG17};
+
+/// A project directory with a config for the emulator at `base`; `extra` goes under
+/// `provider.divio`, `upgrade` under `upgrade`.
+fn project(name: &str, base: &str, extra: &str, upgrade: &str) -> PathBuf {
+    let dir = scratch(name);
+    let fence = dir.join("maintenance");
+    let config = format!(
+        "version: 1\n\
+         provider:\n  divio:\n    application: shop\n    zone: {base}\n    poll_seconds: 0.01\n    \
+         fence_command: touch {fence}\n    unfence_command: rm -f {fence}\n    \
+         verify_command: 'echo \"$PGCONVERGE_VERIFY $PGCONVERGE_PREFIX from $PGCONVERGE_AGAINST_PREFIX\" >> verified'\n{extra}\
+         {upgrade}\
+         rollout: [test, live]\n\
+         environments:\n  test:\n    postgres:\n      DEFAULT: 17\n  live:\n    postgres:\n      DEFAULT: 17\n",
+        fence = fence.display()
+    );
+    std::fs::write(dir.join("pgconverge.yaml"), config).expect("write config");
+    dir
+}
+
+/// Declares only `live`, for a world that has no other environment.
+fn only_live(dir: &Path) {
+    let path = dir.join("pgconverge.yaml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let text = text.replace("rollout: [test, live]\n", "").replace("  test:\n    postgres:\n      DEFAULT: 17\n", "");
+    std::fs::write(path, text).expect("write config");
+}
+
+fn run(dir: &Path, args: &[&str]) -> Run {
+    pgconverge_with(args, dir, &[("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent")])
+}
+
+fn start(world: World, dir_name: &str, extra: &str, upgrade: &str) -> (Shared, PathBuf) {
+    let (shared, base) = serve(world);
+    let dir = project(dir_name, &base, extra, upgrade);
+    lock(&shared).fence_file = Some(dir.join("maintenance"));
+    (shared, dir)
+}
+
+/// After an apply: one PostgreSQL 17 under DEFAULT, attached and in use, holding the two
+/// original rows and every write the application was told had committed.
+fn assert_upgraded(shared: &Shared, env: &str) {
+    let w = lock(shared);
+    let dbs = w.databases(env);
+    assert_eq!(dbs.len(), 1, "{env}: one database left: {dbs:?}");
+    let db = &dbs[0];
+    assert_eq!((db.prefix.as_str(), db.service.as_str(), db.status.as_str()), ("DEFAULT", PG17, "ATTACHED"));
+    assert_eq!(w.bindings[env]["DEFAULT"], db.uuid, "{env}: the application uses it");
+    let rows = w.app_rows(env);
+    assert!(rows.starts_with(&["row-a".to_owned(), "row-b".to_owned()]), "{env}: {rows:?}");
+    let lost: Vec<&String> = w.committed.get(env).into_iter().flatten().filter(|r| !rows.contains(r)).collect();
+    assert!(lost.is_empty(), "{env}: committed writes lost: {lost:?}");
+}
+
+#[test]
+fn the_runbook_end_to_end_loses_no_write() {
+    let mut world = World::shop(&["test", "live"]);
+    world.rate_limit_every = 7;
+    let (shared, dir) = start(world, "divio-runbook", "", "");
+
+    let plan = run(&dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 2, "{}{}", plan.stdout, plan.stderr);
+    assert!(plan.stdout.contains("11 actions, 6 inside the write outage"), "{}", plan.stdout);
+
+    let apply = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(apply.code, 0, "{}{}", apply.stdout, apply.stderr);
+    assert!(apply.stdout.contains("Apply complete: 22 actions"), "{}", apply.stdout);
+    for env in ["test", "live"] {
+        assert_upgraded(&shared, env);
+    }
+    {
+        let w = lock(&shared);
+        assert!(w.committed["live"].len() > 10, "the application kept writing: {:?}", w.committed["live"]);
+        assert!(w.log.iter().any(|l| l.ends_with("/detach/")), "detached through the API");
+        assert!(!dir.join("maintenance").exists(), "the deploy lifted the fence");
+    }
+    let verified = std::fs::read_to_string(dir.join("verified")).expect("verify_command ran");
+    assert_eq!(verified, "counts NEW from DEFAULT\ncounts NEW from DEFAULT\n");
+    assert!(!apply.stdout.contains("tok-s3cret") && !apply.stderr.contains("tok-s3cret"));
+
+    let again = run(&dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(again.code, 0, "converged: {}{}", again.stdout, again.stderr);
+}
+
+#[test]
+fn without_a_fence_the_runbook_loses_writes_and_the_plan_says_so() {
+    let upgrade = "upgrade:\n  fence_writes: false\n  verify: none\n";
+    let (shared, dir) = start(World::shop(&["test", "live"]), "divio-nofence", "", upgrade);
+    let plan = run(&dir, &["plan", "--format", "markdown"]);
+    assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
+    assert!(plan.stdout.contains("no-fence: writes may be lost"), "{}", plan.stdout);
+    let apply = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(apply.code, 0, "{}{}", apply.stdout, apply.stderr);
+    let w = lock(&shared);
+    let rows = w.app_rows("live");
+    let lost = w.committed["live"].iter().filter(|r| !rows.contains(r)).count();
+    assert!(lost > 0, "writes between backup and deploy are lost, as the runbook warns");
+}
+
+#[test]
+fn plans_the_api_cannot_carry_out_are_refused_naming_the_setting_that_accepts_the_risk() {
+    let (shared, base) = serve(World::shop(&["test", "live"]));
+    let dir = scratch("divio-refuse");
+    let config = |upgrade: &str| {
+        let config = format!(
+            "version: 1\nprovider:\n  divio: {{application: shop, zone: '{base}', poll_seconds: 0.01}}\n\
+             upgrade: {{{upgrade}}}\nenvironments:\n  live:\n    postgres: {{DEFAULT: 17}}\n"
+        );
+        std::fs::write(dir.join("pgconverge.yaml"), config).expect("config");
+    };
+    config("");
+    let plan = run(&dir, &["plan"]);
+    assert_eq!(plan.code, 1, "{}{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stderr.contains("verify_command") && plan.stderr.contains("`upgrade.verify: none`"),
+        "{}",
+        plan.stderr
+    );
+    let apply = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(apply.code, 1, "{}{}", apply.stdout, apply.stderr);
+    assert!(apply.stderr.contains("`upgrade.verify: none`"), "{}", apply.stderr);
+    assert!(!lock(&shared).log.iter().any(|l| !l.starts_with("GET")), "nothing was asked of the API but to look");
+
+    config("verify: none");
+    let plan = run(&dir, &["plan"]);
+    assert_eq!(plan.code, 1, "{}{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stderr.contains("fence_command") && plan.stderr.contains("`upgrade.fence_writes: false`"),
+        "{}",
+        plan.stderr
+    );
+    assert!(plan.stderr.contains("every write between the backup and the deploy will then be lost"), "{}", plan.stderr);
+
+    config("verify: none, fence_writes: false");
+    let plan = run(&dir, &["plan"]);
+    assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("Warning: fence_writes is off: writes made between the backup and the deploy will be lost"),
+        "{}",
+        plan.stdout
+    );
+    assert_eq!(lock(&shared).databases("live").len(), 1, "nothing was touched");
+}
+
+#[test]
+fn a_missing_endpoint_stops_apply_with_the_control_panel_step_and_the_next_apply_continues() {
+    let mut world = World::shop(&["live"]);
+    world.unsupported.insert("rename");
+    let (shared, dir) = start(world, "divio-manual", "", "");
+    only_live(&dir);
+
+    let first = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(first.code, 1, "{}{}", first.stdout, first.stderr);
+    assert!(first.stderr.contains("environment live → Services → rename prefix DEFAULT to OLD"), "{}", first.stderr);
+    assert!(dir.join("maintenance").exists(), "writes stay blocked until the job is finished");
+    lock(&shared).rename_by_hand("live", "DEFAULT", "OLD");
+
+    let second = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(second.code, 1, "{}{}", second.stdout, second.stderr);
+    assert!(second.stderr.contains("rename prefix NEW to DEFAULT"), "{}", second.stderr);
+    assert!(!second.stderr.contains("backup"), "the copy made before is not made again: {}", second.stderr);
+    lock(&shared).rename_by_hand("live", "NEW", "DEFAULT");
+
+    let third = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(third.code, 0, "{}{}", third.stdout, third.stderr);
+    assert_upgraded(&shared, "live");
+    let backups = lock(&shared).log.iter().filter(|l| *l == "POST /apps/v3/backups/").count();
+    assert_eq!(backups, 1, "one backup in all");
+}
+
+#[test]
+fn a_deployment_already_running_is_waited_for_not_duplicated() {
+    let mut world = World::shop(&["test", "live"]);
+    let running = world.start_deployment("live", 12);
+    let (shared, dir) = start(world, "divio-busy", "", "");
+    let apply = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(apply.code, 0, "{}{}", apply.stdout, apply.stderr);
+    assert_upgraded(&shared, "live");
+    let w = lock(&shared);
+    let live = w.env_uuid("live");
+    let ours: Vec<_> = w.deployments.iter().filter(|d| d.env == live && !d.started_by_test).collect();
+    assert_eq!(ours.len(), 1, "one deployment of its own");
+    let theirs = w.deployments.iter().find(|d| d.uuid == running).expect("the running one");
+    assert!(theirs.ended_seq.is_some_and(|end| end < ours[0].seq), "started after the running one ended");
+}
+
+#[test]
+fn a_bad_token_is_refused_plainly_and_never_shown() {
+    let (_shared, dir) = start(World::shop(&["test", "live"]), "divio-token", "", "");
+    let bad = pgconverge_with(&["plan"], &dir, &[("DIVIO_TOKEN", "not-the-token-42"), ("NETRC_PATH", "/nonexistent")]);
+    assert_eq!(bad.code, 1, "{}{}", bad.stdout, bad.stderr);
+    assert!(bad.stderr.contains("refused the token") && bad.stderr.contains("401"), "{}", bad.stderr);
+    assert!(!bad.stderr.contains("not-the-token-42") && !bad.stdout.contains("not-the-token-42"));
+
+    let none = pgconverge_with(&["plan"], &dir, &[("DIVIO_TOKEN", ""), ("NETRC_PATH", "/nonexistent")]);
+    assert_eq!(none.code, 1);
+    assert!(none.stderr.contains("no Divio API token") && none.stderr.contains("DIVIO_TOKEN"), "{}", none.stderr);
+
+    let netrc = dir.join("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login me password tok-s3cret\n").expect("netrc");
+    let from_netrc =
+        pgconverge_with(&["plan"], &dir, &[("DIVIO_TOKEN", ""), ("NETRC_PATH", netrc.to_str().expect("utf-8"))]);
+    assert_eq!(from_netrc.code, 0, "{}{}", from_netrc.stdout, from_netrc.stderr);
+}
+
+#[test]
+fn listings_are_followed_page_by_page() {
+    let mut world = World::shop(&["test", "live"]);
+    world.page_size = 1;
+    let live = world.env_uuid("live");
+    for prefix in ["A1", "A2", "A3", "A4"] {
+        world.instance(&live, prefix, divio_emulator::PG15, "DETACHED");
+    }
+    world.instance(&live, "GONE", divio_emulator::PG15, "REMOVED");
+    let (shared, dir) = start(world, "divio-pages", "", "");
+    let show = run(&dir, &["show", "--format", "json", "--env", "live"]);
+    assert_eq!(show.code, 0, "{}{}", show.stdout, show.stderr);
+    let live: serde_json::Value = serde_json::from_str(&show.stdout).expect("json");
+    let prefixes: Vec<&str> = live["environments"]["live"]["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| s["prefix"].as_str().expect("prefix"))
+        .collect();
+    assert_eq!(prefixes, ["DEFAULT", "A1", "A2", "A3", "A4"], "every page, not the storage, not the removed");
+    assert!(lock(&shared).log.iter().filter(|l| l.contains("service-instances")).count() >= 7);
+}
+
+#[test]
+fn a_crash_after_any_action_is_finished_by_the_next_apply_without_losing_a_write() {
+    for n in 1..=10 {
+        let (shared, dir) = start(World::shop(&["live"]), &format!("divio-crash-{n}"), "", "");
+        only_live(&dir);
+        let failpoint = format!("after:{n}=crash");
+        let crashed = pgconverge_with(
+            &["apply", "--auto-approve"],
+            &dir,
+            &[("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("PGCONVERGE_FAILPOINTS", &failpoint)],
+        );
+        assert_ne!(crashed.code, 0, "{failpoint}: {}{}", crashed.stdout, crashed.stderr);
+        let again = run(&dir, &["apply", "--auto-approve"]);
+        assert_eq!(again.code, 0, "{failpoint}: {}{}", again.stdout, again.stderr);
+        assert_upgraded(&shared, "live");
+        let backups = lock(&shared).log.iter().filter(|l| *l == "POST /apps/v3/backups/").count();
+        assert_eq!(backups, 1, "{failpoint}: a recorded copy is not made again");
+        assert!(!dir.join("maintenance").exists(), "{failpoint}: the fence is lifted in the end");
+    }
+}

@@ -1,0 +1,541 @@
+//! An in-process emulator of the Divio Control Panel API as `shared/divio-api.md` documents
+//! it, for the Divio provider's tests: token check, pagination through absolute `next`
+//! links with small pages, service instances with the documented statuses and
+//! transitions, backups, restores and deployments that take several polls, and 429s now
+//! and then. The unconfirmed endpoints (provision, detach, rename, delete) follow the
+//! REST convention and can be switched off (405) one by one.
+//!
+//! It also plays the application: at every request it tries to commit one write through
+//! the DSN its last deployment gave it for `DEFAULT`, unless the fence file exists
+//! (maintenance mode), and remembers every write it was told had committed. A test then
+//! checks that each of them is in the database the application ends up on.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub uuid: String,
+    pub env: String,
+    pub prefix: String,
+    pub status: String,
+    pub region: String,
+    pub service: String,
+    pub kind: String,
+    pub rows: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Job {
+    polls_left: u32,
+    done: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Backup {
+    env: String,
+    parts: Vec<String>,
+    job: Job,
+}
+
+#[derive(Clone, Debug)]
+struct InstanceBackup {
+    backup: String,
+    instance: String,
+    rows: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Restore {
+    target: String,
+    rows: Vec<String>,
+    job: Job,
+}
+
+#[derive(Clone, Debug)]
+pub struct Deployment {
+    pub uuid: String,
+    pub env: String,
+    job: Job,
+    pub started_by_test: bool,
+    pub seq: u32,
+    pub ended_seq: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+pub struct World {
+    pub token: String,
+    pub base: String,
+    pub page_size: usize,
+    /// GETs a backup, restore or deployment takes to finish.
+    pub polls: u32,
+    /// Every nth request is answered 429 (0: never).
+    pub rate_limit_every: u32,
+    /// Unconfirmed endpoints answered 405: "provision", "detach", "rename", "delete".
+    pub unsupported: BTreeSet<&'static str>,
+    pub app: (String, String),
+    pub envs: Vec<(String, String)>,
+    pub regions: Vec<String>,
+    /// (uuid, name, identifier)
+    pub catalogue: Vec<(String, String, String)>,
+    pub instances: Vec<Instance>,
+    backups: BTreeMap<String, Backup>,
+    instance_backups: BTreeMap<String, InstanceBackup>,
+    restores: BTreeMap<String, Restore>,
+    pub deployments: Vec<Deployment>,
+    /// What the application's last deployment gave it: env → prefix → instance.
+    pub bindings: BTreeMap<String, BTreeMap<String, String>>,
+    /// While this file exists the application cannot write (its maintenance mode).
+    pub fence_file: Option<PathBuf>,
+    /// Writes the application was told had committed, per environment.
+    pub committed: BTreeMap<String, Vec<String>>,
+    pub requests: u32,
+    pub log: Vec<String>,
+    next_id: u32,
+    seq: u32,
+}
+
+pub const PG15: &str = "00000000-0000-4000-8000-000000000015";
+pub const PG17: &str = "00000000-0000-4000-8000-000000000017";
+
+impl World {
+    fn id(&mut self) -> String {
+        self.next_id += 1;
+        format!("00000000-0000-4000-a000-{:012}", self.next_id)
+    }
+
+    /// An application `shop` with the given environments, one region, a catalogue of
+    /// PostgreSQL 13, 15, 17 and MySQL 8, and in each environment a `DEFAULT` PostgreSQL 15
+    /// holding two rows and attached (deployed), beside a storage instance.
+    pub fn shop(envs: &[&str]) -> World {
+        let mut w = World { token: "tok-s3cret".into(), page_size: 2, polls: 3, ..World::default() };
+        w.app = ("00000000-0000-4000-b000-000000000001".into(), "shop".into());
+        w.regions = vec!["00000000-0000-4000-c000-000000000001".into()];
+        w.catalogue = vec![
+            ("00000000-0000-4000-8000-000000000013".into(), "PostgreSQL 13".into(), "postgres-13".into()),
+            (PG15.into(), "PostgreSQL 15".into(), "postgres-15".into()),
+            (PG17.into(), "PostgreSQL 17".into(), "postgres-17".into()),
+            ("00000000-0000-4000-8000-000000000008".into(), "MySQL 8".into(), "mysql-8".into()),
+            ("00000000-0000-4000-8000-0000000000aa".into(), "Object storage".into(), "s3".into()),
+        ];
+        for env in envs {
+            let uuid = w.id();
+            w.envs.push((uuid.clone(), env.to_string()));
+            let db = w.instance(&uuid, "DEFAULT", PG15, "ATTACHED");
+            w.instances.iter_mut().for_each(|i| {
+                if i.uuid == db {
+                    i.rows = vec!["row-a".into(), "row-b".into()];
+                }
+            });
+            w.bindings.entry(env.to_string()).or_default().insert("DEFAULT".into(), db);
+            let storage = w.instance(&uuid, "DEFAULT", "00000000-0000-4000-8000-0000000000aa", "ATTACHED");
+            w.instances.iter_mut().filter(|i| i.uuid == storage).for_each(|i| i.kind = "STORAGE".into());
+        }
+        w
+    }
+
+    /// Adds an instance to the environment with this uuid; returns its uuid.
+    pub fn instance(&mut self, env_uuid: &str, prefix: &str, service: &str, status: &str) -> String {
+        let uuid = self.id();
+        let region = self.regions[0].clone();
+        self.instances.push(Instance {
+            uuid: uuid.clone(),
+            env: env_uuid.into(),
+            prefix: prefix.into(),
+            status: status.into(),
+            region,
+            service: service.into(),
+            kind: "DATABASE".into(),
+            rows: Vec::new(),
+        });
+        uuid
+    }
+
+    pub fn env_uuid(&self, slug: &str) -> String {
+        self.envs.iter().find(|(_, s)| s == slug).map(|(u, _)| u.clone()).expect("environment")
+    }
+
+    /// The database instances of an environment that are not removed.
+    pub fn databases(&self, slug: &str) -> Vec<Instance> {
+        let env = self.env_uuid(slug);
+        self.instances
+            .iter()
+            .filter(|i| i.env == env && i.kind == "DATABASE" && i.status != "REMOVED")
+            .cloned()
+            .collect()
+    }
+
+    /// The rows of the database the application's `DEFAULT` now points at.
+    pub fn app_rows(&self, slug: &str) -> Vec<String> {
+        let uuid = &self.bindings[slug]["DEFAULT"];
+        self.instances.iter().find(|i| &i.uuid == uuid).map(|i| i.rows.clone()).unwrap_or_default()
+    }
+
+    /// Renames by hand, as a person in the Control Panel would.
+    pub fn rename_by_hand(&mut self, slug: &str, from: &str, to: &str) {
+        let env = self.env_uuid(slug);
+        let i = self.instances.iter_mut().find(|i| i.env == env && i.prefix == from && i.status != "REMOVED");
+        i.expect("instance to rename").prefix = to.into();
+    }
+
+    /// The application commits one write to its `DEFAULT`, unless it is fenced out.
+    fn app_writes(&mut self) {
+        if self.fence_file.as_ref().is_some_and(|f| f.exists()) {
+            return;
+        }
+        for (env, bound) in self.bindings.clone() {
+            let Some(uuid) = bound.get("DEFAULT") else { continue };
+            let row = format!("write-{}", self.requests);
+            if let Some(i) = self.instances.iter_mut().find(|i| &i.uuid == uuid && i.status != "REMOVED") {
+                i.rows.push(row.clone());
+                self.committed.entry(env).or_default().push(row);
+            }
+        }
+    }
+
+    fn tick(job: &mut Job) {
+        if job.polls_left > 0 {
+            job.polls_left -= 1;
+        }
+        job.done = job.polls_left == 0;
+    }
+
+    fn job(&self) -> Job {
+        Job { polls_left: self.polls, done: false }
+    }
+
+    /// Starts a deployment of `slug` that is already running when pgconverge looks.
+    pub fn start_deployment(&mut self, slug: &str, polls: u32) -> String {
+        let uuid = self.id();
+        self.seq += 1;
+        let env = self.env_uuid(slug);
+        self.deployments.push(Deployment {
+            uuid: uuid.clone(),
+            env,
+            job: Job { polls_left: polls, done: false },
+            started_by_test: true,
+            seq: self.seq,
+            ended_seq: None,
+        });
+        uuid
+    }
+
+    fn finish_deployment(&mut self, env: &str) {
+        let slug = self.envs.iter().find(|(u, _)| u == env).map(|(_, s)| s.clone()).unwrap_or_default();
+        let mut bound = BTreeMap::new();
+        for i in self.instances.iter_mut().filter(|i| i.env == env) {
+            match i.status.as_str() {
+                "NEW" | "PROVISIONING" | "PENDING_ATTACHMENT" => i.status = "ATTACHED".into(),
+                "PENDING_DETACHMENT" => i.status = "DETACHED".into(),
+                _ => {}
+            }
+            if i.status == "ATTACHED" && i.kind == "DATABASE" {
+                bound.insert(i.prefix.clone(), i.uuid.clone());
+            }
+        }
+        self.bindings.insert(slug, bound);
+    }
+}
+
+pub type Shared = Arc<Mutex<World>>;
+
+pub fn lock(w: &Shared) -> MutexGuard<'_, World> {
+    w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Serves `world` on 127.0.0.1 from a thread of its own; returns the base URL.
+pub fn serve(world: World) -> (Shared, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let shared = Arc::new(Mutex::new(World { base: base.clone(), ..world }));
+    let state = shared.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let app = axum::Router::new().fallback(handle).with_state(state);
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    (shared, base)
+}
+
+fn answer(code: StatusCode, body: Value) -> Response {
+    (code, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn bad(msg: &str) -> Response {
+    answer(StatusCode::BAD_REQUEST, json!({"non_field_errors": [msg]}))
+}
+
+fn not_found() -> Response {
+    answer(StatusCode::NOT_FOUND, json!({"detail": "Not found."}))
+}
+
+async fn handle(State(world): State<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let mut w = lock(&world);
+    w.requests += 1;
+    w.log.push(format!("{method} {}", uri.path()));
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Token {}", w.token)) {
+        return answer(StatusCode::UNAUTHORIZED, json!({"detail": "Invalid token."}));
+    }
+    if !headers.get("user-agent").and_then(|v| v.to_str().ok()).is_some_and(|u| u.starts_with("pgconverge/")) {
+        return bad("no user agent");
+    }
+    if w.rate_limit_every > 0 && w.requests % w.rate_limit_every == 0 {
+        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], "slow down").into_response();
+    }
+    w.app_writes();
+    let query: BTreeMap<String, String> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let route: Vec<&str> = path.iter().skip(2).copied().collect();
+    let area = path.first().copied().unwrap_or("");
+    match (method.clone(), area, route.as_slice()) {
+        (Method::GET, "iam", ["me"]) => answer(StatusCode::OK, json!({"uuid": "me", "email": "me@example.com"})),
+        (Method::GET, "apps", ["applications"]) => {
+            let items = if query.get("slug") == Some(&w.app.1) {
+                vec![json!({"uuid": w.app.0, "slug": w.app.1, "name": "Shop", "organisation": "org"})]
+            } else {
+                vec![]
+            };
+            page(&w, &uri, &query, items)
+        }
+        (Method::GET, "apps", ["environments"]) if query.get("application") == Some(&w.app.0) => {
+            let items =
+                w.envs.iter().map(|(u, s)| json!({"uuid": u, "slug": s, "last_finished_deployment": null})).collect();
+            page(&w, &uri, &query, items)
+        }
+        (Method::GET, "apps", ["regions"]) => {
+            let items = w.regions.iter().map(|r| json!({"uuid": r, "name": "Europe"})).collect();
+            page(&w, &uri, &query, items)
+        }
+        (Method::GET, "apps", ["services"]) if query.get("website") == Some(&w.app.0) => {
+            let items = w
+                .catalogue
+                .iter()
+                .map(|(u, n, i)| json!({"uuid": u, "name": n, "identifier": i, "type": "DATABASE", "description": ""}))
+                .collect();
+            page(&w, &uri, &query, items)
+        }
+        (Method::GET, "apps", ["service-instances"]) => {
+            let env = query.get("environment").cloned().unwrap_or_default();
+            // A provisioning instance is ready by the next look.
+            for i in w.instances.iter_mut().filter(|i| i.env == env && i.status == "PROVISIONING") {
+                i.status = "PENDING_ATTACHMENT".into();
+            }
+            let items = w.instances.iter().filter(|i| i.env == env).map(instance_json).collect();
+            page(&w, &uri, &query, items)
+        }
+        (Method::POST, "apps", ["service-instances"]) => add_instance(&mut w, &body),
+        (method, "apps", ["service-instances", uuid, rest @ ..]) => instance_action(&mut w, method, uuid, rest, &body),
+        (Method::POST, "apps", ["backups"]) => {
+            let env = body["environment"].as_str().unwrap_or_default().to_owned();
+            let services: Vec<String> = body["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect();
+            let uuid = w.id();
+            let mut parts = Vec::new();
+            for s in services {
+                let Some(i) = w.instances.iter().find(|i| i.uuid == s && i.env == env).cloned() else {
+                    return bad("unknown service instance");
+                };
+                if i.status == "NEW" {
+                    return bad("the service instance is not provisioned");
+                }
+                let part = w.id();
+                w.instance_backups
+                    .insert(part.clone(), InstanceBackup { backup: uuid.clone(), instance: s, rows: i.rows });
+                parts.push(part);
+            }
+            let job = w.job();
+            w.backups.insert(uuid.clone(), Backup { env, parts, job });
+            answer(StatusCode::CREATED, json!({"uuid": uuid}))
+        }
+        (Method::GET, "apps", ["backups", uuid]) => {
+            let uuid = uuid.to_string();
+            let Some(b) = w.backups.get_mut(&uuid) else { return not_found() };
+            World::tick(&mut b.job);
+            let state = if b.job.done { "COMPLETED" } else { "WORKING" };
+            let success = if b.job.done { json!("SUCCESS") } else { Value::Null };
+            answer(
+                StatusCode::OK,
+                json!({"uuid": uuid, "state": state, "success": success, "service_instance_backups": b.parts}),
+            )
+        }
+        (Method::GET, "apps", ["service-instance-backups", uuid]) => match w.instance_backups.get(*uuid) {
+            Some(p) => answer(
+                StatusCode::OK,
+                json!({"uuid": uuid, "backup": p.backup, "service_instance": p.instance, "size": 1000 * p.rows.len(),
+                       "service_type": "DATABASE", "errors": null}),
+            ),
+            None => not_found(),
+        },
+        (Method::POST, "apps", ["backup-restores"]) => {
+            let Some(item) = body["service_instance_restores"].as_array().and_then(|a| a.first()).cloned() else {
+                return bad("service_instance_restores is required");
+            };
+            let Some(part) = item["service_instance_backup"].as_str().and_then(|p| w.instance_backups.get(p)).cloned()
+            else {
+                return bad("unknown service instance backup");
+            };
+            let target = item["service_instance"].as_str().map_or(part.instance.clone(), str::to_owned);
+            match w.instances.iter().find(|i| i.uuid == target) {
+                Some(i) if i.status != "NEW" && i.status != "REMOVED" => {}
+                _ => return bad("the target is not provisioned"),
+            }
+            let uuid = w.id();
+            let job = w.job();
+            w.restores.insert(uuid.clone(), Restore { target, rows: part.rows, job });
+            answer(StatusCode::CREATED, json!({"uuid": uuid}))
+        }
+        (Method::GET, "apps", ["backup-restores", uuid]) => {
+            let uuid = uuid.to_string();
+            let Some(r) = w.restores.get_mut(&uuid) else { return not_found() };
+            World::tick(&mut r.job);
+            let r = r.clone();
+            if r.job.done {
+                if let Some(i) = w.instances.iter_mut().find(|i| i.uuid == r.target) {
+                    i.rows = r.rows.clone();
+                }
+            }
+            let finished = if r.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
+            let success = if r.job.done { json!("SUCCESS") } else { Value::Null };
+            answer(StatusCode::OK, json!({"uuid": uuid, "finished": finished, "success": success}))
+        }
+        (Method::GET, "apps", ["deployments"]) => {
+            let env = query.get("environment").cloned().unwrap_or_default();
+            let items = w.deployments.iter().rev().filter(|d| d.env == env).map(deployment_json).collect();
+            page(&w, &uri, &query, items)
+        }
+        (Method::POST, "apps", ["deployments"]) => {
+            let env = body["environment"].as_str().unwrap_or_default().to_owned();
+            if !w.envs.iter().any(|(u, _)| *u == env) {
+                return bad("unknown environment");
+            }
+            if w.deployments.iter().any(|d| d.env == env && !d.job.done) {
+                return bad("a deployment is already running for this environment");
+            }
+            let uuid = w.id();
+            w.seq += 1;
+            let (job, seq) = (w.job(), w.seq);
+            w.deployments.push(Deployment {
+                uuid: uuid.clone(),
+                env,
+                job,
+                started_by_test: false,
+                seq,
+                ended_seq: None,
+            });
+            answer(StatusCode::CREATED, json!({"uuid": uuid}))
+        }
+        (Method::GET, "apps", ["deployments", uuid]) => {
+            let Some(at) = w.deployments.iter().position(|d| d.uuid == *uuid) else { return not_found() };
+            let was_done = w.deployments[at].job.done;
+            World::tick(&mut w.deployments[at].job);
+            if w.deployments[at].job.done && !was_done {
+                w.seq += 1;
+                let (seq, env) = (w.seq, w.deployments[at].env.clone());
+                w.deployments[at].ended_seq = Some(seq);
+                w.finish_deployment(&env);
+            }
+            answer(StatusCode::OK, deployment_json(&w.deployments[at]))
+        }
+        _ => not_found(),
+    }
+}
+
+fn instance_json(i: &Instance) -> Value {
+    json!({"uuid": i.uuid, "prefix": i.prefix, "type": i.kind, "service_status": i.status, "region": i.region,
+           "service": i.service, "environment": i.env})
+}
+
+fn deployment_json(d: &Deployment) -> Value {
+    let ended = if d.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
+    json!({"uuid": d.uuid, "environment": d.env, "ended_at": ended, "success": if d.job.done { json!(true) } else { Value::Null }})
+}
+
+/// One page of `items`, with an absolute `next` link while more remain.
+fn page(w: &World, uri: &Uri, query: &BTreeMap<String, String>, items: Vec<Value>) -> Response {
+    let size = query.get("page_size").and_then(|s| s.parse().ok()).unwrap_or(w.page_size).max(1);
+    let n: usize = query.get("page").and_then(|s| s.parse().ok()).unwrap_or(1);
+    let start = (n - 1) * size;
+    let next = (start + size < items.len()).then(|| {
+        let rest: Vec<String> = query.iter().filter(|(k, _)| *k != "page").map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}{}?{}page={}", w.base, uri.path(), rest.iter().map(|kv| format!("{kv}&")).collect::<String>(), n + 1)
+    });
+    let results: Vec<Value> = items.iter().skip(start).take(size).cloned().collect();
+    answer(StatusCode::OK, json!({"count": items.len(), "next": next, "previous": null, "results": results}))
+}
+
+fn add_instance(w: &mut World, body: &Value) -> Response {
+    let field = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
+    let (env, region, service, prefix) = (field("environment"), field("region"), field("service"), field("prefix"));
+    if !w.envs.iter().any(|(u, _)| *u == env) || !w.regions.contains(&region) {
+        return bad("unknown environment or region");
+    }
+    if !w.catalogue.iter().any(|(u, _, _)| *u == service) {
+        return answer(StatusCode::BAD_REQUEST, json!({"service": ["not in the catalogue"]}));
+    }
+    if w.instances.iter().any(|i| i.env == env && i.prefix == prefix && i.kind == "DATABASE" && i.status != "REMOVED") {
+        return answer(StatusCode::BAD_REQUEST, json!({"prefix": ["already in use"]}));
+    }
+    let uuid = w.instance(&env, &prefix, &service, "NEW");
+    answer(StatusCode::CREATED, json!({"uuid": uuid}))
+}
+
+fn instance_action(w: &mut World, method: Method, uuid: &str, rest: &[&str], body: &Value) -> Response {
+    let op = match (&method, rest) {
+        (&Method::GET, []) => "get",
+        (&Method::POST, ["provision"]) => "provision",
+        (&Method::POST, ["detach"]) => "detach",
+        (&Method::PATCH, []) => "rename",
+        (&Method::DELETE, []) => "delete",
+        _ => return not_found(),
+    };
+    if w.unsupported.contains(op) {
+        return answer(StatusCode::METHOD_NOT_ALLOWED, json!({"detail": format!("Method \"{method}\" not allowed.")}));
+    }
+    let Some(at) = w.instances.iter().position(|i| i.uuid == uuid && i.status != "REMOVED") else { return not_found() };
+    let status = w.instances[at].status.clone();
+    match op {
+        "get" => {}
+        "provision" if status == "NEW" => w.instances[at].status = "PROVISIONING".into(),
+        "detach" if status == "ATTACHED" => w.instances[at].status = "PENDING_DETACHMENT".into(),
+        "rename" => {
+            let to = body["prefix"].as_str().unwrap_or_default().to_owned();
+            let env = w.instances[at].env.clone();
+            if w.instances
+                .iter()
+                .any(|i| i.env == env && i.prefix == to && i.kind == "DATABASE" && i.status != "REMOVED")
+            {
+                return answer(StatusCode::BAD_REQUEST, json!({"prefix": ["already in use"]}));
+            }
+            w.instances[at].prefix = to;
+        }
+        "delete" if matches!(status.as_str(), "NEW" | "PROVISIONING" | "PENDING_ATTACHMENT" | "DETACHED") => {
+            w.instances[at].status = "REMOVED".into();
+            return (StatusCode::NO_CONTENT, "").into_response();
+        }
+        _ => return bad(&format!("cannot {op} an instance that is {status}")),
+    }
+    answer(StatusCode::OK, instance_json(&w.instances[at]))
+}
