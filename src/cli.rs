@@ -361,8 +361,9 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             };
             let mut provider = AnyProvider::new(&config, &file)?;
             let _lock = Lock::acquire(provider.root())?;
-            if let AnyProvider::Local(local) = &provider {
-                local.tidy()?;
+            match &mut provider {
+                AnyProvider::Local(local) => local.tidy()?,
+                AnyProvider::Divio(divio) => divio.allow_writes(),
             }
             let live = provider.get().observe()?;
             let report = plan::plan(&config, &live, &only)?;

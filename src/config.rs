@@ -158,7 +158,7 @@ pub struct DivioConfig {
     pub poll_seconds: Option<f64>,
     /// Minutes to wait for one backup, restore or deployment. Default 60.
     #[serde(default)]
-    pub wait_minutes: Option<u64>,
+    pub wait_minutes: Option<f64>,
 }
 
 /// How a service is copied to its new version.
@@ -689,8 +689,8 @@ fn validate_divio(divio: &DivioConfig) -> Result<(), Invalid> {
     if let Some(p) = divio.poll_seconds.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 600.0)) {
         return Err((at("poll_seconds"), format!("{p} is not between 0 and 600"), "the default is 3"));
     }
-    if divio.wait_minutes == Some(0) {
-        return Err((at("wait_minutes"), "0 minutes leaves no time to wait".into(), "the default is 60"));
+    if let Some(m) = divio.wait_minutes.filter(|m| !(m.is_finite() && *m > 0.0 && *m <= 24.0 * 60.0)) {
+        return Err((at("wait_minutes"), format!("{m} is not between 0 and a day"), "the default is 60"));
     }
     Ok(())
 }

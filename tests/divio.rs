@@ -66,6 +66,7 @@ fn assert_upgraded(shared: &Shared, env: &str) {
 fn the_runbook_end_to_end_loses_no_write() {
     let mut world = World::shop(&["test", "live"]);
     world.rate_limit_every = 7;
+    world.unavailable_every = 11;
     let (shared, dir) = start(world, "divio-runbook", "", "");
 
     let plan = run(&dir, &["plan", "--detailed-exitcode"]);
@@ -82,11 +83,15 @@ fn the_runbook_end_to_end_loses_no_write() {
         let w = lock(&shared);
         assert!(w.committed["live"].len() > 10, "the application kept writing: {:?}", w.committed["live"]);
         assert!(w.log.iter().any(|l| l.ends_with("/detach/")), "detached through the API");
+        assert!(w.refused > 10, "429s and 503s were retried: {}", w.refused);
         assert!(!dir.join("maintenance").exists(), "the deploy lifted the fence");
     }
     let verified = std::fs::read_to_string(dir.join("verified")).expect("verify_command ran");
     assert_eq!(verified, "counts NEW from DEFAULT\ncounts NEW from DEFAULT\n");
-    assert!(!apply.stdout.contains("tok-s3cret") && !apply.stderr.contains("tok-s3cret"));
+    for secret in ["tok-s3cret", divio_emulator::DSN_PASSWORD] {
+        assert!(!apply.stdout.contains(secret) && !apply.stderr.contains(secret), "{secret} shown");
+    }
+    assert!(lock(&shared).log.iter().any(|l| l.contains("environment-variables")), "variables were read");
 
     let again = run(&dir, &["plan", "--detailed-exitcode"]);
     assert_eq!(again.code, 0, "converged: {}{}", again.stdout, again.stderr);
@@ -169,6 +174,11 @@ fn a_missing_endpoint_stops_apply_with_the_control_panel_step_and_the_next_apply
     let second = run(&dir, &["apply", "--auto-approve"]);
     assert_eq!(second.code, 1, "{}{}", second.stdout, second.stderr);
     assert!(second.stderr.contains("rename prefix NEW to DEFAULT"), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("the application still has DEFAULT_DATABASE_DSN, whose service is no longer attached"),
+        "the variables lag behind the rename until the deploy: {}",
+        second.stderr
+    );
     assert!(!second.stderr.contains("backup"), "the copy made before is not made again: {}", second.stderr);
     lock(&shared).rename_by_hand("live", "NEW", "DEFAULT");
 
@@ -256,4 +266,32 @@ fn a_crash_after_any_action_is_finished_by_the_next_apply_without_losing_a_write
         assert_eq!(backups, 1, "{failpoint}: a recorded copy is not made again");
         assert!(!dir.join("maintenance").exists(), "{failpoint}: the fence is lifted in the end");
     }
+}
+
+#[test]
+fn environments_are_observed_a_few_at_a_time() {
+    let envs = ["e1", "e2", "e3", "e4", "e5", "e6", "e7", "e8"];
+    let mut world = World::shop(&envs);
+    world.delay = std::time::Duration::from_millis(50);
+    let (shared, base) = serve(world);
+    let dir = scratch("divio-concurrency");
+    let declared: String = envs.iter().map(|e| format!("  {e}: {{postgres: {{DEFAULT: 15}}}}\n")).collect();
+    let config =
+        format!("version: 1\nprovider:\n  divio: {{application: shop, zone: '{base}'}}\nenvironments:\n{declared}");
+    std::fs::write(dir.join("pgconverge.yaml"), config).expect("config");
+    let plan = run(&dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 0, "nothing to do: {}{}", plan.stdout, plan.stderr);
+    let most = lock(&shared).max_in_flight;
+    assert!((2..=4).contains(&most), "requests overlap, at most 4 at once: {most}");
+}
+
+#[test]
+fn an_operation_that_never_finishes_fails_after_wait_minutes_with_a_clear_error() {
+    let mut world = World::shop(&["live"]);
+    world.polls = u32::MAX;
+    let (_shared, dir) = start(world, "divio-timeout", "    wait_minutes: 0.005\n", "");
+    only_live(&dir);
+    let apply = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(apply.code, 1, "{}{}", apply.stdout, apply.stderr);
+    assert!(apply.stderr.contains("backup") && apply.stderr.contains("did not finish within"), "{}", apply.stderr);
 }

@@ -80,6 +80,15 @@ pub struct World {
     pub polls: u32,
     /// Every nth request is answered 429 (0: never).
     pub rate_limit_every: u32,
+    /// Every nth request is answered 503 (0: never).
+    pub unavailable_every: u32,
+    /// Answers refused with 429 or 503 so far.
+    pub refused: u32,
+    /// How long each answer takes, to see requests overlap.
+    pub delay: std::time::Duration,
+    /// Requests in flight now, and the most there ever were at once.
+    pub in_flight: u32,
+    pub max_in_flight: u32,
     /// Unconfirmed endpoints answered 405: "provision", "detach", "rename", "delete".
     pub unsupported: BTreeSet<&'static str>,
     pub app: (String, String),
@@ -104,6 +113,8 @@ pub struct World {
     seq: u32,
 }
 
+/// The password in every DSN the emulator hands out: it must never appear in any output.
+pub const DSN_PASSWORD: &str = "dsn-pa55word";
 pub const PG15: &str = "00000000-0000-4000-8000-000000000015";
 pub const PG17: &str = "00000000-0000-4000-8000-000000000017";
 
@@ -283,7 +294,20 @@ fn not_found() -> Response {
 }
 
 async fn handle(State(world): State<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    let mut w = lock(&world);
+    let delay = {
+        let mut w = lock(&world);
+        w.in_flight += 1;
+        w.max_in_flight = w.max_in_flight.max(w.in_flight);
+        w.delay
+    };
+    tokio::time::sleep(delay).await;
+    let response = respond(&world, method, uri, headers, body);
+    lock(&world).in_flight -= 1;
+    response
+}
+
+fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let mut w = lock(world);
     w.requests += 1;
     w.log.push(format!("{method} {}", uri.path()));
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Token {}", w.token)) {
@@ -293,7 +317,12 @@ async fn handle(State(world): State<Shared>, method: Method, uri: Uri, headers: 
         return bad("no user agent");
     }
     if w.rate_limit_every > 0 && w.requests % w.rate_limit_every == 0 {
+        w.refused += 1;
         return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], "slow down").into_response();
+    }
+    if w.unavailable_every > 0 && w.requests % w.unavailable_every == 0 {
+        w.refused += 1;
+        return (StatusCode::SERVICE_UNAVAILABLE, "<html>upstream down</html>").into_response();
     }
     w.app_writes();
     let query: BTreeMap<String, String> = uri
@@ -420,6 +449,19 @@ async fn handle(State(world): State<Shared>, method: Method, uri: Uri, headers: 
             let finished = if r.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
             let success = if r.job.done { json!("SUCCESS") } else { Value::Null };
             answer(StatusCode::OK, json!({"uuid": uuid, "finished": finished, "success": success}))
+        }
+        (Method::GET, "apps", ["environment-variables"]) => {
+            let env = query.get("environment").cloned().unwrap_or_default();
+            let slug = w.envs.iter().find(|(u, _)| *u == env).map(|(_, s)| s.clone()).unwrap_or_default();
+            let mut items = Vec::new();
+            for (prefix, uuid) in w.bindings.get(&slug).cloned().unwrap_or_default() {
+                let dsn = format!("postgres://app:{DSN_PASSWORD}@{uuid}.db.example/app");
+                if prefix == "DEFAULT" {
+                    items.push(json!({"name": "DATABASE_URL", "value": dsn, "is_sensitive": true, "environment": env}));
+                }
+                items.push(json!({"name": format!("{prefix}_DATABASE_DSN"), "value": dsn, "is_sensitive": true, "environment": env}));
+            }
+            page(&w, &uri, &query, items)
         }
         (Method::GET, "apps", ["deployments"]) => {
             let env = query.get("environment").cloned().unwrap_or_default();

@@ -26,7 +26,7 @@ pub use decide::*;
 use self::api::{Api, ApiError};
 use super::{Provider, ProviderError, Result};
 use crate::config::{DesiredEnv, DivioConfig, Verify};
-use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, FORMAT_VERSION};
+use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
 use crate::plan::{Action, Plan};
 
 const V3: &str = "/apps/v3";
@@ -97,6 +97,9 @@ pub struct DivioProvider {
     instances: BTreeMap<ServiceId, Instance>,
     backups: BTreeMap<ServiceId, Backup>,
     records: Records,
+    /// The environment variables are read once per run, for `warn_undeployed`.
+    vars_read: bool,
+    writable: bool,
 }
 
 fn failed(e: impl std::fmt::Display) -> ProviderError {
@@ -167,7 +170,7 @@ impl DivioProvider {
             unfence_command: config.unfence_command.clone(),
             verify_command: config.verify_command.clone(),
             poll: Duration::from_secs_f64(config.poll_seconds.unwrap_or(3.0)),
-            wait: Duration::from_secs(60 * config.wait_minutes.unwrap_or(60)),
+            wait: Duration::from_secs_f64(60.0 * config.wait_minutes.unwrap_or(60.0)),
             app_uuid: None,
             env_uuids: BTreeMap::new(),
             catalogue: BTreeMap::new(),
@@ -175,6 +178,8 @@ impl DivioProvider {
             instances: BTreeMap::new(),
             backups: BTreeMap::new(),
             records: Records::default(),
+            vars_read: false,
+            writable: false,
         };
         p.records = p.read_records()?;
         Ok(p)
@@ -202,7 +207,16 @@ impl DivioProvider {
         }
     }
 
+    /// Lets the provider write its records: only `apply` does, under the lock, so that a
+    /// `plan` running beside it never writes back records older than the apply's.
+    pub fn allow_writes(&mut self) {
+        self.writable = true;
+    }
+
     fn write_records(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
         let path = self.records_path();
         let bytes = serde_json::to_vec_pretty(&self.records).map_err(failed)?;
         crate::atomic::write_atomically(&path, &bytes, 0o644)
@@ -364,9 +378,9 @@ impl DivioProvider {
             }
             if Instant::now() >= deadline {
                 return Err(failed(format!(
-                    "{what} did not finish within {} minutes; it may still finish: look in the Control Panel, \
-                     then run apply again",
-                    self.wait.as_secs() / 60
+                    "{what} did not finish within {} minutes (wait_minutes); it may still finish: look in the \
+                     Control Panel, then run apply again",
+                    self.wait.as_secs_f64() / 60.0
                 )));
             }
             std::thread::sleep(self.poll);
@@ -385,8 +399,35 @@ impl DivioProvider {
         }
     }
 
+    /// The prefixes of the `<PREFIX>_DATABASE_DSN` variables of each environment: names
+    /// only, the values (secrets) are dropped as they arrive.
+    fn dsn_names(&self) -> Result<BTreeMap<EnvName, BTreeSet<String>>> {
+        let mut paths = Vec::new();
+        for d in &self.envs {
+            paths.push(format!("{V3}/environment-variables/?environment={}", self.env_uuid(&d.name)?));
+        }
+        let listed = self.api.list_all(paths).map_err(api_err)?;
+        let names = |vars: Vec<Value>| -> BTreeSet<String> {
+            vars.iter()
+                .filter_map(|v| v.get("name")?.as_str()?.strip_suffix("_DATABASE_DSN").map(str::to_owned))
+                .collect()
+        };
+        Ok(self.envs.iter().map(|d| d.name.clone()).zip(listed.into_iter().map(names)).collect())
+    }
+
     fn instance_path(id: &ServiceId) -> String {
         format!("{V3}/service-instances/{id}/")
+    }
+}
+
+/// Says when the application's variables lag behind its services: they change at the next
+/// deploy, which a plan that touches the environment ends with.
+fn warn_undeployed(env: &EnvName, visible: &BTreeSet<String>, dsns: &BTreeSet<String>) {
+    for p in visible.difference(dsns) {
+        tracing::warn!(%env, prefix = %p, "{p} is attached, but the application has no {p}_DATABASE_DSN until the next deploy");
+    }
+    for p in dsns.difference(visible) {
+        tracing::warn!(%env, prefix = %p, "the application still has {p}_DATABASE_DSN, whose service is no longer attached, until the next deploy");
     }
 }
 
@@ -415,6 +456,8 @@ impl Provider for DivioProvider {
         let listed = self.api.list_all(paths).map_err(api_err)?;
         let regions = listed.iter().flatten().filter_map(|i| text(i, "region").ok()).collect();
         self.list_catalogues(regions)?;
+        let dsns = if self.vars_read { None } else { Some(self.dsn_names()?) };
+        self.vars_read = true;
 
         let mut live = Live::empty();
         self.instances.clear();
@@ -451,6 +494,14 @@ impl Provider for DivioProvider {
                     data: None,
                 };
                 found.push((service, text(item, "region").unwrap_or_default()));
+            }
+            if let Some(dsns) = dsns.as_ref().and_then(|d| d.get(env)) {
+                let visible = items.iter().filter(|i| {
+                    text(i, "type").is_ok_and(|t| t.eq_ignore_ascii_case("DATABASE"))
+                        && text(i, "service_status").is_ok_and(|w| status(&w).flatten().is_some_and(Status::visible))
+                });
+                let seen: BTreeSet<String> = visible.filter_map(|i| text(i, "prefix").ok()).collect();
+                warn_undeployed(env, &seen, dsns);
             }
             let visible: Vec<&Prefix> =
                 found.iter().filter(|(s, _)| s.status.visible()).map(|(s, _)| &s.prefix).collect();
@@ -491,14 +542,13 @@ impl Provider for DivioProvider {
 
     fn add(&mut self, env: &EnvName, prefix: &Prefix, version: Major) -> Result<ServiceId> {
         let env_uuid = self.env_uuid(env)?;
-        let mut regions: Vec<&str> = self
+        let regions: BTreeSet<&str> = self
             .instances
             .values()
             .filter(|i| &i.env == env && !i.region.is_empty())
             .map(|i| i.region.as_str())
             .collect();
-        regions.dedup();
-        let region = match regions.as_slice() {
+        let region = match Vec::from_iter(regions).as_slice() {
             [one] => one.to_string(),
             [] => {
                 let all = self.api.list(&format!("{V3}/regions/")).map_err(api_err)?;
