@@ -369,6 +369,23 @@ impl DivioProvider {
         Ok(())
     }
 
+    /// `fence_command` (`on`) or `unfence_command` for one service.
+    fn run_fence_command(&self, on: bool, env: &EnvName, id: &ServiceId, prefix: &Prefix) -> Result<()> {
+        let (what, command) =
+            if on { ("fence_command", &self.fence_command) } else { ("unfence_command", &self.unfence_command) };
+        let Some(command) = command else {
+            return Err(ProviderError::Refused(format!(
+                "the Divio API can neither block nor allow writes; set provider.divio.{what}"
+            )));
+        };
+        self.run_command(
+            what,
+            command,
+            env,
+            &[("PGCONVERGE_SERVICE", id.as_str()), ("PGCONVERGE_PREFIX", prefix.as_str())],
+        )
+    }
+
     /// Polls `step` every `poll` until it gives an answer, for at most `wait`.
     fn wait_for<T>(&self, what: &str, mut step: impl FnMut(&Api) -> Result<Option<T>>) -> Result<T> {
         let deadline = Instant::now() + self.wait;
@@ -589,34 +606,14 @@ impl Provider for DivioProvider {
 
     fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let prefix = self.instance(id)?.service.prefix.clone();
-        let Some(command) = &self.fence_command else {
-            return Err(ProviderError::Refused(
-                "the Divio API cannot block writes; set provider.divio.fence_command".into(),
-            ));
-        };
-        self.run_command(
-            "fence_command",
-            command,
-            env,
-            &[("PGCONVERGE_SERVICE", id.as_str()), ("PGCONVERGE_PREFIX", prefix.as_str())],
-        )?;
+        self.run_fence_command(true, env, id, &prefix)?;
         self.records.fences.push(Fence { env: env.clone(), service: id.clone(), prefix, lifted: false });
         self.write_records()
     }
 
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let prefix = self.instance(id)?.service.prefix.clone();
-        let Some(command) = &self.unfence_command else {
-            return Err(ProviderError::Refused(
-                "the Divio API cannot allow writes; set provider.divio.unfence_command".into(),
-            ));
-        };
-        self.run_command(
-            "unfence_command",
-            command,
-            env,
-            &[("PGCONVERGE_SERVICE", id.as_str()), ("PGCONVERGE_PREFIX", prefix.as_str())],
-        )?;
+        self.run_fence_command(false, env, id, &prefix)?;
         self.records.fences.retain(|f| !(&f.env == env && &f.service == id));
         // Writes may now reach it: what was copied from it is no longer whole.
         if self.instance(id)?.service.status.visible() {
@@ -772,10 +769,7 @@ impl Provider for DivioProvider {
         // (a fence is often the whole application's maintenance mode).
         let fenced: Vec<Fence> = self.records.fences.iter().filter(|f| &f.env == env && !f.lifted).cloned().collect();
         for f in fenced {
-            if let Some(command) = &self.unfence_command {
-                let vars = [("PGCONVERGE_SERVICE", f.service.as_str()), ("PGCONVERGE_PREFIX", f.prefix.as_str())];
-                self.run_command("unfence_command", command, env, &vars)?;
-            }
+            self.run_fence_command(false, env, &f.service, &f.prefix)?;
             for r in self.records.fences.iter_mut().filter(|r| **r == f) {
                 r.lifted = true;
             }
