@@ -5,10 +5,11 @@
 //! Control Panel step that does it by hand.
 //!
 //! The API shows neither write fences nor where a service's data came from. The provider
-//! keeps its own records of both (the fences its `fence_command` set, the restores it
-//! made) under `root`, beside the lock, and reads them only while the service they name
-//! exists; without them a service that is not visible holds no known data, and the next
-//! plan copies again rather than trust a copy it cannot see.
+//! keeps its own records of both (the fences its `fence_command` set; the restores it
+//! made and what each service held when last seen attached) under `root`, beside the
+//! lock, and reads them only while the service they name exists; without them a service
+//! that is not visible holds no known data, and the next plan copies again rather than
+//! trust a copy it cannot see.
 
 mod api;
 pub mod decide;
@@ -78,6 +79,7 @@ struct Holds {
     data: Data,
 }
 
+/// The services of one application, through its API; see the module's text.
 #[derive(Debug)]
 pub struct DivioProvider {
     api: Api,
