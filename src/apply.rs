@@ -259,6 +259,10 @@ fn run(
         Action::Restore { service, from } => {
             return p.restore(env, &id(service)?, &id(from)?).map(|b| (None, moved(b, "restored"))).map_err(Ok);
         }
+        Action::Replicate { service, from } => {
+            return p.replicate(env, &id(service)?, &id(from)?).map(|b| (None, moved(b, "copied"))).map_err(Ok);
+        }
+        Action::CatchUp { service } => p.catch_up(env, &id(service)?),
         Action::Provision { service } => p.provision(env, &id(service)?),
         Action::Fence { service } => p.fence(env, &id(service)?),
         Action::Unfence { service } => p.unfence(env, &id(service)?),

@@ -366,6 +366,9 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 AnyProvider::Divio(divio) => divio.allow_writes(),
             }
             let live = provider.get().observe()?;
+            if let AnyProvider::Local(local) = &provider {
+                local.tidy_replication()?;
+            }
             let report = plan::plan(&config, &live, &only)?;
             let plan = match saved {
                 Some(p) => {

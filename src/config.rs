@@ -167,6 +167,9 @@ pub struct DivioConfig {
 pub enum Strategy {
     /// Back up the old service and restore into the new one (the runbook's way).
     DumpRestore,
+    /// Copy by logical replication while the application keeps writing; the cutover
+    /// blocks writes only while the last changes arrive.
+    Logical,
 }
 
 /// How a restored copy is checked against its source.
@@ -631,6 +634,13 @@ fn validate(config: &Config) -> Result<(), Invalid> {
             p.extend(rest.iter().map(|s| s.to_string()));
             p
         };
+        if upgrade.strategy == Strategy::Logical && !upgrade.fence_writes {
+            return Err((
+                env_path(&["upgrade"]),
+                "strategy logical needs fence_writes: the cutover waits, with writes blocked, until the copy holds every change".into(),
+                "remove `fence_writes: false`, or use `strategy: dump_restore`",
+            ));
+        }
         if upgrade.temporary_prefix == upgrade.retired_prefix {
             return Err((
                 env_path(&["upgrade"]),

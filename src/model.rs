@@ -312,6 +312,10 @@ pub struct Data {
     /// The provider compared this copy with its source for real.
     #[serde(default)]
     pub verified: bool,
+    /// The copy is still arriving from `restored_from` by logical replication: not whole
+    /// until a catch-up ends it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streaming: bool,
 }
 
 /// One database service as observed.
@@ -334,9 +338,13 @@ impl Service {
     pub fn effective_data(&self) -> Option<Data> {
         match (&self.data, self.status.visible()) {
             (Some(d), _) => Some(d.clone()),
-            (None, true) => {
-                Some(Data { of: self.prefix.clone(), complete: true, restored_from: None, verified: false })
-            }
+            (None, true) => Some(Data {
+                of: self.prefix.clone(),
+                complete: true,
+                restored_from: None,
+                verified: false,
+                streaming: false,
+            }),
             (None, false) => None,
         }
     }

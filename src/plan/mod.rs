@@ -21,6 +21,8 @@ pub enum Action {
     Unfence { service: ServiceId },
     Backup { service: ServiceId },
     Restore { service: ServiceId, from: ServiceId },
+    Replicate { service: ServiceId, from: ServiceId },
+    CatchUp { service: ServiceId },
     Verify { service: ServiceId, against: ServiceId },
     Rename { service: ServiceId, to: Prefix },
     Detach { service: ServiceId },
@@ -37,6 +39,8 @@ impl Action {
             Action::Unfence { .. } => "unfence",
             Action::Backup { .. } => "backup",
             Action::Restore { .. } => "restore",
+            Action::Replicate { .. } => "replicate",
+            Action::CatchUp { .. } => "catch_up",
             Action::Verify { .. } => "verify",
             Action::Rename { .. } => "rename",
             Action::Detach { .. } => "detach",
@@ -292,6 +296,8 @@ fn to_action(ctx: &Ctx, st: &State, op: &Op) -> Action {
         Op::Unfence(s) => Action::Unfence { service: id(s) },
         Op::Backup(s) => Action::Backup { service: id(s) },
         Op::Restore { service, from } => Action::Restore { service: id(service), from: id(from) },
+        Op::Replicate { service, from } => Action::Replicate { service: id(service), from: id(from) },
+        Op::CatchUp(s) => Action::CatchUp { service: id(s) },
         Op::Verify { service, against } => Action::Verify { service: id(service), against: id(against) },
         Op::Rename { service, to } => Action::Rename { service: id(service), to: prefix(to) },
         Op::Detach(s) => Action::Detach { service: id(s) },
@@ -320,7 +326,11 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
             rules::Role::Declared(_) => format!("{} is declared as PostgreSQL {version}", pre(prefix)),
             _ => "the new server, under a temporary prefix until the copy is ready".to_owned(),
         },
+        Op::Provision(_) if ctx.logical => "create the server that the data will stream into".to_owned(),
         Op::Provision(_) => "create the server so that the backup can be restored into it".to_owned(),
+        Op::Fence(i) if ctx.logical => {
+            format!("block writes to {} {} so that the copy can catch up with every commit", dataset(i), version(i))
+        }
         Op::Fence(i) => {
             format!("block writes to {} {} so that the backup misses no committed write", dataset(i), version(i))
         }
@@ -329,6 +339,12 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
         Op::Restore { service, from } => {
             format!("copy {}'s data into PostgreSQL {}", dataset(from), version(service))
         }
+        Op::Replicate { service, from } => format!(
+            "copy {}'s data into PostgreSQL {} while the application keeps writing; changes stream until the catch-up",
+            dataset(from),
+            version(service)
+        ),
+        Op::CatchUp(_) => "wait until the copy holds every committed change, then end the replication".to_owned(),
         Op::Verify { .. } => {
             format!("compare the copy with its source ({}) before anything depends on it", ctx.verify.as_str())
         }
@@ -422,6 +438,8 @@ impl Prediction {
             Action::Unfence { service } => Op::Unfence(id(service)?),
             Action::Backup { service } => Op::Backup(id(service)?),
             Action::Restore { service, from } => Op::Restore { service: id(service)?, from: id(from)? },
+            Action::Replicate { service, from } => Op::Replicate { service: id(service)?, from: id(from)? },
+            Action::CatchUp { service } => Op::CatchUp(id(service)?),
             Action::Verify { service, against } => Op::Verify { service: id(service)?, against: id(against)? },
             Action::Rename { service, to } => Op::Rename { service: id(service)?, to: prefix(to)? },
             Action::Detach { service } => Op::Detach(id(service)?),
@@ -475,6 +493,7 @@ impl Prediction {
                     complete: d.complete,
                     restored_from: d.restored_from.map(id),
                     verified: d.verified,
+                    streaming: d.streaming,
                 }),
             })
             .collect();

@@ -36,6 +36,8 @@ pub struct DataS {
     pub complete: bool,
     pub restored_from: Option<Id>,
     pub verified: bool,
+    /// Still arriving from `restored_from` by logical replication.
+    pub streaming: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,6 +57,13 @@ pub struct Svc {
     pub data: Option<DataS>,
     /// The latest backup taken of this service in this plan (snapshots list none).
     pub backup: Option<Backup>,
+}
+
+impl DataS {
+    /// The data of a copy of dataset `of` made from `from`.
+    pub fn copy(of: P, complete: bool, from: Id, streaming: bool) -> DataS {
+        DataS { of, complete, restored_from: Some(from), verified: false, streaming }
+    }
 }
 
 impl Svc {
@@ -79,14 +88,35 @@ pub struct State {
 /// An action on the compact state; `Action` in `mod.rs` is its public form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
-    Add { prefix: P, version: u32 },
+    Add {
+        prefix: P,
+        version: u32,
+    },
     Provision(Id),
     Fence(Id),
     Unfence(Id),
     Backup(Id),
-    Restore { service: Id, from: Id },
-    Verify { service: Id, against: Id },
-    Rename { service: Id, to: P },
+    Restore {
+        service: Id,
+        from: Id,
+    },
+    /// Logical strategy: copy the schema, subscribe, wait for the initial copy; the copy
+    /// then streams every change of `from` until `CatchUp`.
+    Replicate {
+        service: Id,
+        from: Id,
+    },
+    /// With the source quiet, wait until the copy holds every change, then end the
+    /// subscription: the copy is as complete as its source.
+    CatchUp(Id),
+    Verify {
+        service: Id,
+        against: Id,
+    },
+    Rename {
+        service: Id,
+        to: P,
+    },
     Detach(Id),
     Deploy,
     Delete(Id),
@@ -117,6 +147,7 @@ pub struct Ctx {
     pub observed: Vec<ServiceId>,
     pub fence_writes: bool,
     pub verify: Verify,
+    pub logical: bool,
     pub keep_old: bool,
     pub allow_downgrade: bool,
 }
@@ -190,6 +221,7 @@ impl Ctx {
                         live.services.iter().position(|o| &o.id == r).map_or(GONE, |j| Id::Observed(j as u16))
                     }),
                     verified: d.verified,
+                    streaming: d.streaming,
                 }),
                 None => None,
             };
@@ -238,6 +270,7 @@ impl Ctx {
             observed,
             fence_writes: up.fence_writes,
             verify: up.verify,
+            logical: up.strategy == crate::config::Strategy::Logical,
             keep_old: up.keep_old,
             allow_downgrade: up.allow_downgrade,
         };
@@ -385,36 +418,36 @@ impl Ctx {
                 Ok(())
             }
             Op::Restore { service, from } => {
-                let s = get(service)?;
                 let f = get(from)?;
                 let Some(b) = f.backup else {
                     return refuse(format!("no backup of {} was taken earlier in this plan", self.id(from)));
                 };
-                if service == from || s.status != Status::Provisioned {
-                    return refuse(format!("{} is not a provisioned service other than the source", self.id(service)));
+                if self.logical {
+                    return refuse("the strategy is logical: copies are made by replication");
                 }
-                if s.version < f.version && !self.allow_downgrade {
-                    return refuse(format!(
-                        "restoring PostgreSQL {} data into {} would downgrade it (set upgrade.allow_downgrade)",
-                        f.version, s.version
-                    ));
+                self.check_copy(st, service, from, DataS::copy(b.of, b.complete, from, false))
+            }
+            Op::Replicate { service, from } => {
+                let f = get(from)?;
+                if !self.logical {
+                    return refuse("the strategy is dump_restore: copies are made by backup and restore");
                 }
-                if let Some(d) = s.data.filter(|d| !self.has_other_copy(st, service, d.of)) {
-                    return refuse(format!(
-                        "restoring into {} would destroy the last copy of {}",
-                        self.id(service),
-                        name(d.of)
-                    ));
+                let Some(d) = f.data.filter(|d| self.is_declared(d.of) && !d.streaming) else {
+                    return refuse(format!("{} holds no declared data to replicate", self.id(from)));
+                };
+                if f.status == Status::New {
+                    return refuse(format!("{} is not provisioned", self.id(from)));
                 }
-                let mut after = s.clone();
-                after.data = Some(DataS { of: b.of, complete: b.complete, restored_from: Some(from), verified: false });
-                if !self.prefix_meaning_holds(&after) {
-                    return refuse(format!(
-                        "{} may not hold dataset {} under {}",
-                        self.id(service),
-                        name(b.of),
-                        name(s.prefix)
-                    ));
+                self.check_copy(st, service, from, DataS::copy(d.of, false, from, true))
+            }
+            Op::CatchUp(id) => {
+                let s = get(id)?;
+                let Some(from) = s.data.filter(|d| d.streaming).and_then(|d| d.restored_from) else {
+                    return refuse(format!("{} is not streaming from anything", self.id(id)));
+                };
+                let f = get(from)?;
+                if f.visible() && !f.fenced {
+                    return refuse(format!("{} still takes writes: fence it before the catch-up", self.id(from)));
                 }
                 Ok(())
             }
@@ -469,6 +502,9 @@ impl Ctx {
                 Ok(())
             }
             Op::Deploy => {
+                if let Some(s) = st.svcs.iter().find(|s| s.data.is_some_and(|d| d.streaming)) {
+                    return refuse(format!("{} is still streaming its copy: catch it up first", self.id(s.id)));
+                }
                 for s in &st.svcs {
                     if !matches!(s.status, Status::New | Status::Provisioned) || s.data.is_some() {
                         continue;
@@ -517,9 +553,54 @@ impl Ctx {
                 if self.keep_old && self.retired_original(s) {
                     return refuse(format!("{} is the retired original, kept by upgrade.keep_old", self.id(id)));
                 }
+                if let Some(r) =
+                    st.svcs.iter().find(|r| r.data.is_some_and(|d| d.streaming && d.restored_from == Some(id)))
+                {
+                    return refuse(format!("{} streams its copy from {}", self.id(r.id), self.id(id)));
+                }
                 Ok(())
             }
         }
+    }
+
+    /// What restore and replicate share: `after` would be the data of `service`, a
+    /// provisioned service other than `from`, of a version no older, whose own data is
+    /// not the last copy of anything, and whose prefix allows the copy.
+    fn check_copy(&self, st: &State, service: Id, from: Id, after: DataS) -> Result<(), Refusal> {
+        let name = |p: P| self.prefixes[p as usize].as_str();
+        let (Some(s), Some(f)) = (st.svcs.iter().find(|s| s.id == service), st.svcs.iter().find(|s| s.id == from))
+        else {
+            return refuse(format!("no service {} in this environment", self.id(service)));
+        };
+        if self.unmanaged(s) {
+            return refuse(format!("{} is not managed by pgconverge and is never touched", self.id(service)));
+        }
+        if service == from || s.status != Status::Provisioned {
+            return refuse(format!("{} is not a provisioned service other than the source", self.id(service)));
+        }
+        if s.version < f.version && !self.allow_downgrade {
+            return refuse(format!(
+                "copying PostgreSQL {} data into {} would downgrade it (set upgrade.allow_downgrade)",
+                f.version, s.version
+            ));
+        }
+        if s.data.is_some_and(|d| d.streaming) {
+            return refuse(format!("{} is still streaming a copy", self.id(service)));
+        }
+        if let Some(d) = s.data.filter(|d| !self.has_other_copy(st, service, d.of)) {
+            return refuse(format!("copying into {} would destroy the last copy of {}", self.id(service), name(d.of)));
+        }
+        let mut next = s.clone();
+        next.data = Some(after);
+        if !self.prefix_meaning_holds(&next) {
+            return refuse(format!(
+                "{} may not hold dataset {} under {}",
+                self.id(service),
+                name(after.of),
+                name(s.prefix)
+            ));
+        }
+        Ok(())
     }
 
     /// The state after `op`; call `check` first.
@@ -569,8 +650,22 @@ impl Ctx {
             Op::Restore { service, from } => {
                 let backup = st.svcs.iter().find(|s| s.id == from).and_then(|s| s.backup);
                 if let (Some(i), Some(b)) = (find(&mut next, service), backup) {
-                    next.svcs[i].data =
-                        Some(DataS { of: b.of, complete: b.complete, restored_from: Some(from), verified: false });
+                    next.svcs[i].data = Some(DataS::copy(b.of, b.complete, from, false));
+                }
+            }
+            Op::Replicate { service, from } => {
+                let of = st.svcs.iter().find(|s| s.id == from).and_then(|s| s.data).map(|d| d.of);
+                if let (Some(i), Some(of)) = (find(&mut next, service), of) {
+                    next.svcs[i].data = Some(DataS::copy(of, false, from, true));
+                }
+            }
+            Op::CatchUp(id) => {
+                let source = |d: DataS| st.svcs.iter().find(|s| Some(s.id) == d.restored_from).and_then(|s| s.data);
+                if let Some(i) = find(&mut next, id) {
+                    if let Some(d) = next.svcs[i].data.as_mut() {
+                        d.complete = source(*d).is_some_and(|s| s.complete);
+                        d.streaming = false;
+                    }
                 }
             }
             Op::Verify { service, .. } => {
@@ -596,8 +691,13 @@ impl Ctx {
                         Status::New | Status::Provisioned => {
                             s.status = Status::Attached;
                             if s.data.is_none() {
-                                s.data =
-                                    Some(DataS { of: s.prefix, complete: true, restored_from: None, verified: false });
+                                s.data = Some(DataS {
+                                    of: s.prefix,
+                                    complete: true,
+                                    restored_from: None,
+                                    verified: false,
+                                    streaming: false,
+                                });
                             }
                         }
                         Status::PendingDetachment => s.status = Status::Detached,
@@ -637,6 +737,14 @@ impl Ctx {
             for f in st.svcs.iter().filter(|f| f.backup.is_some()) {
                 ops.push(Op::Restore { service: s.id, from: f.id });
             }
+        }
+        for s in &managed {
+            for f in managed.iter().filter(|f| f.data.is_some_and(|d| self.is_declared(d.of))) {
+                ops.push(Op::Replicate { service: s.id, from: f.id });
+            }
+        }
+        for s in &managed {
+            ops.push(Op::CatchUp(s.id));
         }
         for s in &managed {
             if let Some(from) = s.data.and_then(|d| d.restored_from).filter(|_| self.verify != Verify::None) {

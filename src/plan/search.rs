@@ -175,8 +175,10 @@ pub struct Bounds {
 
 /// A lower bound on the actions still needed to reach the goal. Every action but deploy
 /// acts on one service, so the bound adds up, per service, the fewest actions that
-/// service must still undergo whatever becomes of it; per dataset, the backup (and fence)
-/// a copy still needs; and one deploy where something must still appear or disappear.
+/// service must still undergo whatever becomes of it; per dataset, the backup or catch-up
+/// (and fence) a copy still needs; and one deploy where something must still appear or
+/// disappear. A copy costs the same two actions either way: backup and restore, or
+/// replicate and catch-up.
 pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
     if st.svcs.iter().any(|s| stranded(ctx, st, s)) {
         return Bounds { len: UNREACHABLE, max_deletes: 0 };
@@ -242,8 +244,12 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
         if exists[k] && needs_copy(ctx, st, p, v) {
             let usable_backup =
                 st.svcs.iter().any(|s| s.backup.is_some_and(|b| b.of == p && (b.complete || !ctx.fence_writes)));
+            // A copy already streaming needs its catch-up, which the restore-or-replicate
+            // of `cost_to_hold` stands for; a copy yet to be made needs a backup first, or
+            // its catch-up after the replicate.
+            let streaming = st.svcs.iter().any(|s| s.data.is_some_and(|d| d.of == p && d.streaming));
             if !usable_backup {
-                total += 1; // backup
+                total += u32::from(!streaming); // backup, or a catch-up
                 let quiet_source = st
                     .svcs
                     .iter()

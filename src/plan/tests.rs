@@ -342,7 +342,7 @@ fn rollout_warns_when_a_later_environment_runs_ahead() {
 mod optimality {
     use super::super::rules::{Ctx, State};
     use super::super::search::{astar, brute_force, Outcome};
-    use crate::config::{DesiredEnv, Upgrade, Verify};
+    use crate::config::{DesiredEnv, Strategy, Upgrade, Verify};
     use crate::model::{Data, EnvLive, EnvName, Major, Prefix, Service, ServiceId, Status};
     use proptest::prelude::*;
 
@@ -366,7 +366,7 @@ mod optimality {
         fn world()(declared in proptest::sample::subsequence(vec![0usize, 1], 1..=2),
                    versions in (15u32..=17, 15u32..=17),
                    services in proptest::collection::vec(service(), 0..=3),
-                   fence_writes in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(),
+                   fence_writes in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(), logical in any::<bool>(),
                    allow_downgrade in any::<bool>(), walk in proptest::collection::vec(any::<prop::sample::Index>(), 0..8))
                    -> (DesiredEnv, EnvLive, Vec<prop::sample::Index>) {
             let names = ["A", "B"];
@@ -375,7 +375,8 @@ mod optimality {
                 .map(|&i| (pfx(names[i]), Major::new(if i == 0 { versions.0 } else { versions.1 }).expect("major")))
                 .collect();
             let upgrade = Upgrade {
-                fence_writes,
+                strategy: if logical { Strategy::Logical } else { Strategy::DumpRestore },
+                fence_writes: fence_writes || logical,
                 verify: if verify { Verify::Counts } else { Verify::None },
                 keep_old,
                 allow_downgrade,
@@ -397,6 +398,7 @@ mod optimality {
                         complete,
                         restored_from: None,
                         verified,
+                        streaming: false,
                     }),
                 });
             }
@@ -569,4 +571,67 @@ fn the_bound_is_zero_at_the_goal() {
     );
     let r = plan_env(&d, &l).expect("plan");
     assert_eq!(short(&r), ["deploy"]);
+}
+
+/// The logical strategy's runbook: the copy streams before the fence, so the outage holds
+/// only the catch-up, the verify, the renames and the detach before the deploy: no copy.
+#[test]
+fn logical_runbook_copies_before_the_fence() {
+    let (d, l) = env("    upgrade: {strategy: logical}\n    postgres: {DEFAULT: 17}\n", OLD_ATTACHED);
+    let r = plan_env(&d, &l).expect("plan");
+    assert_eq!(
+        short(&r),
+        [
+            "add +1 as NEW (PostgreSQL 17)",
+            "provision +1",
+            "replicate +1 from svc-1",
+            "fence svc-1",
+            "catch up +1",
+            "verify +1 against svc-1",
+            "rename svc-1 → OLD",
+            "detach svc-1",
+            "rename +1 → DEFAULT",
+            "deploy",
+            "delete svc-1",
+        ]
+    );
+    assert_eq!(r.outage_actions, 5, "one fewer than dump_restore's 6: the copy is no longer inside");
+    let inside: Vec<&str> = r.steps.iter().filter(|s| s.in_outage).map(|s| s.action.op_name()).collect();
+    assert!(!inside.contains(&"replicate") && !inside.contains(&"backup"), "{inside:?}");
+}
+
+/// Half-done logical upgrades: a copy still streaming is caught up, never deployed; its
+/// source cannot be deleted under it; a dump_restore config finishes it too.
+#[test]
+fn a_streaming_copy_is_caught_up_before_anything_depends_on_it() {
+    let streaming = r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"},
+        {"id":"b","version":17,"prefix":"NEW","status":"provisioned",
+         "data":{"of":"DEFAULT","complete":false,"restored_from":"svc-1","streaming":true}}"#;
+    for strategy in ["logical", "dump_restore"] {
+        let (d, l) = env(&format!("    upgrade: {{strategy: {strategy}}}\n    postgres: {{DEFAULT: 17}}\n"), streaming);
+        let r = plan_env(&d, &l).expect("plan");
+        let s = short(&r);
+        assert_eq!(&s[..3], ["fence svc-1", "catch up b", "verify b against svc-1"], "{strategy}: {s:?}");
+        assert_eq!(s.len(), 8, "{strategy}: {s:?}");
+    }
+    let (d, l) = env("    upgrade: {strategy: logical}\n    postgres: {DEFAULT: 17}\n", streaming);
+    let (ctx, st) = rules::Ctx::new(&d, &l).expect("ctx");
+    assert!(ctx.check(&st, &Op::Deploy).is_err(), "no deploy while a copy streams");
+    let mut detached = st.clone();
+    let mut other_copy = detached.svcs[0].clone();
+    other_copy.id = Id::Added(1);
+    detached.svcs.push(other_copy);
+    detached.svcs[0].status = Status::Detached;
+    let refused = ctx.check(&detached, &Op::Delete(Id::Observed(0))).expect_err("source of a stream");
+    assert!(refused.0.contains("streams its copy from"), "{refused}");
+    assert!(ctx.check(&st, &Op::CatchUp(Id::Observed(1))).is_err(), "the source still takes writes");
+}
+
+#[test]
+fn each_strategy_copies_its_own_way_and_logical_needs_the_fence() {
+    let (d, l) = env("    postgres: {DEFAULT: 17}\n", OLD_ATTACHED);
+    assert!(!short(&plan_env(&d, &l).expect("plan")).iter().any(|s| s.starts_with("replicate")));
+    let text = "version: 1\nupgrade: {strategy: logical, fence_writes: false}\nenvironments:\n  live:\n    postgres: {DEFAULT: 17}\n";
+    let e = parse(Path::new("t.yaml"), text).expect_err("logical without a fence");
+    assert!(e.to_string().contains("strategy logical needs fence_writes"), "{e}");
 }

@@ -63,6 +63,19 @@ pub trait Provider {
         self.restore(env, id, from)?;
         Ok(bytes)
     }
+    /// Logical strategy: copies the schema of `from` into `id`, subscribes `id` to every
+    /// change of `from`, and returns once the initial copy is done (its size in bytes);
+    /// changes keep streaming until `catch_up`.
+    fn replicate(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
+        let _ = (env, id, from);
+        Err(ProviderError::Refused("this provider cannot copy by logical replication".into()))
+    }
+    /// With the source quiet: waits until `id` holds every change its source committed,
+    /// brings its sequences level, and ends the replication.
+    fn catch_up(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let _ = (env, id);
+        Err(ProviderError::Refused("this provider cannot copy by logical replication".into()))
+    }
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()>;
     fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()>;
     fn detach(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;

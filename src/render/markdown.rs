@@ -108,6 +108,9 @@ fn outage(env: &EnvReport) -> String {
     match env.outage_actions {
         0 if copies_unfenced(env) => "none (not fenced)".into(),
         0 => "none".into(),
+        n if super::streams_before_fence(env) => {
+            format!("{n} action{} (fence → deploy), no copy inside", if n == 1 { "" } else { "s" })
+        }
         n => format!("{n} action{} (fence → deploy)", if n == 1 { "" } else { "s" }),
     }
 }

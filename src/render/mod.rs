@@ -26,6 +26,8 @@ pub fn action_summary(a: &Action) -> String {
         Action::Unfence { service } => format!("unfence {service}"),
         Action::Backup { service } => format!("backup {service}"),
         Action::Restore { service, from } => format!("restore {service} from {from}"),
+        Action::Replicate { service, from } => format!("replicate {service} from {from}"),
+        Action::CatchUp { service } => format!("catch up {service}"),
         Action::Verify { service, against } => format!("verify {service} against {against}"),
         Action::Rename { service, to } => format!("rename {service} → {to}"),
         Action::Detach { service } => format!("detach {service}"),
@@ -104,6 +106,13 @@ pub fn diff(env: &EnvReport) -> Vec<(similar::ChangeTag, String)> {
     let new = text(desired_lines(&env.desired));
     let d = similar::TextDiff::from_lines(&old, &new);
     d.iter_all_changes().map(|c| (c.tag(), c.value().trim_end().to_owned())).collect()
+}
+
+/// The plan copies by logical replication before the fence: the outage waits only for
+/// the last changes, not for the copy, and does not grow with the data.
+pub fn streams_before_fence(env: &EnvReport) -> bool {
+    env.steps.iter().any(|s| matches!(s.action, Action::Replicate { .. }) && !s.in_outage)
+        && !env.steps.iter().any(|s| s.in_outage && matches!(s.action, Action::Backup { .. } | Action::Restore { .. }))
 }
 
 /// The risks a plan's copies run by the settings' choice, with backticks around settings.

@@ -62,6 +62,12 @@ pub fn plan(out: &mut impl Write, report: &Report, color: bool) -> io::Result<()
                 String::new()
             };
             writeln!(out, "  {n} action{}{outage}.", if n == 1 { "" } else { "s" })?;
+            if super::streams_before_fence(env) {
+                writeln!(
+                    out,
+                    "  The copy streams before the fence: writes stay blocked only while the last changes arrive, whatever the size."
+                )?;
+            }
             for risk in super::copy_risks(env) {
                 writeln!(out, "  {}", p.paint(YELLOW, &format!("Warning: {}", risk.replace('`', ""))))?;
             }

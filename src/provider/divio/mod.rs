@@ -229,6 +229,13 @@ impl DivioProvider {
     /// a fence without `fence_command`, a verify without `verify_command`.
     pub fn check(&self, plan: &Plan) -> Result<()> {
         for env in &plan.environments {
+            if env.actions.iter().any(|a| matches!(a, Action::Replicate { .. } | Action::CatchUp { .. })) {
+                return Err(ProviderError::Refused(format!(
+                    "environment {}: Divio gives no access to the databases to replicate them; use \
+                     `upgrade.strategy: dump_restore` there",
+                    env.name
+                )));
+            }
             let verifies = env.actions.iter().any(|a| matches!(a, Action::Verify { .. }));
             if verifies && self.verify_command.is_none() {
                 return Err(ProviderError::Refused(format!(
@@ -534,7 +541,7 @@ impl Provider for DivioProvider {
                     // The retired original stays the application's database until a deploy;
                     // a new service it can see holds a copy this provider did not make.
                     (None, Some((of, retired))) if s.status.visible() => {
-                        Some(Data { of, complete: retired, restored_from: None, verified: false })
+                        Some(Data { of, complete: retired, restored_from: None, verified: false, streaming: false })
                     }
                     _ => None,
                 };
@@ -698,6 +705,7 @@ impl Provider for DivioProvider {
             complete: backup.complete,
             restored_from: Some(from.clone()),
             verified: false,
+            streaming: false,
         };
         self.records.holds.retain(|c| !(&c.env == env && &c.service == id));
         self.records.holds.push(Holds { env: env.clone(), service: id.clone(), data });

@@ -16,6 +16,7 @@
 
 pub mod binaries;
 pub mod fingerprint;
+mod logical;
 pub mod server;
 mod stream;
 
@@ -373,12 +374,63 @@ impl LocalProvider {
             stamp,
             bin,
         };
-        let mut c = Command::new(files.bin.program("pg_dumpall"));
+        self.dump_roles(server, &files.bin, &files.roles)?;
+        Ok(files)
+    }
+
+    fn dump_roles(&self, server: &Server, bin: &binaries::Binaries, to: &Path) -> Result<()> {
+        let mut c = Command::new(bin.program("pg_dumpall"));
         let mut args = server.conn_args("postgres");
         args.truncate(args.len() - 2); // pg_dumpall takes -l, not -d, for its database
-        c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(&files.roles);
-        self.run_client(c, "pg_dumpall --roles-only")?;
-        Ok(files)
+        c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(to);
+        self.run_client(c, "pg_dumpall --roles-only")
+    }
+
+    /// Drops what a replication left behind on the servers of every environment: a
+    /// subscription on a server that no longer streams, a slot or publication on a
+    /// source that no copy streams from (a killed apply can leave either). A slot left
+    /// behind would keep the source's WAL forever. Call with the lock held, after observe.
+    pub fn tidy_replication(&self) -> Result<()> {
+        let Ok(envs) = std::fs::read_dir(self.root.join("state")) else { return Ok(()) };
+        for e in envs.flatten() {
+            let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) else { continue };
+            let metas = self.metas(&env)?;
+            let streaming: Vec<(String, ServiceId)> = metas
+                .iter()
+                .filter_map(|m| {
+                    let d = m.service.data.as_ref().filter(|d| d.streaming)?;
+                    Some((logical::name(&m.service.id), d.restored_from.clone()?))
+                })
+                .collect();
+            for meta in metas.iter().filter(|m| m.service.status != Status::New) {
+                let server = self.server(meta)?;
+                if !server.is_running() {
+                    continue;
+                }
+                let ours = |kind: &str, table: &str, column: &str| -> Result<Vec<String>> {
+                    let sql = format!("SELECT {column} FROM {table} WHERE {column} LIKE 'pgconverge\\_%'");
+                    let db = if kind == "slot" { "postgres" } else { APP_DB };
+                    Ok(server.sql(db, &sql).map_err(ProviderError::Failed)?.lines().map(str::to_owned).collect())
+                };
+                let own_name = logical::name(&meta.service.id);
+                for sub in ours("subscription", "pg_subscription", "subname")? {
+                    if !streaming.iter().any(|(n, _)| *n == sub && *n == own_name) {
+                        tracing::warn!(server = %meta.service.id, subscription = %sub, "dropping a subscription left behind");
+                        logical::drop_replication(None, Some(&server), &sub).map_err(ProviderError::Failed)?;
+                    }
+                }
+                let feeds = |n: &String| streaming.iter().any(|(s, from)| s == n && *from == meta.service.id);
+                let mut left: Vec<String> = ours("slot", "pg_replication_slots", "slot_name")?;
+                left.extend(ours("publication", "pg_publication", "pubname")?);
+                left.sort();
+                left.dedup();
+                for name in left.iter().filter(|n| !feeds(n)) {
+                    tracing::warn!(server = %meta.service.id, slot = %name, "dropping a replication slot left behind");
+                    logical::drop_replication(Some(&server), None, name).map_err(ProviderError::Failed)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes a dumped backup durable and visible: sync, rename, manifest.
@@ -463,6 +515,7 @@ impl LocalProvider {
                 complete: manifest.complete,
                 restored_from: Some(from.clone()),
                 verified: false,
+                streaming: false,
             })
         })?;
         if let Some(fp) = copy_fp {
@@ -715,6 +768,119 @@ impl Provider for LocalProvider {
         Ok(manifest.bytes)
     }
 
+    fn replicate(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
+        self.fingerprints.remove(id);
+        let (meta, source) = self.running_server(env, from)?;
+        let (_, target) = self.running_server(env, id)?;
+        let data = meta.service.effective_data().ok_or_else(|| failed(format!("{from} holds no data")))?;
+        let name = logical::name(id);
+        // Servers started before pgconverge set wal_level = logical need a restart: a
+        // second's break in the application's connections, before any write is blocked.
+        if !logical::wal_level_is_logical(&source).map_err(ProviderError::Failed)? {
+            tracing::warn!(service = %from, "restarting the server with wal_level = logical");
+            source.stop().map_err(ProviderError::Failed)?;
+            source.start().map_err(ProviderError::Failed)?;
+        }
+        logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)?;
+        // The schema first (replication carries rows only), then every row.
+        let bin = self.newest_binaries(env)?;
+        let work = self.root.join("backups").join(id.as_str());
+        std::fs::create_dir_all(&work).map_err(|e| io_err("create", &work, e))?;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err("protect", &work, e))?;
+        let (roles, schema) = (work.join("replica.roles.sql"), work.join("replica.schema.dump"));
+        self.dump_roles(&source, &bin, &roles)?;
+        let mut c = Command::new(bin.program("pg_dump"));
+        c.args(source.conn_args(APP_DB))
+            .args(["-Fc", "--schema-only", "--no-publications", "--no-subscriptions", "-f"])
+            .arg(&schema);
+        self.run_client(c, "pg_dump --schema-only")?;
+        self.prepare_restore(env, id, &target, &roles)?;
+        let mut c = restore_command(&target);
+        c.arg(&schema);
+        self.run_client(c, "pg_restore --schema-only")?;
+        let full = logical::replica_identity_full(&source).map_err(ProviderError::Failed)?;
+        if !full.is_empty() {
+            tracing::info!(tables = %full.join(", "), "tables without a primary key replicate with REPLICA IDENTITY FULL");
+        }
+        logical::subscribe(&source, &target, &name).map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("replicate:subscribed").map_err(ProviderError::Failed)?;
+        self.update(env, id, |m| {
+            m.service.data = Some(Data {
+                of: data.of.clone(),
+                complete: false,
+                restored_from: Some(from.clone()),
+                verified: false,
+                streaming: true,
+            })
+        })?;
+        let started = std::time::Instant::now();
+        logical::wait_initial_copy(&target, &name).map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
+        target.sql(APP_DB, "ANALYZE").map_err(ProviderError::Failed)?;
+        let _ = std::fs::remove_file(&schema);
+        let bytes =
+            target.sql(APP_DB, &format!("SELECT pg_database_size('{APP_DB}')")).map_err(ProviderError::Failed)?;
+        Ok(bytes.trim().parse().unwrap_or(0))
+    }
+
+    fn catch_up(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+        let meta = self.load(env, id)?;
+        let Some(from) = meta.service.data.as_ref().filter(|d| d.streaming).and_then(|d| d.restored_from.clone())
+        else {
+            return Err(ProviderError::Inconsistent(format!("{id} is not streaming a copy")));
+        };
+        let (source_meta, source) = self.running_server(env, &from)?;
+        let (_, target) = self.running_server(env, id)?;
+        let name = logical::name(id);
+        // A copy is whole only when every change up to the fence is in it; anything less
+        // is dropped (nothing is lost: the source keeps the data) and copied afresh.
+        let give_up = |me: &Self, why: String| -> ProviderError {
+            let _ = logical::drop_replication(Some(&source), Some(&target), &name);
+            let _ = me.update(env, id, |m| {
+                if let Some(d) = m.service.data.as_mut() {
+                    d.streaming = false;
+                    d.complete = false;
+                }
+            });
+            ProviderError::Failed(format!(
+                "{why}; the upgrade stopped with nothing lost, and the next apply copies afresh"
+            ))
+        };
+        if !logical::subscribed(&target, &name).map_err(ProviderError::Failed)? {
+            return Err(give_up(self, format!("the replication into {id} ended before its catch-up was recorded")));
+        }
+        let lsn = logical::current_lsn(&source).map_err(ProviderError::Failed)?;
+        let waited = match logical::wait_caught_up(&source, &target, &name, &lsn) {
+            Ok(waited) => waited,
+            Err(e) => {
+                let diff = logical::schema_differences(&source, &target).unwrap_or_default();
+                let why = if diff.is_empty() {
+                    e
+                } else {
+                    format!("the schema changed during replication ({})", diff.join("; "))
+                };
+                return Err(give_up(self, why));
+            }
+        };
+        let diff = logical::schema_differences(&source, &target).map_err(ProviderError::Failed)?;
+        if !diff.is_empty() {
+            return Err(give_up(self, format!("the schema changed during replication ({})", diff.join("; "))));
+        }
+        crate::failpoint::hit("catch_up:caught_up").map_err(ProviderError::Failed)?;
+        let sequences = logical::sync_sequences(&source, &target).map_err(ProviderError::Failed)?;
+        tracing::info!(service = %id, lsn = %lsn, ms = waited.as_millis() as u64, sequences, "copy caught up");
+        let complete = source_meta.service.effective_data().is_some_and(|d| d.complete);
+        self.update(env, id, |m| {
+            if let Some(d) = m.service.data.as_mut() {
+                d.streaming = false;
+                d.complete = complete;
+            }
+        })?;
+        crate::failpoint::hit("catch_up:recorded").map_err(ProviderError::Failed)?;
+        logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)
+    }
+
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
         let (_, copy) = self.running_server(env, id)?;
         let (_, source) = self.running_server(env, against)?;
@@ -814,6 +980,7 @@ impl Provider for LocalProvider {
                             complete: true,
                             restored_from: None,
                             verified: false,
+                            streaming: false,
                         }));
                     }
                 }
@@ -828,6 +995,13 @@ impl Provider for LocalProvider {
     fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         self.fingerprints.remove(id);
         let meta = self.load(env, id)?;
+        if let Some(from) = meta.service.data.as_ref().filter(|d| d.streaming).and_then(|d| d.restored_from.clone()) {
+            // Its subscription goes first, and the slot it holds on the source with it.
+            let source = self.load(env, &from).ok().and_then(|m| self.server(&m).ok()).filter(Server::is_running);
+            let target = self.server(&meta).ok().filter(Server::is_running);
+            logical::drop_replication(source.as_ref(), target.as_ref(), &logical::name(id))
+                .map_err(ProviderError::Failed)?;
+        }
         // The record goes first: a crash after it leaves only a server and files that no
         // record names, which `tidy` removes.
         let path = self.meta_path(env, id);

@@ -107,9 +107,11 @@ impl Server {
 
     /// Starts the server detached from pgconverge's process group, listening on
     /// 127.0.0.1:port and on a socket in `socket_dir`; waits until it accepts connections.
+    /// `wal_level = logical`, so that any server can be the source of the logical
+    /// strategy without a restart then (it costs a few bytes of WAL per update).
     pub fn start(&self) -> Result<(), String> {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c unix_socket_permissions=0700",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c unix_socket_permissions=0700 -c wal_level=logical",
             self.port,
             self.socket_dir.display()
         );
