@@ -185,10 +185,7 @@ pub fn apply(
             } else if let Some(Action::Restore { service: target, from }) =
                 next.filter(|n| streams(&prediction, action, n))
             {
-                let verified_later = env_plan.actions[i..]
-                    .iter()
-                    .any(|a| matches!(a, Action::Verify { service, against } if service == target && against == from));
-                let verify = if verified_later { d.upgrade.verify } else { Verify::None };
+                let verify = verified_later(&env_plan.actions[i..], target, d);
                 let bytes = (|| {
                     let (from, target) =
                         (prediction.resolve(from).map_err(Err)?, prediction.resolve(target).map_err(Err)?);
@@ -198,7 +195,7 @@ pub fn apply(
                 restored_with_backup = true;
                 (None, Some(format!("{} dumped, streamed into {target}", human_bytes(bytes))))
             } else {
-                run(provider, d, &prediction, action).map_err(|source| failed(source, &done))?
+                run(provider, d, &prediction, action, &env_plan.actions[i..]).map_err(|source| failed(source, &done))?
             };
             let was_blocked = prediction.writes_blocked();
             let expected = prediction.advance(action, new_id).map_err(|r| refused(r, &done))?;
@@ -235,6 +232,17 @@ fn streams(prediction: &Prediction, action: &Action, next: &Action) -> bool {
     from == service && after.advance(action, None).is_ok() && after.check(next).is_ok()
 }
 
+/// How a verify later in the plan will compare `target` with its source: the provider
+/// may take fingerprints ahead of it.
+fn verified_later(rest: &[Action], target: &crate::model::ServiceId, d: &DesiredEnv) -> Verify {
+    let later = rest.iter().any(|a| matches!(a, Action::Verify { service, .. } if service == target));
+    if later {
+        d.upgrade.verify
+    } else {
+        Verify::None
+    }
+}
+
 /// What an action gave back: the id of an added service, a word on what it moved.
 type Ran = (Option<crate::model::ServiceId>, Option<String>);
 
@@ -245,6 +253,7 @@ fn run(
     d: &DesiredEnv,
     prediction: &Prediction,
     action: &Action,
+    rest: &[Action],
 ) -> Result<Ran, Result<ProviderError, String>> {
     let env = &d.name;
     let id = |s: &crate::model::ServiceId| prediction.resolve(s).map_err(Err);
@@ -262,7 +271,7 @@ fn run(
         Action::Replicate { service, from } => {
             return p.replicate(env, &id(service)?, &id(from)?).map(|b| (None, moved(b, "copied"))).map_err(Ok);
         }
-        Action::CatchUp { service } => p.catch_up(env, &id(service)?),
+        Action::CatchUp { service } => p.catch_up(env, &id(service)?, verified_later(rest, service, d)),
         Action::Provision { service } => p.provision(env, &id(service)?),
         Action::Fence { service } => p.fence(env, &id(service)?),
         Action::Unfence { service } => p.unfence(env, &id(service)?),

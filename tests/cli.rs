@@ -150,9 +150,9 @@ fn config_errors_point_at_the_key() {
             "environments.live: missing field `postgres`",
         ),
         (
-            "strategy not yet supported",
-            "version: 1\nupgrade: {strategy: logical}\nenvironments: {live: {postgres: {A: 1}}}\n",
-            "upgrade.strategy: unknown variant `logical`",
+            "unknown strategy",
+            "version: 1\nupgrade: {strategy: pg_upgrade}\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "upgrade.strategy: unknown variant `pg_upgrade`",
         ),
         (
             "two providers",
@@ -482,5 +482,32 @@ fn local_dev_compose_image_follows_an_environment() {
         bad.stderr.contains("docker-compose.yml:3:12") && bad.stderr.contains("cannot tell the PostgreSQL major"),
         "{}",
         bad.stderr
+    );
+}
+
+#[test]
+fn logical_plans_say_the_copy_is_outside_the_outage() {
+    let dir = scratch("logical_plan");
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        "version: 1\nupgrade: {strategy: logical}\nenvironments:\n  live: {postgres: {DEFAULT: 17}}\n",
+    )
+    .expect("config");
+    std::fs::write(
+        dir.join("live.json"),
+        r#"{"format_version":1,"environments":{"live":{"services":[{"id":"a","version":15,"prefix":"DEFAULT","status":"attached"}]}}}"#,
+    )
+    .expect("snapshot");
+    let text = pgconverge(&["plan", "--live", "live.json"], &dir);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.contains("3. replicate +1 from a"), "{}", text.stdout);
+    assert!(text.stdout.contains("The copy streams before the fence"), "{}", text.stdout);
+    let md = pgconverge(&["plan", "--live", "live.json", "--format", "markdown"], &dir);
+    assert!(md.stdout.contains("5 actions (fence → deploy), no copy inside"), "{}", md.stdout);
+    let json = pgconverge(&["plan", "--live", "live.json", "--format", "json"], &dir);
+    assert!(
+        json.stdout.contains(r#""op": "catch_up""#) || json.stdout.contains(r#""op":"catch_up""#),
+        "{}",
+        json.stdout
     );
 }

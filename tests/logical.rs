@@ -19,6 +19,17 @@ fn config(dir: &Path, major: u32) {
     std::fs::write(dir.join("pgconverge.yaml"), text).expect("config");
 }
 
+/// A PostgreSQL 15 environment holding `sql`'s data, its config already asking for 17.
+fn loaded(name: &str, sql: &str) -> (std::path::PathBuf, Servers) {
+    let dir = scratch(name);
+    let servers = Servers(dir.join(".pgconverge"));
+    config(&dir, 15);
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    psql(&url(&dir), sql).expect("load");
+    config(&dir, 17);
+    (dir, servers)
+}
+
 fn url(dir: &Path) -> String {
     env_file(&dir.join(".pgconverge/test.env"))["DATABASE_URL"].clone()
 }
@@ -93,14 +104,8 @@ fn assert_nothing_lost(dir: &Path, committed: &[u64]) {
 
 #[test]
 fn logical_upgrade_under_writes_loses_nothing_and_keeps_sequences() {
-    let dir = scratch("logical_runbook");
-    let _servers = Servers(dir.join(".pgconverge"));
-    config(&dir, 15);
-    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
-    psql(&url(&dir), SCHEMA).expect("load");
+    let (dir, _servers) = loaded("logical_runbook", SCHEMA);
     let seq_before = psql(&url(&dir), "SELECT last_value FROM items_id_seq").expect("seq");
-
-    config(&dir, 17);
     let plan = pgconverge(&["plan"], &dir);
     assert!(plan.stdout.contains("3. replicate +1 from") && plan.stdout.contains("5. catch up +1"), "{}", plan.stdout);
     let writer = Writer::start(&dir);
@@ -123,12 +128,7 @@ fn logical_upgrade_under_writes_loses_nothing_and_keeps_sequences() {
 
 #[test]
 fn a_schema_change_during_replication_stops_the_upgrade_with_nothing_lost() {
-    let dir = scratch("logical_ddl");
-    let _servers = Servers(dir.join(".pgconverge"));
-    config(&dir, 15);
-    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
-    psql(&url(&dir), SCHEMA).expect("load");
-    config(&dir, 17);
+    let (dir, _servers) = loaded("logical_ddl", SCHEMA);
     // Stop right after the copy started streaming, then change the schema on the source.
     let first = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "after:3=error")]);
     assert_eq!(first.code, 1, "{}{}", first.stdout, first.stderr);
@@ -147,12 +147,7 @@ fn a_schema_change_during_replication_stops_the_upgrade_with_nothing_lost() {
 #[test]
 fn crashes_inside_replicate_and_catch_up_are_finished_and_leave_no_slot() {
     for failpoint in ["replicate:subscribed", "after:3", "catch_up:caught_up", "catch_up:recorded", "after:5"] {
-        let dir = scratch(&format!("logical_crash_{}", failpoint.replace(':', "_")));
-        let _servers = Servers(dir.join(".pgconverge"));
-        config(&dir, 15);
-        assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
-        psql(&url(&dir), SCHEMA).expect("load");
-        config(&dir, 17);
+        let (dir, _servers) = loaded(&format!("logical_crash_{}", failpoint.replace(':', "_")), SCHEMA);
         let writer = Writer::start(&dir);
         let spec = format!("{failpoint}=crash");
         let crashed = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", &spec)]);
@@ -167,4 +162,20 @@ fn crashes_inside_replicate_and_catch_up_are_finished_and_leave_no_slot() {
         let servers = std::fs::read_dir(dir.join(".pgconverge/servers")).expect("servers").count();
         assert_eq!(servers, 1, "{failpoint}: one server left");
     }
+}
+
+#[test]
+fn large_objects_are_refused_and_dump_restore_then_finishes_the_job() {
+    let (dir, _servers) =
+        loaded("logical_large_objects", "CREATE TABLE t (id int PRIMARY KEY); SELECT lo_from_bytea(0, 'x')");
+    let refused = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stderr.contains("large objects") && refused.stderr.contains("dump_restore"), "{}", refused.stderr);
+    let text = std::fs::read_to_string(dir.join("pgconverge.yaml")).expect("config");
+    std::fs::write(dir.join("pgconverge.yaml"), text.replace("strategy: logical", "strategy: dump_restore"))
+        .expect("config");
+    let finished = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(finished.code, 0, "{}{}", finished.stdout, finished.stderr);
+    let lo = psql(&url(&dir), "SELECT count(*) FROM pg_largeobject_metadata").expect("lo");
+    assert_eq!(lo, "1");
 }

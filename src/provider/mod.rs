@@ -71,9 +71,10 @@ pub trait Provider {
         Err(ProviderError::Refused("this provider cannot copy by logical replication".into()))
     }
     /// With the source quiet: waits until `id` holds every change its source committed,
-    /// brings its sequences level, and ends the replication.
-    fn catch_up(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
-        let _ = (env, id);
+    /// brings its sequences level, and ends the replication. `verify` says how a later
+    /// verify will compare the two, so that the provider may take fingerprints meanwhile.
+    fn catch_up(&mut self, env: &EnvName, id: &ServiceId, verify: Verify) -> Result<()> {
+        let _ = (env, id, verify);
         Err(ProviderError::Refused("this provider cannot copy by logical replication".into()))
     }
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()>;

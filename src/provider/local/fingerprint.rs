@@ -12,73 +12,58 @@ const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema'
 /// `kind:name` → value, for every object compared.
 pub type Fingerprint = BTreeMap<String, String>;
 
-fn lines(server: &Server, db: &str, sql: &str) -> Result<Vec<String>, String> {
-    Ok(server.sql(db, sql)?.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect())
-}
-
-/// Takes the fingerprint of database `db`.
+/// Takes the fingerprint of database `db`, in one session: every value comes back as a
+/// `key|value` line, and psql's `\gexec` runs one statement per table (each free to use
+/// parallel workers), so a fingerprint costs one program start, not one per query.
 pub fn take(server: &Server, db: &str, how: Verify) -> Result<Fingerprint, String> {
-    let mut fp = Fingerprint::new();
-    let not_extension = "NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')";
-    for (kind, relkinds) in [("table", "'r','p'"), ("view", "'v','m'"), ("index", "'i','I'"), ("sequence", "'S'")] {
-        let sql = format!(
-            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ({relkinds}) AND {USER_SCHEMAS} AND {not_extension} ORDER BY 1"
-        );
-        for name in lines(server, db, &sql)? {
-            fp.insert(format!("{kind}:{name}"), "present".into());
-        }
-    }
-    let functions = format!(
-        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-         WHERE {USER_SCHEMAS} AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e') ORDER BY 1"
+    let not_extension =
+        |oid: &str| format!("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = {oid} AND d.deptype = 'e')");
+    let relations = |relkinds: &str| {
+        format!(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ({relkinds}) AND {USER_SCHEMAS} AND {}",
+            not_extension("c.oid")
+        )
+    };
+    let mut parts: Vec<String> = [("table", "'r','p'"), ("view", "'v','m'"), ("index", "'i','I'"), ("sequence", "'S'")]
+        .iter()
+        .map(|(kind, relkinds)| format!("SELECT '{kind}:' || name || '|present' FROM ({}) r", relations(relkinds)))
+        .collect();
+    parts.push(format!(
+        "SELECT 'function:' || p.oid::regprocedure::text || '|present' FROM pg_proc p \
+         JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {USER_SCHEMAS} AND {}",
+        not_extension("p.oid")
+    ));
+    parts.push("SELECT 'extension:' || extname || '|present' FROM pg_extension".into());
+    parts.push(
+        "SELECT 'sequence value:' || quote_ident(schemaname) || '.' || quote_ident(sequencename) || '|' \
+         || coalesce(last_value::text, 'unused') FROM pg_sequences"
+            .into(),
     );
-    for name in lines(server, db, &functions)? {
-        fp.insert(format!("function:{name}"), "present".into());
-    }
-    for name in lines(server, db, "SELECT extname FROM pg_extension ORDER BY 1")? {
-        fp.insert(format!("extension:{name}"), "present".into());
-    }
-    let seqs = "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename) || '|' || coalesce(last_value::text, 'unused') FROM pg_sequences ORDER BY 1";
-    for line in lines(server, db, seqs)? {
-        if let Some((name, value)) = line.rsplit_once('|') {
-            fp.insert(format!("sequence value:{name}"), value.to_owned());
-        }
-    }
-    let tables: Vec<String> = fp.keys().filter_map(|k| k.strip_prefix("table:")).map(str::to_owned).collect();
-    // One statement per batch of tables keeps the round trips few on wide schemas.
-    for batch in tables.chunks(50) {
-        let parts: Vec<String> = batch
-            .iter()
-            .map(|t| {
-                let hash = match how {
-                    Verify::Checksums => format!(
-                        "coalesce((SELECT md5(string_agg(h, '' ORDER BY h)) FROM (SELECT md5(x::text) AS h FROM {t} x) s), '')"
-                    ),
-                    _ => "''".to_owned(),
-                };
-                format!("SELECT {lit} || '|' || (SELECT count(*) FROM {t})::text || '|' || {hash}", lit = literal(t))
-            })
-            .collect();
-        for line in lines(server, db, &parts.join(" UNION ALL "))? {
-            let mut f = line.rsplitn(3, '|');
-            let (hash, count, name) = (f.next().unwrap_or(""), f.next().unwrap_or(""), f.next().unwrap_or(""));
-            fp.insert(format!("rows:{name}"), count.to_owned());
-            if how == Verify::Checksums {
-                fp.insert(format!("row hash:{name}"), hash.to_owned());
-            }
-        }
-    }
-    fp.insert("large objects".into(), server.sql(db, "SELECT count(*) FROM pg_largeobject_metadata")?);
+    parts.push("SELECT 'large objects|' || count(*) FROM pg_largeobject_metadata".into());
     if how == Verify::Checksums {
-        let lo = "SELECT coalesce(md5(string_agg(md5(data), '' ORDER BY loid, pageno)), '') FROM pg_largeobject";
-        fp.insert("large object hash".into(), server.sql(db, lo)?);
+        parts.push(
+            "SELECT 'large object hash|' || coalesce(md5(string_agg(md5(data), '' ORDER BY loid, pageno)), '') FROM pg_largeobject"
+                .into(),
+        );
+    }
+    let per_table = match how {
+        Verify::Checksums => "'SELECT %L || ''|'' || (SELECT count(*) FROM %s)::text UNION ALL SELECT %L || ''|'' || \
+             coalesce((SELECT md5(string_agg(h, '''' ORDER BY h)) FROM (SELECT md5(x::text) AS h FROM %s x) s), '''')', \
+             'rows:' || name, name, 'row hash:' || name, name",
+        _ => "'SELECT %L || ''|'' || (SELECT count(*) FROM %s)::text', 'rows:' || name, name",
+    };
+    let sql = format!(
+        "{};\nSELECT format({per_table}) FROM ({}) t ORDER BY name \\gexec\n",
+        parts.join(" UNION ALL "),
+        relations("'r','p'")
+    );
+    let mut fp = Fingerprint::new();
+    for line in server.sql(db, &sql)?.lines().filter(|l| !l.is_empty()) {
+        let (key, value) = line.rsplit_once('|').ok_or_else(|| format!("unexpected fingerprint line `{line}`"))?;
+        fp.insert(key.to_owned(), value.to_owned());
     }
     Ok(fp)
-}
-
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// What differs between a source and its copy, one line each; empty when they match.

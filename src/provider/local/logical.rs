@@ -14,7 +14,10 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// How long the catch-up may take with the source quiet: the changes still in flight when
 /// writes stopped, which a healthy subscription applies in milliseconds.
-const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
+pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long the copy may take to stream what the source wrote during its initial copy.
+pub const STREAM_LIMIT: Duration = Duration::from_secs(3600);
 
 /// The name of the publication, the subscription and the slot that copy into `id`.
 pub fn name(id: &ServiceId) -> String {
@@ -58,13 +61,12 @@ pub fn replica_identity_full(source: &Server) -> Result<Vec<String>, String> {
 pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: &str) -> Result<(), String> {
     if let Some(target) = target {
         if count(target, APP_DB, &format!("SELECT count(*) FROM pg_subscription WHERE subname = '{name}'"))? > 0 {
-            target.sql_each(
+            // Three statements, each in its own transaction (psql without -1).
+            target.sql(
                 APP_DB,
-                &[
-                    &format!("ALTER SUBSCRIPTION {name} DISABLE"),
-                    &format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE)"),
-                    &format!("DROP SUBSCRIPTION {name}"),
-                ],
+                &format!(
+                    "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE); DROP SUBSCRIPTION {name};"
+                ),
             )?;
         }
     }
@@ -110,7 +112,12 @@ pub fn subscribe(source: &Server, target: &Server, name: &str) -> Result<(), Str
         source.socket_dir.display(),
         source.port
     );
-    target.sql(APP_DB, &format!("CREATE SUBSCRIPTION {name} CONNECTION '{conn}' PUBLICATION {name}"))?;
+    // Each applied transaction is flushed before the copy reports it: otherwise the
+    // report waits for the WAL writer's next round, up to 200 ms inside the outage.
+    target.sql(
+        APP_DB,
+        &format!("CREATE SUBSCRIPTION {name} CONNECTION '{conn}' PUBLICATION {name} WITH (synchronous_commit = on)"),
+    )?;
     Ok(())
 }
 
@@ -153,13 +160,25 @@ pub fn wait_initial_copy(target: &Server, name: &str) -> Result<(), String> {
     }
 }
 
-/// The source's WAL position now: with writes fenced, the last change the copy needs.
-pub fn current_lsn(source: &Server) -> Result<String, String> {
-    Ok(source.sql("postgres", "SELECT pg_current_wal_lsn()")?.trim().to_owned())
+/// The source's WAL flushed so far, after a transaction of our own whose synchronous
+/// commit flushes every commit before it (asynchronous ones included): with writes
+/// fenced, every change the copy needs is at or before it. (The write position could be
+/// later, on records the WAL writer flushes only on its next round, up to 200 ms on.)
+pub fn flushed_lsn(source: &Server) -> Result<String, String> {
+    let sql =
+        "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT; SELECT pg_current_wal_flush_lsn();";
+    let out = source.sql("postgres", sql)?;
+    Ok(out.lines().last().unwrap_or_default().trim().to_owned())
 }
 
 /// Waits until the copy has applied and flushed everything up to `lsn` of the source.
-pub fn wait_caught_up(source: &Server, target: &Server, name: &str, lsn: &str) -> Result<Duration, String> {
+pub fn wait_caught_up(
+    source: &Server,
+    target: &Server,
+    name: &str,
+    lsn: &str,
+    limit: Duration,
+) -> Result<Duration, String> {
     let started = Instant::now();
     let sql = format!(
         "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' AND replay_lsn >= '{lsn}'::pg_lsn"
@@ -171,10 +190,10 @@ pub fn wait_caught_up(source: &Server, target: &Server, name: &str, lsn: &str) -
         if errors(target, name)? > 0 {
             return Err(failing(target, name, "while catching up"));
         }
-        if started.elapsed() > CATCH_UP_LIMIT {
+        if started.elapsed() > limit {
             return Err(format!(
                 "the copy did not catch up with {lsn} within {} s; is the subscription {name} running?",
-                CATCH_UP_LIMIT.as_secs()
+                limit.as_secs()
             ));
         }
         std::thread::sleep(POLL);
@@ -191,8 +210,10 @@ pub fn subscribed(target: &Server, name: &str) -> Result<bool, String> {
 fn columns(server: &Server) -> Result<Vec<String>, String> {
     let out = server.sql(
         APP_DB,
-        "SELECT table_schema || '.' || table_name || '.' || column_name || ' ' || data_type \
-         FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+        "SELECT n.nspname || '.' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm') \
+         AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1",
     )?;
     Ok(out.lines().map(str::to_owned).collect())
 }

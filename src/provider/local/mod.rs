@@ -524,6 +524,61 @@ impl LocalProvider {
         Ok(())
     }
 
+    /// The catch-up proper: waits until the copy has every change up to the source's
+    /// WAL position now, checks the schemas still agree, sets the sequences, records the
+    /// copy as caught up and ends the replication.
+    fn finish_catch_up(
+        &self,
+        env: &EnvName,
+        id: &ServiceId,
+        source: &Server,
+        target: &Server,
+        complete: bool,
+    ) -> Result<()> {
+        let name = logical::name(id);
+        // A copy is whole only when every change up to the fence is in it; anything less
+        // is dropped (nothing is lost: the source keeps the data) and copied afresh.
+        let give_up = |why: String| -> ProviderError {
+            let _ = logical::drop_replication(Some(source), Some(target), &name);
+            let _ = self.update(env, id, |m| {
+                if let Some(d) = m.service.data.as_mut() {
+                    d.streaming = false;
+                    d.complete = false;
+                }
+            });
+            ProviderError::Failed(format!(
+                "{why}; the upgrade stopped with nothing lost, and the next apply copies afresh"
+            ))
+        };
+        if !logical::subscribed(target, &name).map_err(ProviderError::Failed)? {
+            return Err(give_up(format!("the replication into {id} ended before its catch-up was recorded")));
+        }
+        let schema_changed = |diff: Vec<String>| format!("the schema changed during replication ({})", diff.join("; "));
+        let lsn = logical::flushed_lsn(source).map_err(ProviderError::Failed)?;
+        let waited = match logical::wait_caught_up(source, target, &name, &lsn, logical::CATCH_UP_LIMIT) {
+            Ok(waited) => waited,
+            Err(e) => {
+                let diff = logical::schema_differences(source, target).unwrap_or_default();
+                return Err(give_up(if diff.is_empty() { e } else { schema_changed(diff) }));
+            }
+        };
+        let diff = logical::schema_differences(source, target).map_err(ProviderError::Failed)?;
+        if !diff.is_empty() {
+            return Err(give_up(schema_changed(diff)));
+        }
+        crate::failpoint::hit("catch_up:caught_up").map_err(ProviderError::Failed)?;
+        let sequences = logical::sync_sequences(source, target).map_err(ProviderError::Failed)?;
+        tracing::info!(service = %id, lsn = %lsn, ms = waited.as_millis() as u64, sequences, "copy caught up");
+        self.update(env, id, |m| {
+            if let Some(d) = m.service.data.as_mut() {
+                d.streaming = false;
+                d.complete = complete;
+            }
+        })?;
+        crate::failpoint::hit("catch_up:recorded").map_err(ProviderError::Failed)?;
+        logical::drop_replication(Some(source), Some(target), &name).map_err(ProviderError::Failed)
+    }
+
     fn run_client(&self, mut c: Command, what: &str) -> Result<()> {
         let program = c.get_program().to_string_lossy().into_owned();
         let out = c
@@ -540,6 +595,17 @@ impl LocalProvider {
         }
         Ok(())
     }
+}
+
+fn timed_fingerprint(
+    server: &Server,
+    how: Verify,
+    what: &str,
+) -> std::result::Result<fingerprint::Fingerprint, String> {
+    let t = std::time::Instant::now();
+    let fp = fingerprint::take(server, APP_DB, how);
+    tracing::debug!(what, seconds = t.elapsed().as_secs_f64(), "fingerprint taken");
+    fp
 }
 
 /// Puts `LOAD_SETTINGS` on a server, or takes them off; both take effect at once.
@@ -774,6 +840,14 @@ impl Provider for LocalProvider {
         let (_, target) = self.running_server(env, id)?;
         let data = meta.service.effective_data().ok_or_else(|| failed(format!("{from} holds no data")))?;
         let name = logical::name(id);
+        let objects =
+            source.sql(APP_DB, "SELECT count(*) FROM pg_largeobject_metadata").map_err(ProviderError::Failed)?;
+        if objects.trim() != "0" {
+            return Err(ProviderError::Refused(format!(
+                "{from} holds {} large objects, which logical replication does not carry; use `upgrade.strategy: dump_restore`",
+                objects.trim()
+            )));
+        }
         // Servers started before pgconverge set wal_level = logical need a restart: a
         // second's break in the application's connections, before any write is blocked.
         if !logical::wal_level_is_logical(&source).map_err(ProviderError::Failed)? {
@@ -817,14 +891,24 @@ impl Provider for LocalProvider {
         let started = std::time::Instant::now();
         logical::wait_initial_copy(&target, &name).map_err(ProviderError::Failed)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
-        target.sql(APP_DB, "ANALYZE").map_err(ProviderError::Failed)?;
+        // Statistics for the application's first queries, and the hint bits of every copied
+        // row set now: the first read after a copy sets them, and with data checksums logs
+        // each page again, which verify's counts would otherwise pay inside the outage.
+        target.sql(APP_DB, "VACUUM (ANALYZE)").map_err(ProviderError::Failed)?;
+        // Stream what the source wrote meanwhile, so that the catch-up inside the outage
+        // has only the last moments' changes to wait for.
+        let lsn = logical::flushed_lsn(&source).map_err(ProviderError::Failed)?;
+        let lag = logical::wait_caught_up(&source, &target, &name, &lsn, logical::STREAM_LIMIT)
+            .map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = lag.as_secs_f64(), "streaming caught up before the fence");
         let _ = std::fs::remove_file(&schema);
         let bytes =
             target.sql(APP_DB, &format!("SELECT pg_database_size('{APP_DB}')")).map_err(ProviderError::Failed)?;
         Ok(bytes.trim().parse().unwrap_or(0))
     }
 
-    fn catch_up(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
+    fn catch_up(&mut self, env: &EnvName, id: &ServiceId, verify: Verify) -> Result<()> {
+        self.fingerprints.remove(id);
         let meta = self.load(env, id)?;
         let Some(from) = meta.service.data.as_ref().filter(|d| d.streaming).and_then(|d| d.restored_from.clone())
         else {
@@ -832,53 +916,27 @@ impl Provider for LocalProvider {
         };
         let (source_meta, source) = self.running_server(env, &from)?;
         let (_, target) = self.running_server(env, id)?;
-        let name = logical::name(id);
-        // A copy is whole only when every change up to the fence is in it; anything less
-        // is dropped (nothing is lost: the source keeps the data) and copied afresh.
-        let give_up = |me: &Self, why: String| -> ProviderError {
-            let _ = logical::drop_replication(Some(&source), Some(&target), &name);
-            let _ = me.update(env, id, |m| {
-                if let Some(d) = m.service.data.as_mut() {
-                    d.streaming = false;
-                    d.complete = false;
-                }
-            });
-            ProviderError::Failed(format!(
-                "{why}; the upgrade stopped with nothing lost, and the next apply copies afresh"
-            ))
-        };
-        if !logical::subscribed(&target, &name).map_err(ProviderError::Failed)? {
-            return Err(give_up(self, format!("the replication into {id} ended before its catch-up was recorded")));
-        }
-        let lsn = logical::current_lsn(&source).map_err(ProviderError::Failed)?;
-        let waited = match logical::wait_caught_up(&source, &target, &name, &lsn) {
-            Ok(waited) => waited,
-            Err(e) => {
-                let diff = logical::schema_differences(&source, &target).unwrap_or_default();
-                let why = if diff.is_empty() {
-                    e
-                } else {
-                    format!("the schema changed during replication ({})", diff.join("; "))
-                };
-                return Err(give_up(self, why));
-            }
-        };
-        let diff = logical::schema_differences(&source, &target).map_err(ProviderError::Failed)?;
-        if !diff.is_empty() {
-            return Err(give_up(self, format!("the schema changed during replication ({})", diff.join("; "))));
-        }
-        crate::failpoint::hit("catch_up:caught_up").map_err(ProviderError::Failed)?;
-        let sequences = logical::sync_sequences(&source, &target).map_err(ProviderError::Failed)?;
-        tracing::info!(service = %id, lsn = %lsn, ms = waited.as_millis() as u64, sequences, "copy caught up");
         let complete = source_meta.service.effective_data().is_some_and(|d| d.complete);
-        self.update(env, id, |m| {
-            if let Some(d) = m.service.data.as_mut() {
-                d.streaming = false;
-                d.complete = complete;
-            }
-        })?;
-        crate::failpoint::hit("catch_up:recorded").map_err(ProviderError::Failed)?;
-        logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)
+        // The source is quiet from the fence on: its fingerprint for the verify that
+        // follows is taken while the copy catches up, and the copy's as soon as it has
+        // stopped changing, so that verify itself only compares.
+        let fingerprint_source = verify != Verify::None && !self.fingerprints.contains_key(&from);
+        let (copy_fp, source_fp) = std::thread::scope(|s| {
+            let fp = fingerprint_source.then(|| s.spawn(|| timed_fingerprint(&source, verify, "source")));
+            let copy_fp = self.finish_catch_up(env, id, &source, &target, complete).and_then(|()| {
+                (verify != Verify::None)
+                    .then(|| timed_fingerprint(&target, verify, "copy").map_err(ProviderError::Failed))
+                    .transpose()
+            });
+            (copy_fp, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
+        });
+        if let Some(fp) = copy_fp? {
+            self.fingerprints.insert(id.clone(), (verify, fp));
+        }
+        if let Some(fp) = source_fp {
+            self.fingerprints.insert(from, (verify, fp));
+        }
+        Ok(())
     }
 
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
@@ -891,8 +949,8 @@ impl Provider for LocalProvider {
         let (a, b) = (taken(against), taken(id));
         // What is missing is taken now, both servers at once.
         let (a, b) = std::thread::scope(|s| {
-            let a = s.spawn(|| a.map_or_else(|| fingerprint::take(&source, APP_DB, how), Ok));
-            let b = b.map_or_else(|| fingerprint::take(&copy, APP_DB, how), Ok);
+            let a = s.spawn(|| a.map_or_else(|| timed_fingerprint(&source, how, "source"), Ok));
+            let b = b.map_or_else(|| timed_fingerprint(&copy, how, "copy"), Ok);
             (a.join().unwrap_or_else(|_| Err("the fingerprint thread panicked".into())), b)
         });
         let (a, b) = (a.map_err(ProviderError::Failed)?, b.map_err(ProviderError::Failed)?);
