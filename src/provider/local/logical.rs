@@ -9,8 +9,12 @@ use super::server::{Server, SUPERUSER};
 use super::APP_DB;
 use crate::model::ServiceId;
 
-/// How often the catalogs are asked while waiting.
+/// How often the catalogs are asked while waiting for a catch-up (inside the outage).
 const POLL: Duration = Duration::from_millis(20);
+
+/// How often while the initial copy runs: each look starts programs, and the copy needs
+/// the CPU.
+const COPY_POLL: Duration = Duration::from_millis(250);
 
 /// How long the catch-up may take with the source quiet: the changes still in flight when
 /// writes stopped, which a healthy subscription applies in milliseconds.
@@ -143,12 +147,18 @@ fn failing(target: &Server, name: &str, what: &str) -> String {
     format!("the replication {name} failed {what}: {tail}")
 }
 
+/// How long the subscription may go without a worker before the copy is given up:
+/// a copy of any size keeps its workers running, one that cannot connect does not.
+const NO_WORKER_LIMIT: Duration = Duration::from_secs(60);
+
 /// Waits until the subscription has copied every table and streams.
 pub fn wait_initial_copy(target: &Server, name: &str) -> Result<(), String> {
     let sql = format!(
         "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
          WHERE s.subname = '{name}' AND r.srsubstate <> 'r'"
     );
+    let workers = format!("SELECT count(*) FROM pg_stat_subscription WHERE subname = '{name}' AND pid IS NOT NULL");
+    let mut working = Instant::now();
     loop {
         if count(target, APP_DB, &sql)? == 0 {
             return Ok(());
@@ -156,7 +166,12 @@ pub fn wait_initial_copy(target: &Server, name: &str) -> Result<(), String> {
         if errors(target, name)? > 0 {
             return Err(failing(target, name, "during its initial copy"));
         }
-        std::thread::sleep(POLL);
+        if count(target, APP_DB, &workers)? > 0 {
+            working = Instant::now();
+        } else if working.elapsed() > NO_WORKER_LIMIT {
+            return Err(failing(target, name, &format!("to start: no worker ran for {} s", NO_WORKER_LIMIT.as_secs())));
+        }
+        std::thread::sleep(COPY_POLL);
     }
 }
 
