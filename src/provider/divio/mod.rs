@@ -395,12 +395,14 @@ impl DivioProvider {
         )
     }
 
-    /// Polls `step` every `poll` until it gives an answer, for at most `wait`.
-    fn wait_for<T>(&self, what: &str, mut step: impl FnMut(&Api) -> Result<Option<T>>) -> Result<T> {
+    /// Gets the long operation at `path` every `poll` until `done` says it has ended, for
+    /// at most `wait`; returns its last state.
+    fn wait_for(&self, what: &str, path: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
         let deadline = Instant::now() + self.wait;
         loop {
-            if let Some(done) = step(&self.api)? {
-                return Ok(done);
+            let state = self.api.get(path).map_err(api_err)?;
+            if done(&state) {
+                return Ok(state);
             }
             if Instant::now() >= deadline {
                 return Err(failed(format!(
@@ -647,10 +649,8 @@ impl Provider for DivioProvider {
         });
         let created = self.api.post(&format!("{V3}/backups/"), body).map_err(api_err)?;
         let uuid = text(&created, "uuid")?;
-        let done = self.wait_for(&format!("backup {uuid}"), |api| {
-            let b = api.get(&format!("{V3}/backups/{uuid}/")).map_err(api_err)?;
-            let state = b.get("state").and_then(Value::as_str).unwrap_or_default();
-            Ok(state.eq_ignore_ascii_case("COMPLETED").then_some(b))
+        let done = self.wait_for(&format!("backup {uuid}"), &format!("{V3}/backups/{uuid}/"), |b| {
+            b.get("state").and_then(Value::as_str).is_some_and(|s| s.eq_ignore_ascii_case("COMPLETED"))
         })?;
         if !succeeded(&done) {
             return Err(failed(format!(
@@ -690,9 +690,8 @@ impl Provider for DivioProvider {
         });
         let created = self.api.post(&format!("{V3}/backup-restores/"), body).map_err(api_err)?;
         let uuid = text(&created, "uuid")?;
-        let done = self.wait_for(&format!("restore {uuid}"), |api| {
-            let r = api.get(&format!("{V3}/backup-restores/{uuid}/")).map_err(api_err)?;
-            Ok(is_set(&r, "finished").then_some(r))
+        let done = self.wait_for(&format!("restore {uuid}"), &format!("{V3}/backup-restores/{uuid}/"), |r| {
+            is_set(r, "finished")
         })?;
         if !succeeded(&done) {
             return Err(failed(format!(
@@ -760,18 +759,14 @@ impl Provider for DivioProvider {
         if let Some(busy) = running.iter().find(|d| !is_set(d, "ended_at")) {
             let uuid = text(busy, "uuid")?;
             tracing::info!(%env, deployment = %uuid, "waiting for the deployment already running");
-            self.wait_for(&format!("the running deployment {uuid}"), |api| {
-                let d = api.get(&format!("{V3}/deployments/{uuid}/")).map_err(api_err)?;
-                Ok(is_set(&d, "ended_at").then_some(()))
-            })?;
+            let path = format!("{V3}/deployments/{uuid}/");
+            self.wait_for(&format!("the running deployment {uuid}"), &path, |d| is_set(d, "ended_at"))?;
         }
         let created =
             self.api.post(&format!("{V3}/deployments/"), json!({"environment": env_uuid})).map_err(api_err)?;
         let uuid = text(&created, "uuid")?;
-        let done = self.wait_for(&format!("deployment {uuid}"), |api| {
-            let d = api.get(&format!("{V3}/deployments/{uuid}/")).map_err(api_err)?;
-            Ok(is_set(&d, "ended_at").then_some(d))
-        })?;
+        let path = format!("{V3}/deployments/{uuid}/");
+        let done = self.wait_for(&format!("deployment {uuid}"), &path, |d| is_set(d, "ended_at"))?;
         if !succeeded(&done) {
             return Err(failed(format!("deployment {uuid} of {env} failed; its log is in the Control Panel")));
         }

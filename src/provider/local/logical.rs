@@ -64,7 +64,7 @@ pub fn replica_identity_full(source: &Server) -> Result<Vec<String>, String> {
 /// the source. Either server may be missing.
 pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: &str) -> Result<(), String> {
     if let Some(target) = target {
-        if count(target, APP_DB, &format!("SELECT count(*) FROM pg_subscription WHERE subname = '{name}'"))? > 0 {
+        if subscribed(target, name)? {
             // Three statements, each in its own transaction (psql without -1).
             target.sql(
                 APP_DB,
