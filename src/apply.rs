@@ -34,6 +34,9 @@ pub enum ApplyError {
         source: ProviderError,
         done: Vec<String>,
     },
+    /// SIGINT or SIGTERM asked apply to stop; it did, between two actions.
+    #[error("interrupted by a signal at environment {env}'s action {number} ({action}): {}", if *.fenced { "writes stay blocked (the old service is fenced) until an apply finishes: run `pgconverge apply` again now" } else { "nothing is fenced; run `pgconverge apply` again to finish" })]
+    Interrupted { env: String, number: usize, action: String, fenced: bool, done: Vec<String> },
     /// After an action the live state is not what the rules predicted.
     #[error("environment {env}: after action {number} ({action}) the live state is not as predicted: {}", .differences.join("; "))]
     Surprise { env: String, number: usize, action: String, differences: Vec<String>, done: Vec<String> },
@@ -43,9 +46,10 @@ impl ApplyError {
     /// The actions that completed before the failure.
     pub fn done(&self) -> &[String] {
         match self {
-            ApplyError::Refused { done, .. } | ApplyError::Action { done, .. } | ApplyError::Surprise { done, .. } => {
-                done
-            }
+            ApplyError::Refused { done, .. }
+            | ApplyError::Action { done, .. }
+            | ApplyError::Surprise { done, .. }
+            | ApplyError::Interrupted { done, .. } => done,
             ApplyError::Stale { .. } | ApplyError::Observe(_) => &[],
         }
     }
@@ -120,6 +124,7 @@ pub fn apply(
     live: &Live,
     progress: &mut dyn Progress,
 ) -> Result<Applied, ApplyError> {
+    replay(desired, plan, live)?;
     let mut done = Vec::new();
     let mut write_outages = Vec::new();
     for env_plan in &plan.environments {
@@ -160,6 +165,16 @@ pub fn apply(
                 reason,
                 done: done.clone(),
             };
+            let interrupted = |done: &Vec<String>, fenced: bool| ApplyError::Interrupted {
+                env: env.clone(),
+                number,
+                action: label.clone(),
+                fenced,
+                done: done.clone(),
+            };
+            if crate::interrupt::requested() {
+                return Err(interrupted(&done, prediction.writes_blocked()));
+            }
             prediction.check(action).map_err(|r| refused(r, &done))?;
             progress.started(&env, number, total, action);
             let tripped = |name: String, done: &Vec<String>| {
@@ -173,8 +188,13 @@ pub fn apply(
             };
             tripped(format!("before:{number}"), &done)?;
             let t = Instant::now();
+            // An action cut short by a signal is reported as the stop it is: what is fenced
+            // is what the rules said before it, since a failed action changes nothing the
+            // next plan relies on.
+            let blocked = prediction.writes_blocked();
             let failed = |source: Result<ProviderError, String>, done: &Vec<String>| match source {
                 Err(reason) => refused(reason, done),
+                Ok(_) if crate::interrupt::requested() => interrupted(done, blocked),
                 Ok(source) => {
                     ApplyError::Action { env: env.clone(), number, action: label.clone(), source, done: done.clone() }
                 }
@@ -223,6 +243,44 @@ pub fn apply(
         }
     }
     Ok(Applied { done, write_outages })
+}
+
+/// Runs every action of `plan` through the rules from `live` before the first one is
+/// carried out: a plan the rules refuse anywhere (a saved plan edited by hand, say) stops
+/// with nothing touched, never halfway with the application fenced.
+fn replay(desired: &[DesiredEnv], plan: &Plan, live: &Live) -> Result<(), ApplyError> {
+    for env_plan in plan.environments.iter().filter(|e| !e.actions.is_empty()) {
+        let env = env_plan.name.as_str().to_owned();
+        let refused = |number: usize, action: String, reason: String| ApplyError::Refused {
+            env: env.clone(),
+            number,
+            action,
+            reason: format!("{reason} (checked before anything was done: nothing was touched)"),
+            done: Vec::new(),
+        };
+        let Some(d) = desired.iter().find(|d| d.name == env_plan.name) else {
+            return Err(refused(0, "-".into(), "the config does not declare this environment".into()));
+        };
+        let start = live.environments.get(&env_plan.name).cloned().unwrap_or_default();
+        let mut prediction = Prediction::new(d, &start).map_err(|r| refused(0, "-".into(), r))?;
+        for (i, action) in env_plan.actions.iter().enumerate() {
+            // An added service gets its real id only when it is added; its name in the
+            // plan stands in for it here.
+            let stand_in = match action {
+                Action::Add { service, .. } => Some(service.clone()),
+                _ => None,
+            };
+            prediction.advance(action, stand_in).map_err(|r| refused(i + 1, action_summary(action), r))?;
+        }
+        if prediction.writes_blocked() {
+            return Err(refused(
+                env_plan.actions.len(),
+                "-".into(),
+                "the plan ends with the application's writes still blocked".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `action` is a backup that `next` restores, allowed once the backup is done.

@@ -397,6 +397,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             if !auto_approve {
                 confirm(out)?;
             }
+            crate::interrupt::install()
+                .map_err(|e| Error::Provider(ProviderError::Failed(format!("cannot handle signals: {e}"))))?;
             let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
             let started = std::time::Instant::now();
             let desired = config.desired();

@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+pub mod interrupt;
 pub mod localdev;
 pub mod model;
 pub mod plan;

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Ok(Outcome::ChangesPending) => ExitCode::from(2),
         Err(e) => {
             tracing::debug!(error = ?e, "command failed");
-            eprintln!("{}", e.report());
+            eprintln!("{}", pgconverge::model::printable(&e.report()));
             ExitCode::from(1)
         }
     }

@@ -430,6 +430,20 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Cuts hostile input down to a size that is safe to echo in an error.
+/// A message safe to print on a terminal: control characters other than newline and tab
+/// (escape sequences among them, from a name or a program's output) shown escaped.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub(crate) fn shorten(s: &str) -> String {
     const MAX: usize = 40;
     if s.chars().count() <= MAX {
@@ -442,6 +456,11 @@ pub(crate) fn shorten(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_terminal_controls_only() {
+        assert_eq!(printable("a\x1b[2Jb\rc\n\td\u{7f}"), "a\\u{1b}[2Jb\\rc\n\td\\u{7f}");
+    }
 
     #[test]
     fn prefixes_follow_the_env_var_pattern() {

@@ -12,9 +12,13 @@ use std::time::{Duration, Instant};
 use common::{ensure_postgres, env_file, pgconverge, pgconverge_with, psql, scratch, Servers};
 
 fn config(dir: &Path, major: u32) {
+    config_verifying(dir, major, "counts");
+}
+
+fn config_verifying(dir: &Path, major: u32, verify: &str) {
     ensure_postgres();
     let text = format!(
-        "version: 1\nupgrade: {{strategy: logical, verify: counts}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
+        "version: 1\nupgrade: {{strategy: logical, verify: {verify}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
     );
     std::fs::write(dir.join("pgconverge.yaml"), text).expect("config");
 }
@@ -178,4 +182,90 @@ fn large_objects_are_refused_and_dump_restore_then_finishes_the_job() {
     assert_eq!(finished.code, 0, "{}{}", finished.stdout, finished.stderr);
     let lo = psql(&url(&dir), "SELECT count(*) FROM pg_largeobject_metadata").expect("lo");
     assert_eq!(lo, "1");
+}
+
+/// A table whose initial copy takes seconds: long enough that an apply stopped inside it
+/// finds it still running when it is run again.
+const BIG: &str = "
+    CREATE TABLE big (id bigint PRIMARY KEY, pad text NOT NULL);
+    INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 1500000) g;
+    CREATE TABLE small (id int PRIMARY KEY);
+    INSERT INTO small SELECT generate_series(1, 10);";
+
+/// With `verify: none`, nothing but the copy's own bookkeeping stands between an
+/// unfinished initial copy and the deletion of the old server.
+fn assert_big_copied(dir: &Path) {
+    let url = url(dir);
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("version"), "17");
+    assert_eq!(psql(&url, "SELECT count(*) FROM big").expect("big"), "1500000", "rows lost from the big table");
+    assert_eq!(psql(&url, "SELECT count(*) FROM small").expect("small"), "10");
+}
+
+#[test]
+fn an_apply_crashed_inside_the_initial_copy_copies_afresh() {
+    let dir = scratch("logical_crash_initial_copy");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config_verifying(&dir, 15, "none");
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    psql(&url(&dir), BIG).expect("load");
+    config_verifying(&dir, 17, "none");
+    let crashed =
+        pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "replicate:copying=crash")]);
+    assert_eq!(crashed.code, 137, "{}{}", crashed.stdout, crashed.stderr);
+    // The copy's subscription goes on copying inside the server: the next apply must not
+    // take it for a finished copy.
+    let plan = pgconverge(&["plan"], &dir);
+    assert!(plan.stdout.contains("replicate"), "the interrupted copy is made again: {}", plan.stdout);
+    let again = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert_big_copied(&dir);
+}
+
+#[test]
+fn sigterm_inside_the_initial_copy_stops_cleanly_and_the_next_apply_copies_afresh() {
+    let dir = scratch("logical_sigterm_initial_copy");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config_verifying(&dir, 15, "none");
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    psql(&url(&dir), BIG).expect("load");
+    config_verifying(&dir, 17, "none");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args(["apply", "--auto-approve"])
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apply");
+    // Progress lines end only when their action does: read bytes, not lines.
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut all, mut buf, mut told) = (String::new(), [0u8; 4096], false);
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if !told && all.contains("replicate +1") {
+                told = tx.send(()).is_ok();
+            }
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(120)).expect("apply reached replicate");
+    std::thread::sleep(Duration::from_millis(1500));
+    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let status = child.wait().expect("wait");
+    let stderr = reader.join().expect("reader");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted by a signal"), "{stderr}");
+    assert!(stderr.contains("nothing is fenced"), "{stderr}");
+    assert!(!dir.join(".pgconverge/lock").exists(), "the lock is released");
+    let again = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert_big_copied(&dir);
 }

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::quote::{ident, literal};
 use super::server::{Server, SUPERUSER};
 use super::APP_DB;
 use crate::model::ServiceId;
@@ -66,17 +67,18 @@ pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: 
     if let Some(target) = target {
         if subscribed(target, name)? {
             // Three statements, each in its own transaction (psql without -1).
+            let sub = ident(name);
             target.sql(
                 APP_DB,
                 &format!(
-                    "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE); DROP SUBSCRIPTION {name};"
+                    "ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE); DROP SUBSCRIPTION {sub};"
                 ),
             )?;
         }
     }
     if let Some(source) = source {
         drop_slot(source, name)?;
-        source.sql(APP_DB, &format!("DROP PUBLICATION IF EXISTS {name}"))?;
+        source.sql(APP_DB, &format!("DROP PUBLICATION IF EXISTS {}", ident(name)))?;
     }
     Ok(())
 }
@@ -85,17 +87,15 @@ pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: 
 /// keeps every later WAL segment on disk: it must never outlive its copy.
 pub fn drop_slot(source: &Server, name: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let slot = literal(name);
     loop {
         let sql = format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{name}' AND active_pid IS NOT NULL; \
-             SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = '{name}' AND NOT active;"
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = {slot} AND active_pid IS NOT NULL; \
+             SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = {slot} AND NOT active;"
         );
         source.sql("postgres", &sql)?;
-        let left = count(
-            source,
-            "postgres",
-            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}'"),
-        )?;
+        let left =
+            count(source, "postgres", &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = {slot}"))?;
         if left == 0 {
             return Ok(());
         }
@@ -109,7 +109,7 @@ pub fn drop_slot(source: &Server, name: &str) -> Result<(), String> {
 /// Publishes every table of the source and subscribes the copy to it; the subscription
 /// starts with a copy of every table.
 pub fn subscribe(source: &Server, target: &Server, name: &str) -> Result<(), String> {
-    source.sql(APP_DB, &format!("CREATE PUBLICATION {name} FOR ALL TABLES"))?;
+    source.sql(APP_DB, &format!("CREATE PUBLICATION {} FOR ALL TABLES", ident(name)))?;
     // Over the source's socket, as its superuser: trusted locally, no password to keep.
     let conn = format!(
         "host={} port={} user={SUPERUSER} dbname={APP_DB} application_name={name}",
@@ -120,7 +120,11 @@ pub fn subscribe(source: &Server, target: &Server, name: &str) -> Result<(), Str
     // report waits for the WAL writer's next round, up to 200 ms inside the outage.
     target.sql(
         APP_DB,
-        &format!("CREATE SUBSCRIPTION {name} CONNECTION '{conn}' PUBLICATION {name} WITH (synchronous_commit = on)"),
+        &format!(
+            "CREATE SUBSCRIPTION {0} CONNECTION {1} PUBLICATION {0} WITH (synchronous_commit = on)",
+            ident(name),
+            literal(&conn)
+        ),
     )?;
     Ok(())
 }
@@ -135,7 +139,8 @@ fn errors(target: &Server, name: &str) -> Result<i64, String> {
         target,
         APP_DB,
         &format!(
-            "SELECT coalesce(sum(apply_error_count + sync_error_count), 0) FROM pg_stat_subscription_stats WHERE subname = '{name}'"
+            "SELECT coalesce(sum(apply_error_count + sync_error_count), 0) FROM pg_stat_subscription_stats WHERE subname = {}",
+            literal(name)
         ),
     )
 }
@@ -151,18 +156,39 @@ fn failing(target: &Server, name: &str, what: &str) -> String {
 /// a copy of any size keeps its workers running, one that cannot connect does not.
 const NO_WORKER_LIMIT: Duration = Duration::from_secs(60);
 
+/// The tables of the subscription whose initial copy has not finished: any state but
+/// ready (`r`) or synchronized (`s`, ready once the stream passes the copy's end).
+pub fn unsynchronized_tables(target: &Server, name: &str) -> Result<Vec<String>, String> {
+    let out = target.sql(
+        APP_DB,
+        &format!(
+            "SELECT r.srrelid::regclass::text || ' (' || r.srsubstate::text || ')' FROM pg_subscription_rel r \
+             JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = {} AND r.srsubstate NOT IN ('r', 's') ORDER BY 1",
+            literal(name)
+        ),
+    )?;
+    Ok(out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
+}
+
 /// Waits until the subscription has copied every table and streams.
 pub fn wait_initial_copy(target: &Server, name: &str) -> Result<(), String> {
     let sql = format!(
         "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
-         WHERE s.subname = '{name}' AND r.srsubstate <> 'r'"
+         WHERE s.subname = {} AND r.srsubstate <> 'r'",
+        literal(name)
     );
-    let workers = format!("SELECT count(*) FROM pg_stat_subscription WHERE subname = '{name}' AND pid IS NOT NULL");
+    let workers =
+        format!("SELECT count(*) FROM pg_stat_subscription WHERE subname = {} AND pid IS NOT NULL", literal(name));
     let mut working = Instant::now();
+    let mut first = true;
     loop {
         if count(target, APP_DB, &sql)? == 0 {
             return Ok(());
         }
+        if std::mem::take(&mut first) {
+            crate::failpoint::hit("replicate:copying")?;
+        }
+        crate::interrupt::check()?;
         if errors(target, name)? > 0 {
             return Err(failing(target, name, "during its initial copy"));
         }
@@ -196,7 +222,9 @@ pub fn wait_caught_up(
 ) -> Result<Duration, String> {
     let started = Instant::now();
     let sql = format!(
-        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' AND replay_lsn >= '{lsn}'::pg_lsn"
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = {} AND replay_lsn >= {}::pg_lsn",
+        literal(name),
+        literal(lsn)
     );
     loop {
         if count(source, "postgres", &sql)? > 0 {
@@ -217,7 +245,7 @@ pub fn wait_caught_up(
 
 /// Whether the copy still has its subscription.
 pub fn subscribed(target: &Server, name: &str) -> Result<bool, String> {
-    Ok(count(target, APP_DB, &format!("SELECT count(*) FROM pg_subscription WHERE subname = '{name}'"))? > 0)
+    Ok(count(target, APP_DB, &format!("SELECT count(*) FROM pg_subscription WHERE subname = {}", literal(name)))? > 0)
 }
 
 /// The tables and columns of the application database, one line each: logical

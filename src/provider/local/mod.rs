@@ -17,6 +17,7 @@
 pub mod binaries;
 pub mod fingerprint;
 mod logical;
+pub mod quote;
 pub mod server;
 mod stream;
 
@@ -225,7 +226,17 @@ impl LocalProvider {
     fn secret(&self, env: &EnvName) -> Result<Secret> {
         let path = self.root.join("secrets").join(format!("{env}.json"));
         if path.exists() {
-            return read_record(&path);
+            let secret: Secret = read_record(&path)?;
+            // The password reaches SQL (quoted) and a DSN: a file someone else wrote or
+            // edited is refused rather than trusted.
+            let fine = |c: char| c.is_ascii_alphanumeric() || "-_.~".contains(c);
+            if secret.role != APP_ROLE || secret.password.len() < 16 || !secret.password.chars().all(fine) {
+                return Err(ProviderError::Inconsistent(format!(
+                    "{} is not one pgconverge wrote: its role must be `{APP_ROLE}` and its password 16 or more letters, digits, `-`, `_`, `.` or `~`; remove it to have a new password made",
+                    path.display()
+                )));
+            }
+            return Ok(secret);
         }
         let secret = Secret { role: APP_ROLE.into(), password: random_hex(24)? };
         let text = serde_json::to_vec(&secret).map_err(failed)?;
@@ -263,10 +274,11 @@ impl LocalProvider {
                     let secret = self.secret(env)?;
                     // The server must not log the statement (and the password) if it fails.
                     let role = format!(
-                        "SET log_min_error_statement = 'panic'; CREATE ROLE {} LOGIN PASSWORD '{}'",
-                        secret.role, secret.password
+                        "SET log_min_error_statement = 'panic'; CREATE ROLE {} LOGIN PASSWORD {}",
+                        quote::ident(&secret.role),
+                        quote::literal(&secret.password)
                     );
-                    let db = format!("CREATE DATABASE {APP_DB} OWNER {}", secret.role);
+                    let db = format!("CREATE DATABASE {APP_DB} OWNER {}", quote::ident(&secret.role));
                     server
                         .sql_each("postgres", &[&role, &db])
                         .map_err(|e| ProviderError::Failed(redact(&e, &secret.password)))?;
@@ -475,7 +487,7 @@ impl LocalProvider {
         })?;
         if !meta.untouched {
             let secret = self.secret(env)?;
-            let create = format!("CREATE DATABASE {APP_DB} OWNER {}", secret.role);
+            let create = format!("CREATE DATABASE {APP_DB} OWNER {}", quote::ident(&secret.role));
             let drop_db = format!("DROP DATABASE IF EXISTS {APP_DB} WITH (FORCE)");
             server.sql_each("postgres", &[&drop_db, &create]).map_err(ProviderError::Failed)?;
         }
@@ -552,6 +564,15 @@ impl LocalProvider {
         };
         if !logical::subscribed(target, &name).map_err(ProviderError::Failed)? {
             return Err(give_up(format!("the replication into {id} ended before its catch-up was recorded")));
+        }
+        let unsynced = logical::unsynchronized_tables(target, &name).map_err(ProviderError::Failed)?;
+        if !unsynced.is_empty() {
+            return Err(give_up(format!(
+                "the initial copy of {} table{} into {id} never finished ({})",
+                unsynced.len(),
+                if unsynced.len() == 1 { "" } else { "s" },
+                unsynced.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            )));
         }
         let schema_changed = |diff: Vec<String>| format!("the schema changed during replication ({})", diff.join("; "));
         let lsn = logical::flushed_lsn(source).map_err(ProviderError::Failed)?;
@@ -855,6 +876,10 @@ impl Provider for LocalProvider {
             source.stop().map_err(ProviderError::Failed)?;
             source.start().map_err(ProviderError::Failed)?;
         }
+        // Whatever the copy held before is about to be replaced: until the initial copy of
+        // every table is done it holds nothing, and a crash meanwhile leaves a copy that
+        // the next apply makes afresh (its subscription is dropped by tidy_replication).
+        self.update(env, id, |m| m.service.data = None)?;
         logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)?;
         // The schema first (replication carries rows only), then every row.
         let bin = self.newest_binaries(env)?;
@@ -879,6 +904,11 @@ impl Provider for LocalProvider {
         }
         logical::subscribe(&source, &target, &name).map_err(ProviderError::Failed)?;
         crate::failpoint::hit("replicate:subscribed").map_err(ProviderError::Failed)?;
+        let started = std::time::Instant::now();
+        logical::wait_initial_copy(&target, &name).map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
+        // Only now is the copy streaming: every table holds its initial copy, and what
+        // follows is the stream of changes the catch-up waits for.
         self.update(env, id, |m| {
             m.service.data = Some(Data {
                 of: data.of.clone(),
@@ -888,9 +918,7 @@ impl Provider for LocalProvider {
                 streaming: true,
             })
         })?;
-        let started = std::time::Instant::now();
-        logical::wait_initial_copy(&target, &name).map_err(ProviderError::Failed)?;
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
+        crate::failpoint::hit("replicate:streaming").map_err(ProviderError::Failed)?;
         // Statistics for the application's first queries, and the hint bits of every copied
         // row set now: the first read after a copy sets them, and with data checksums logs
         // each page again, which verify's counts would otherwise pay inside the outage.
