@@ -221,13 +221,7 @@ impl AnyProvider {
     /// major whose binaries are missing, an action the API cannot do.
     fn check(&self, plan: &Plan) -> Result<(), Error> {
         match self {
-            AnyProvider::Local(p) => {
-                for a in plan.environments.iter().flat_map(|e| &e.actions) {
-                    if let plan::Action::Add { version, .. } = a {
-                        p.check_binaries(*version)?;
-                    }
-                }
-            }
+            AnyProvider::Local(p) => p.check_plan(plan)?,
             AnyProvider::Divio(p) => p.check(plan)?,
         }
         Ok(())

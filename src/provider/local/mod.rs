@@ -159,6 +159,58 @@ impl LocalProvider {
         binaries::find(major.get(), &self.bin_dirs).map(drop).map_err(ProviderError::Failed)
     }
 
+    /// Refuses, before anything is touched, a plan this provider cannot carry out safely:
+    /// a major without binaries, logical replication into a server older than 16 (whose
+    /// subscriptions apply changes with superuser rights), a copy of a database holding
+    /// objects that only a superuser could restore.
+    pub fn check_plan(&self, plan: &crate::plan::Plan) -> Result<()> {
+        use crate::plan::Action;
+        for env_plan in &plan.environments {
+            let version_of = |id: &ServiceId| -> Option<Major> {
+                env_plan
+                    .actions
+                    .iter()
+                    .find_map(|a| match a {
+                        Action::Add { service, version, .. } if service == id => Some(*version),
+                        _ => None,
+                    })
+                    .or_else(|| self.load(&env_plan.name, id).ok().map(|m| m.service.version))
+            };
+            for action in &env_plan.actions {
+                match action {
+                    Action::Add { version, .. } => self.check_binaries(*version)?,
+                    Action::Replicate { service, .. } if version_of(service).is_some_and(|v| v.get() < 16) => {
+                        return Err(ProviderError::Refused(format!(
+                            "environment {}: strategy logical needs PostgreSQL 16 or later on the new server: before 16 a subscription applies changes with superuser rights, so the application's triggers and check constraints would run as a superuser; use `upgrade.strategy: dump_restore` for this upgrade",
+                            env_plan.name
+                        )));
+                    }
+                    _ => {}
+                }
+                let source = match action {
+                    Action::Backup { service } => service,
+                    Action::Replicate { from, .. } => from,
+                    _ => continue,
+                };
+                let Ok(meta) = self.load(&env_plan.name, source) else { continue };
+                let Ok(server) = self.server(&meta) else { continue };
+                if !server.is_running() {
+                    continue;
+                }
+                let owned = superuser_owned(&server)?;
+                if !owned.is_empty() {
+                    return Err(ProviderError::Refused(format!(
+                        "environment {}: {source}'s database holds objects owned by a superuser ({}{}); pgconverge restores as a role that is not a superuser, so that no code of the application's runs with superuser rights. Give them to the application's role (`ALTER … OWNER TO {APP_ROLE}`; trusted extensions can be created by it), or drop them",
+                        env_plan.name,
+                        owned.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                        if owned.len() > 5 { ", …" } else { "" }
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn meta_path(&self, env: &EnvName, id: &ServiceId) -> PathBuf {
         self.root.join("state").join(env.as_str()).join(format!("{id}.json"))
     }
@@ -392,6 +444,7 @@ impl LocalProvider {
 
     fn dump_roles(&self, server: &Server, bin: &binaries::Binaries, to: &Path) -> Result<()> {
         let mut c = Command::new(bin.program("pg_dumpall"));
+        c.env("PGOPTIONS", server::SESSION_OPTIONS);
         let mut args = server.conn_args("postgres");
         args.truncate(args.len() - 2); // pg_dumpall takes -l, not -d, for its database
         c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(to);
@@ -493,11 +546,15 @@ impl LocalProvider {
         }
         // Roles first, so that ownership is preserved; existing roles only raise notices.
         let mut c = Command::new(server.bin.program("psql"));
-        c.args(server.conn_args("postgres")).args(["-X", "-q", "-f"]).arg(roles);
+        c.env("PGOPTIONS", server::SESSION_OPTIONS)
+            .args(server.conn_args("postgres"))
+            .args(["-X", "-q", "-f"])
+            .arg(roles);
         self.run_client(c, "psql (roles)")?;
         crate::failpoint::hit("restore:roles").map_err(ProviderError::Failed)?;
         // The source may have been fenced when its roles were dumped.
-        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map(drop).map_err(ProviderError::Failed)
+        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
+        create_restorer(server)
     }
 
     /// Records a restore that completed: statistics first, so that the application's
@@ -654,14 +711,95 @@ fn dump_format(bin: &binaries::Binaries) -> [&'static str; 3] {
     ["-Fc", "-Z", if bin.major >= 16 { "lz4" } else { "1" }]
 }
 
-/// pg_restore into the application database, all or nothing, with memory enough to sort
-/// most indexes without spilling to disk (a session setting: the server's stay as they
-/// are).
+/// pg_restore into the application database, all or nothing, as `RESTORER` (never a
+/// superuser), with memory enough to sort most indexes without spilling to disk (a
+/// session setting: the server's stay as they are).
 fn restore_command(server: &Server) -> Command {
     let mut c = Command::new(server.bin.program("pg_restore"));
-    c.args(server.conn_args(APP_DB)).args(["--exit-on-error", "--single-transaction", "--no-password"]);
-    c.env("PGOPTIONS", "-c maintenance_work_mem=512MB");
+    let mut args = server.conn_args(APP_DB);
+    if let Some(user) = args.iter().position(|a| a == "-U") {
+        args[user + 1] = server::RESTORER.into();
+    }
+    c.args(args).args(["--exit-on-error", "--single-transaction", "--no-password", "--no-subscriptions"]);
+    c.env("PGOPTIONS", format!("{} -c maintenance_work_mem=512MB", server::SESSION_OPTIONS));
     c
+}
+
+/// Creates `RESTORER` on a server whose roles were just restored: a login without any
+/// attribute of its own, a member of every other role that is not a superuser (so that
+/// it may create objects for their owners and fill their tables), nothing more.
+fn create_restorer(server: &Server) -> Result<()> {
+    let r = quote::ident(server::RESTORER);
+    let exists = server
+        .sql("postgres", &format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote::literal(server::RESTORER)))
+        .map_err(ProviderError::Failed)?;
+    if exists.trim() == "0" {
+        server
+            .sql(
+                "postgres",
+                &format!("CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"),
+            )
+            .map_err(ProviderError::Failed)?;
+    }
+    let roles = server
+        .sql(
+            "postgres",
+            &format!(
+                "SELECT quote_ident(rolname) FROM pg_roles WHERE NOT rolsuper AND rolname !~ '^pg_' AND rolname <> {}",
+                quote::literal(server::RESTORER)
+            ),
+        )
+        .map_err(ProviderError::Failed)?;
+    let grants: String = roles.lines().filter(|l| !l.is_empty()).map(|role| format!("GRANT {role} TO {r};")).collect();
+    if !grants.is_empty() {
+        server.sql("postgres", &grants).map_err(ProviderError::Failed)?;
+    }
+    Ok(())
+}
+
+/// The objects of the application database that a superuser owns (an extension is
+/// named, not what it holds): restoring them would need superuser rights.
+fn superuser_owned(server: &Server) -> Result<Vec<String>> {
+    let user = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'";
+    let not_extension = |oid: &str, class: &str| {
+        format!("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = {oid} AND d.classid = '{class}'::regclass AND d.deptype = 'e')")
+    };
+    let sql = format!(
+        "SELECT kind || ' ' || name FROM ( \
+           SELECT 'relation' AS kind, c.oid::regclass::text AS name, c.relowner AS owner FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {user} AND {} \
+           UNION ALL SELECT 'function', p.oid::regprocedure::text, p.proowner FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {user} AND {} \
+           UNION ALL SELECT 'type', t.oid::regtype::text, t.typowner FROM pg_type t \
+             JOIN pg_namespace n ON n.oid = t.typnamespace WHERE {user} AND t.typrelid = 0 AND {} \
+           UNION ALL SELECT 'schema', quote_ident(n.nspname), n.nspowner FROM pg_namespace n WHERE {user} AND n.nspname <> 'public' \
+           UNION ALL SELECT 'extension', quote_ident(extname), extowner FROM pg_extension WHERE extname <> 'plpgsql' \
+           UNION ALL SELECT 'event trigger', quote_ident(evtname), evtowner FROM pg_event_trigger \
+           UNION ALL SELECT 'large object', oid::text, lomowner FROM pg_largeobject_metadata \
+         ) o JOIN pg_roles r ON r.oid = o.owner WHERE r.rolsuper ORDER BY 1",
+        not_extension("c.oid", "pg_class"),
+        not_extension("p.oid", "pg_proc"),
+        not_extension("t.oid", "pg_type"),
+    );
+    let out = server.sql(APP_DB, &sql).map_err(ProviderError::Failed)?;
+    Ok(out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
+}
+
+/// Gives what `RESTORER` made to the application role and drops it: it must not outlive
+/// the restore.
+fn drop_restorer(server: &Server) -> Result<()> {
+    let r = quote::ident(server::RESTORER);
+    let exists = server
+        .sql("postgres", &format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote::literal(server::RESTORER)))
+        .map_err(ProviderError::Failed)?;
+    if exists.trim() == "0" {
+        return Ok(());
+    }
+    server
+        .sql(APP_DB, &format!("REASSIGN OWNED BY {r} TO {}; DROP OWNED BY {r};", quote::ident(APP_ROLE)))
+        .and_then(|_| server.sql("postgres", &format!("DROP ROLE {r}")))
+        .map(drop)
+        .map_err(ProviderError::Failed)
 }
 
 /// Reads one of the provider's JSON files; a file that does not parse is reported as
@@ -799,7 +937,11 @@ impl Provider for LocalProvider {
         let (meta, server) = self.running_server(env, id)?;
         let files = self.start_backup(env, &meta, &server)?;
         let mut c = Command::new(files.bin.program("pg_dump"));
-        c.args(server.conn_args(APP_DB)).args(dump_format(&files.bin)).arg("-f").arg(&files.partial);
+        c.env("PGOPTIONS", server::SESSION_OPTIONS)
+            .args(server.conn_args(APP_DB))
+            .args(dump_format(&files.bin))
+            .arg("-f")
+            .arg(&files.partial);
         self.run_client(c, "pg_dump")?;
         let manifest = self.finish_backup(&meta, files)?;
         Ok(manifest.bytes)
@@ -812,6 +954,7 @@ impl Provider for LocalProvider {
         let mut c = restore_command(&server);
         c.arg(&manifest.dump);
         self.run_client(c, "pg_restore")?;
+        drop_restorer(&server)?;
         self.fingerprints.remove(id);
         self.finish_restore(env, id, from, &server, &manifest, Verify::None)?;
         Ok(manifest.bytes)
@@ -824,7 +967,7 @@ impl Provider for LocalProvider {
         let files = self.start_backup(env, &meta, &source)?;
         self.prepare_restore(env, id, &target, &files.roles)?;
         let mut dump = Command::new(files.bin.program("pg_dump"));
-        dump.args(source.conn_args(APP_DB)).args(dump_format(&files.bin));
+        dump.env("PGOPTIONS", server::SESSION_OPTIONS).args(source.conn_args(APP_DB)).args(dump_format(&files.bin));
         let restore = restore_command(&target);
         // The copy leaves about half a core idle: the source's fingerprint, which cannot
         // change while it is fenced, is taken meanwhile.
@@ -847,6 +990,7 @@ impl Provider for LocalProvider {
         if let Some(e) = streamed.consumer_error {
             return Err(ProviderError::Failed(e));
         }
+        drop_restorer(&target)?;
         if let Some(fp) = source_fp {
             self.fingerprints.insert(from.clone(), (verify, fp));
         }
@@ -863,6 +1007,12 @@ impl Provider for LocalProvider {
         let name = logical::name(id);
         let objects =
             source.sql(APP_DB, "SELECT count(*) FROM pg_largeobject_metadata").map_err(ProviderError::Failed)?;
+        if target.bin.major < 16 {
+            return Err(ProviderError::Refused(format!(
+                "strategy logical needs PostgreSQL 16 or later on the new server ({id} runs {}): before 16 a subscription applies changes with superuser rights; use `upgrade.strategy: dump_restore`",
+                target.bin.major
+            )));
+        }
         if objects.trim() != "0" {
             return Err(ProviderError::Refused(format!(
                 "{from} holds {} large objects, which logical replication does not carry; use `upgrade.strategy: dump_restore`",
@@ -890,7 +1040,8 @@ impl Provider for LocalProvider {
         let (roles, schema) = (work.join("replica.roles.sql"), work.join("replica.schema.dump"));
         self.dump_roles(&source, &bin, &roles)?;
         let mut c = Command::new(bin.program("pg_dump"));
-        c.args(source.conn_args(APP_DB))
+        c.env("PGOPTIONS", server::SESSION_OPTIONS)
+            .args(source.conn_args(APP_DB))
             .args(["-Fc", "--schema-only", "--no-publications", "--no-subscriptions", "-f"])
             .arg(&schema);
         self.run_client(c, "pg_dump --schema-only")?;
@@ -898,6 +1049,7 @@ impl Provider for LocalProvider {
         let mut c = restore_command(&target);
         c.arg(&schema);
         self.run_client(c, "pg_restore --schema-only")?;
+        drop_restorer(&target)?;
         let full = logical::replica_identity_full(&source).map_err(ProviderError::Failed)?;
         if !full.is_empty() {
             tracing::info!(tables = %full.join(", "), "tables without a primary key replicate with REPLICA IDENTITY FULL");

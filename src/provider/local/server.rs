@@ -63,6 +63,17 @@ pub struct Server {
 /// The superuser pgconverge itself connects as (over the socket, trusted locally).
 pub const SUPERUSER: &str = "postgres";
 
+/// The role restores run as (over the socket, trusted locally): never a superuser, so
+/// that the application's code a restore runs (check constraints, functions in index
+/// expressions) has no more rights than the roles that own the objects. It exists only
+/// while a restore runs.
+pub const RESTORER: &str = "pgconverge_restore";
+
+/// `PGOPTIONS` of every superuser session pgconverge opens: a database's or role's
+/// `search_path`, which the application sets, never decides which function a name
+/// in pgconverge's own SQL means (a client's option overrides both).
+pub const SESSION_OPTIONS: &str = "-c search_path=pg_catalog";
+
 impl Server {
     fn command(&self, program: &str) -> Command {
         let mut c = Command::new(self.bin.program(program));
@@ -172,6 +183,7 @@ impl Server {
         let mut child = Command::new(self.bin.program("psql"))
             .current_dir("/")
             .env("PGCONNECT_TIMEOUT", "10")
+            .env("PGOPTIONS", SESSION_OPTIONS)
             .arg("-h")
             .arg(&self.socket_dir)
             .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", db])
