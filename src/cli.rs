@@ -354,7 +354,13 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 None => None,
             };
             let mut provider = AnyProvider::new(&config, &file)?;
+            if let AnyProvider::Local(local) = &provider {
+                local.check_root()?;
+            }
             let _lock = Lock::acquire(provider.root())?;
+            if let AnyProvider::Local(local) = &provider {
+                local.claim_root()?;
+            }
             match &mut provider {
                 AnyProvider::Local(local) => local.tidy()?,
                 AnyProvider::Divio(divio) => divio.allow_writes(),

@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::model::{EnvName, Major, Prefix};
+use crate::model::{shorten, EnvName, Major, Prefix};
 
 /// Config files larger than this are refused before parsing: a real one is a few KiB, and
 /// the bound keeps megabytes of garbage from costing memory or time.
@@ -483,13 +483,33 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     let de = serde_yaml::Deserializer::from_str(text);
     let config: Config = serde_path_to_error::deserialize(de).map_err(|e| parse_error(file, text, e))?;
-    validate(&config).map_err(|(path, message, hint)| ConfigError::Invalid {
-        at: at(locate(text, &path, 0)),
-        key_path: Some(path.join(".")),
-        message,
-        hint,
+    validate(&config).and_then(|()| decimal_versions(&config, text)).map_err(|(path, message, hint)| {
+        ConfigError::Invalid { at: at(locate(text, &path, 0)), key_path: Some(path.join(".")), message, hint }
     })?;
     Ok(config)
+}
+
+/// Refuses a version written other than in decimal (`0x11` is 17 to YAML, and to no
+/// reader of the file).
+fn decimal_versions(config: &Config, text: &str) -> Result<(), Invalid> {
+    for (name, env) in &config.environments.0 {
+        for (prefix, _) in &env.postgres.0 {
+            let path = vec!["environments".to_owned(), name.to_string(), "postgres".to_owned(), prefix.to_string()];
+            let Some((line, col)) = locate(text, &path, 0) else { continue };
+            let Some(written) = text.lines().nth(line - 1) else { continue };
+            let after_key: String = written.chars().skip(col - 1 + prefix.as_str().len()).collect();
+            let Some(value) = after_key.trim_start().strip_prefix(':') else { continue };
+            let token = value.split([',', '}', '#']).next().unwrap_or("").trim().trim_matches(['"', '\'']);
+            if !token.is_empty() && !token.bytes().all(|b| b.is_ascii_digit()) {
+                return Err((
+                    path,
+                    format!("`{}` is not a major version written in decimal", shorten(token)),
+                    "write the major as a decimal number such as 17",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
@@ -627,6 +647,9 @@ fn validate(config: &Config) -> Result<(), Invalid> {
     if let Some(divio) = &config.provider.divio {
         validate_divio(divio)?;
     }
+    if let Some(local) = &config.provider.local {
+        validate_local(local, names.len())?;
+    }
     for (name, env) in &config.environments.0 {
         let upgrade = config.upgrade.resolve(&env.upgrade);
         let env_path = |rest: &[&str]| {
@@ -670,6 +693,42 @@ fn validate(config: &Config) -> Result<(), Invalid> {
                     "rename the service, or change upgrade.temporary_prefix / upgrade.retired_prefix",
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+fn validate_local(local: &LocalConfig, environments: usize) -> Result<(), Invalid> {
+    let at = |keys: &[&str]| {
+        let mut p = vec!["provider".to_owned(), "local".to_owned()];
+        p.extend(keys.iter().map(|k| k.to_string()));
+        p
+    };
+    if let Some(root) = &local.root {
+        if root.is_absolute() && !root.components().any(|c| matches!(c, std::path::Component::Normal(_))) {
+            return Err((
+                at(&["root"]),
+                "`/` cannot be pgconverge's root".into(),
+                "name a directory of pgconverge's own, such as .pgconverge (the default)",
+            ));
+        }
+    }
+    if let Some(user) = &local.run_as {
+        if user == "root" || user.trim().is_empty() || user.bytes().all(|b| b.is_ascii_digit()) {
+            return Err((
+                at(&["run_as"]),
+                format!("`{}` cannot run the servers", shorten(user)),
+                "name an unprivileged OS user by name, such as postgres (the default): PostgreSQL refuses to run as root",
+            ));
+        }
+    }
+    if let Some(file) = &local.deploy.env_file {
+        if environments > 1 && !file.contains("{env}") {
+            return Err((
+                at(&["deploy", "env_file"]),
+                format!("every environment would write the same env file `{}`", shorten(file)),
+                "put `{env}` in the name, e.g. `{env}.env`, so that each environment has its own",
+            ));
         }
     }
     Ok(())

@@ -134,3 +134,229 @@ fn the_application_cannot_become_superuser_through_a_dump_restore_upgrade() {
 fn the_application_cannot_become_superuser_through_a_logical_upgrade() {
     escalation_attempt("holes_escalate_logical", "logical");
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).mode() & 0o7777
+}
+
+fn uid(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).uid()
+}
+
+fn postgres_uid() -> u32 {
+    pgconverge::provider::local::server::RunAs::for_user("postgres").expect("postgres").map(|r| r.uid).unwrap_or(0)
+}
+
+/// The socket directory recorded for the only service of environment `test`.
+fn recorded_socket_dir(root: &Path) -> std::path::PathBuf {
+    let state = root.join("state/test");
+    let record = std::fs::read_dir(&state).expect("state").flatten().next().expect("a record").path();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(record).expect("read")).expect("json");
+    json["socket_dir"].as_str().expect("a socket_dir for a deep root").into()
+}
+
+/// Item 3: with a deep root the socket goes under the temporary directory, in a
+/// directory with a random name that pgconverge made (0700, the server's user), checked
+/// at every use; gone (the system cleaned /tmp), it is made anew and the server moved.
+#[test]
+fn sockets_of_a_deep_root_live_in_private_directories_checked_at_every_use() {
+    let dir = scratch("holes_sockets");
+    let deep = format!("deep-{}", "x".repeat(70));
+    let root = dir.join(&deep);
+    let _servers = Servers(root.clone());
+    let with = |major: u32| {
+        format!("version: 1\nprovider:\n  local:\n    root: {deep}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n")
+    };
+    config(&dir, &with(15));
+    apply(&dir);
+    let socket = recorded_socket_dir(&root);
+    assert!(socket.starts_with(std::env::temp_dir()), "{}", socket.display());
+    assert!(socket.file_name().expect("name").to_string_lossy().len() >= "pgconverge-".len() + 24, "a random name");
+    assert_eq!(mode(&socket), 0o700);
+    assert_eq!(uid(&socket), postgres_uid());
+    let dsn = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    psql(&dsn, "CREATE TABLE t (x int); INSERT INTO t VALUES (1)").expect("load");
+
+    // Someone opened it up: nothing goes through it, and the error says why.
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let run = pgconverge(&["plan"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("not a private socket directory"), "{}", run.stderr);
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+
+    // The system cleaned /tmp: a new directory, the server moved into it, nothing lost.
+    std::fs::remove_dir_all(&socket).expect("clean /tmp");
+    config(&dir, &with(17));
+    apply(&dir);
+    let moved = recorded_socket_dir(&root);
+    assert_ne!(moved, socket);
+    assert_eq!(mode(&moved), 0o700);
+    let dsn = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    assert_eq!(psql(&dsn, "SELECT count(*) FROM t").expect("rows"), "1");
+}
+
+/// Item 4: a directory that is not pgconverge's is never its root: nothing in it is
+/// deleted, and `/` is refused by validate already.
+#[test]
+fn a_root_that_is_not_pgconverges_is_refused_with_nothing_deleted() {
+    let dir = scratch("holes_foreign_root");
+    for (path, text) in
+        [("servers/web1/config.ini", "[web]\n"), ("backups/nginx/2024.roles.sql", "--\n"), (".bashrc.tmp-1", "x\n")]
+    {
+        std::fs::create_dir_all(dir.join(path).parent().expect("parent")).expect("dir");
+        std::fs::write(dir.join(path), text).expect("write");
+    }
+    config(
+        &dir,
+        "version: 1\nprovider:\n  local:\n    root: .\nenvironments:\n  test:\n    postgres:\n      DEFAULT: 15\n",
+    );
+    for command in [&["plan"][..], &["apply", "--auto-approve"]] {
+        let run = pgconverge(command, &dir);
+        assert_eq!(run.code, 1, "{command:?}: {}{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains("not empty and not pgconverge's"), "{}", run.stderr);
+    }
+    for path in ["servers/web1/config.ini", "backups/nginx/2024.roles.sql", ".bashrc.tmp-1"] {
+        assert!(dir.join(path).exists(), "{path} was deleted");
+    }
+    assert!(!dir.join("state").exists() && !dir.join("lock").exists(), "nothing was written");
+
+    config(
+        &dir,
+        "version: 1\nprovider:\n  local:\n    root: /\nenvironments:\n  test:\n    postgres:\n      DEFAULT: 15\n",
+    );
+    let run = pgconverge(&["validate"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("pgconverge.yaml:4:") && run.stderr.contains("provider.local.root"), "{}", run.stderr);
+}
+
+/// Items 4 and 5: under `umask 000` every directory and file pgconverge makes is
+/// writable by its owner alone (secrets and dumps readable by it alone), and a symlink
+/// planted under root is refused, its target untouched.
+#[test]
+fn modes_are_explicit_whatever_the_umask_and_no_symlink_is_followed() {
+    let dir = scratch("holes_modes");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, &env(15));
+    let run = std::process::Command::new("sh")
+        .args(["-c", "umask 000; exec \"$0\" apply --auto-approve", env!("CARGO_BIN_EXE_pgconverge")])
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("apply");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let mut checked = 0;
+    let mut stack = vec![root.clone()];
+    while let Some(path) = stack.pop() {
+        let m = std::fs::symlink_metadata(&path).expect("stat");
+        if path.starts_with(root.join("servers")) && path != root.join("servers") {
+            continue; // the server's own files, made by initdb as the server's user
+        }
+        assert_eq!(mode(&path) & 0o022, 0, "{} is writable by others ({:o})", path.display(), mode(&path));
+        if m.is_dir() {
+            stack.extend(std::fs::read_dir(&path).expect("read").flatten().map(|e| e.path()));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 8, "only {checked} paths were checked");
+    assert_eq!(mode(&root.join("secrets/test.json")), 0o600);
+    assert_eq!(mode(&root.join("test.env")), 0o600);
+
+    // A symlink where a backup directory goes: the upgrade stops, the target untouched.
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("dir");
+    std::fs::set_permissions(&elsewhere, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let record = std::fs::read_dir(root.join("state/test")).expect("state").flatten().next().expect("record").path();
+    let id = record.file_stem().expect("id").to_string_lossy().into_owned();
+    std::os::unix::fs::symlink(&elsewhere, root.join("backups").join(&id)).expect("symlink");
+    config(&dir, &env(17));
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("follows no link"), "{}", run.stderr);
+    assert_eq!(mode(&elsewhere), 0o755, "the link's target was chmodded");
+    assert_eq!(std::fs::read_dir(&elsewhere).expect("read").count(), 0, "something was written through the link");
+    // Gone, the next apply finishes the job.
+    std::fs::remove_file(root.join("backups").join(&id)).expect("unlink");
+    apply(&dir);
+}
+
+/// Item 5: a secrets file that pgconverge did not write never reaches SQL: not in a
+/// root that belongs to someone else, not with SQL in its password.
+#[test]
+fn a_planted_secrets_file_is_refused_and_never_reaches_sql() {
+    let pwned = std::env::temp_dir().join(format!("pgconverge-holes-secrets-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pwned);
+    let planted = format!(
+        "{{\"role\": \"app\", \"password\": \"x' SUPERUSER; COPY (SELECT 1) TO PROGRAM 'id > {}'; --\"}}",
+        pwned.display()
+    );
+    let dir = scratch("holes_secrets");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, &env(15));
+    std::fs::create_dir_all(root.join("secrets")).expect("dirs");
+    std::fs::write(root.join("secrets/test.json"), &planted).expect("plant");
+    std::fs::set_permissions(root.join("secrets/test.json"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+
+    // In a root someone else owns.
+    std::os::unix::fs::chown(&root, Some(postgres_uid()), None).expect("chown");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("belongs to uid"), "{}", run.stderr);
+    std::os::unix::fs::chown(&root, Some(0), None).expect("chown");
+
+    // In our own root, with SQL in its password.
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("is not one pgconverge wrote"), "{}", run.stderr);
+    assert!(!run.stderr.contains("SUPERUSER"), "the planted password is not echoed: {}", run.stderr);
+    assert!(!pwned.exists(), "the planted password ran as SQL");
+}
+
+/// Item 9: validate refuses what would run the servers as root, write two environments'
+/// DSNs into one file, or read a version no person reads as written.
+#[test]
+fn validate_refuses_root_servers_shared_env_files_and_hex_versions() {
+    let dir = scratch("holes_validate");
+    let cases = [
+        (
+            "provider:\n  local:\n    run_as: root\n",
+            "  test:\n    postgres:\n      DEFAULT: 15\n",
+            "pgconverge.yaml:4:5",
+            "provider.local.run_as",
+        ),
+        (
+            "provider:\n  local:\n    deploy:\n      env_file: app.env\n",
+            "  test:\n    postgres:\n      DEFAULT: 15\n  live:\n    postgres:\n      DEFAULT: 15\n",
+            "pgconverge.yaml:5:7",
+            "same env file",
+        ),
+        ("", "  test:\n    postgres:\n      DEFAULT: 0x11\n", "pgconverge.yaml:5:7", "written in decimal"),
+        ("", "  test:\n    postgres: {DEFAULT: 0o21}\n", "pgconverge.yaml:4:16", "written in decimal"),
+    ];
+    for (provider, envs, at, want) in cases {
+        std::fs::write(dir.join("pgconverge.yaml"), format!("version: 1\n{provider}environments:\n{envs}"))
+            .expect("config");
+        let run = pgconverge(&["validate"], &dir);
+        assert_eq!(run.code, 1, "{want}: {}{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains(at) && run.stderr.contains(want), "want {at} and {want:?} in {}", run.stderr);
+    }
+    std::fs::write(dir.join("pgconverge.yaml"), "version: 1\nenvironments:\n  test:\n    postgres: {DEFAULT: '17'}\n")
+        .expect("config");
+    assert_eq!(pgconverge(&["validate"], &dir).code, 0, "a quoted decimal version is fine");
+}
+
+/// Item 9: control bytes from input (an escape sequence that would clear the screen or
+/// retitle the terminal) are shown escaped in errors, never sent to the terminal.
+#[test]
+fn control_bytes_in_errors_are_escaped() {
+    let dir = scratch("holes_control_bytes");
+    std::fs::write(dir.join("pgconverge.yaml"), env(15)).expect("config");
+    let run = pgconverge(&["plan", "--env", "te\u{1b}[2J\u{1b}]0;pwned\u{7}st"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(!run.stderr.contains('\u{1b}') && !run.stderr.contains('\u{7}'), "{:?}", run.stderr);
+    assert!(run.stderr.contains("\\u{1b}[2J"), "{}", run.stderr);
+}

@@ -39,7 +39,7 @@ fn servers_of_both_majors_start_answer_and_stop() {
         let server = server::Server {
             bin: binaries::find(major, &[]).expect("binaries"),
             data_dir: dir.join("data"),
-            socket_dir: std::env::temp_dir().join(format!("pgconverge-test-socket-{major}")),
+            socket_dir: dir.join("run"),
             log_file: dir.join("log/server.log"),
             port: server::free_port().expect("port"),
             run_as,

@@ -17,6 +17,7 @@
 pub mod binaries;
 pub mod fingerprint;
 mod logical;
+mod private;
 pub mod quote;
 pub mod server;
 mod stream;
@@ -39,6 +40,15 @@ use server::{RunAs, Server};
 /// and make the first read of every page after them (verify's counts, ANALYZE) log a
 /// full page image while setting hint bits. Durability is untouched: every commit is
 /// flushed to the WAL as always; only the WAL is kept longer, up to the size of the copy.
+/// The file that marks a directory as a pgconverge root.
+const ROOT_MARKER: &str = ".pgconverge-root";
+const ROOT_MARKER_TEXT: &str =
+    "This directory is the root of a pgconverge local provider: its servers, records and backups.\n";
+
+/// The longest socket directory: a socket path (`dir/.s.PGSQL.<port>`) may be at most
+/// 107 bytes.
+const SOCKET_DIR_MAX: usize = 80;
+
 const LOAD_SETTINGS: [(&str, &str); 2] = [("max_wal_size", "64GB"), ("checkpoint_timeout", "1d")];
 
 /// The role and database the application uses on every server of an environment.
@@ -59,6 +69,10 @@ struct Meta {
     /// The server runs with `LOAD_SETTINGS`, until deploy makes it visible.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     loading: bool,
+    /// The server's socket directory when `root/run/<id>` is too long for a socket path:
+    /// one made under the system's temporary directory with a random name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    socket_dir: Option<PathBuf>,
 }
 
 /// A backup on disk.
@@ -149,6 +163,73 @@ impl LocalProvider {
         &self.root
     }
 
+    /// Makes sure `root` is pgconverge's own before apply writes, deletes or starts
+    /// anything under it: made here (with `ROOT_MARKER` inside), or marked as such, owned
+    /// by this user and writable by no one else. `/`, and a directory holding files of
+    /// someone else's without the marker, are refused: tidy-up removes what a crash left
+    /// under root, which must never be another program's files.
+    pub fn claim_root(&self) -> Result<()> {
+        self.check_root()?;
+        if !self.root.exists() {
+            let parent = self.root.parent().unwrap_or(Path::new("/"));
+            std::fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
+            private::dir(&self.root, 0o711).map_err(ProviderError::Failed)?;
+        }
+        let marker = self.root.join(ROOT_MARKER);
+        if std::fs::symlink_metadata(&marker).is_err() {
+            write_atomically(&marker, ROOT_MARKER_TEXT.as_bytes(), 0o644).map_err(|e| io_err("write", &marker, e))?;
+        }
+        for (dir, mode) in
+            [("state", 0o700), ("secrets", 0o700), ("backups", 0o700), ("servers", 0o711), ("run", 0o711)]
+        {
+            private::dir(&self.root.join(dir), mode).map_err(ProviderError::Failed)?;
+        }
+        Ok(())
+    }
+
+    /// The checks of `claim_root` that write nothing: plan and show make them too.
+    pub fn check_root(&self) -> Result<()> {
+        let refuse = |why: String| {
+            ProviderError::Refused(format!(
+                "provider.local.root {}: {why}; point it at a new or empty directory (the default is .pgconverge beside the config file)",
+                self.root.display()
+            ))
+        };
+        if self.root.parent().is_none() {
+            return Err(refuse("pgconverge does not use / as its root".into()));
+        }
+        let meta = match std::fs::symlink_metadata(&self.root) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("look at", &self.root, e)),
+        };
+        private::check(&self.root, &meta, true).map_err(refuse)?;
+        if std::fs::symlink_metadata(self.root.join(ROOT_MARKER)).is_ok() {
+            return Ok(());
+        }
+        // A root made before the marker existed holds only what pgconverge writes.
+        let entries: Vec<String> = std::fs::read_dir(&self.root)
+            .map_err(|e| io_err("read", &self.root, e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let ours = |name: &String| {
+            ["state", "servers", "backups", "secrets", "run", "lock"].contains(&name.as_str())
+                || name.ends_with(".env")
+                || (name.starts_with('.') && name.contains(".tmp-"))
+        };
+        let foreign: Vec<&String> = entries.iter().filter(|n| !ours(n)).collect();
+        if !foreign.is_empty() {
+            let shown: Vec<String> = foreign.iter().take(3).map(|n| crate::model::printable(n)).collect();
+            return Err(refuse(format!(
+                "it is not empty and not pgconverge's (no {ROOT_MARKER} file{}{})",
+                if shown.is_empty() { "" } else { "; it holds " },
+                shown.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// The env file deploy writes for `env`.
     pub fn env_file(&self, env: &EnvName) -> PathBuf {
         self.root.join(self.env_file.replace("{env}", env.as_str()))
@@ -221,6 +302,7 @@ impl LocalProvider {
 
     fn store(&self, env: &EnvName, meta: &Meta) -> Result<()> {
         let path = self.meta_path(env, &meta.service.id);
+        private::dir(&self.root.join("state").join(env.as_str()), 0o700).map_err(ProviderError::Failed)?;
         let text = serde_json::to_vec_pretty(meta).map_err(failed)?;
         write_atomically(&path, &text, 0o644).map_err(|e| io_err("write", &path, e))
     }
@@ -250,24 +332,69 @@ impl LocalProvider {
         let id = meta.service.id.as_str();
         let bin = binaries::find(meta.service.version.get(), &self.bin_dirs).map_err(ProviderError::Failed)?;
         let dir = self.root.join("servers").join(id);
-        // A socket path may be at most 107 bytes: long roots get theirs under /tmp.
-        let mut socket_dir = self.root.join("run").join(id);
-        if socket_dir.as_os_str().len() > 80 {
-            let digest = crate::model::short_digest(&socket_dir.to_string_lossy());
-            socket_dir = std::env::temp_dir().join(format!("pgconverge-{digest}"));
-        }
         Ok(Server {
             bin,
             data_dir: dir.join("data"),
-            socket_dir,
+            socket_dir: self.socket_dir(meta),
             log_file: dir.join("log").join("server.log"),
             port: meta.port.unwrap_or(0),
             run_as: self.run_as,
         })
     }
 
+    /// Where the server of `meta` has its socket: `root/run/<id>`, unless that is too
+    /// long for a socket path (at most 107 bytes), then the directory recorded for it.
+    fn socket_dir(&self, meta: &Meta) -> PathBuf {
+        let short = self.root.join("run").join(meta.service.id.as_str());
+        match &meta.socket_dir {
+            Some(dir) if short.as_os_str().len() > SOCKET_DIR_MAX => dir.clone(),
+            _ => short,
+        }
+    }
+
+    /// Makes sure the socket directory of `meta`'s server is one pgconverge made for it
+    /// alone (owned by the server's user, mode 0700, no symlink), and makes one when it is
+    /// missing: a new random one under the temporary directory when the root is deep (the
+    /// system may have cleaned it), the server restarted into it if it was running.
+    fn private_socket_dir(&self, env: &EnvName, meta: &mut Meta) -> Result<()> {
+        let owner = self.run_as.map(|r| r.uid).or_else(server::effective_uid).unwrap_or(0);
+        let dir = self.socket_dir(meta);
+        match server::check_private_dir(&dir, owner) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(ProviderError::Inconsistent(e)),
+        }
+        let running = self.server(meta)?.postmaster().is_some();
+        let short = self.root.join("run").join(meta.service.id.as_str());
+        let dir = if short.as_os_str().len() > SOCKET_DIR_MAX {
+            private::dir(&self.root.join("run"), 0o711).map_err(ProviderError::Failed)?;
+            let dir = std::env::temp_dir().join(format!("pgconverge-{}", random_hex(12)?));
+            meta.socket_dir = Some(dir.clone());
+            dir
+        } else {
+            private::dir(&self.root.join("run"), 0o711).map_err(ProviderError::Failed)?;
+            short
+        };
+        // `create`, not `create_dir_all`: a directory someone else made first is an error.
+        private::new_dir(&dir, 0o700).map_err(ProviderError::Failed)?;
+        if let Some(r) = self.run_as {
+            r.own(&dir).map_err(|e| io_err("give to the server user", &dir, e))?;
+        }
+        if meta.service.status != Status::New || meta.port.is_some() {
+            self.store(env, meta)?;
+        }
+        if running {
+            tracing::warn!(service = %meta.service.id, dir = %dir.display(), "the socket directory was gone; restarting the server into a new one");
+            let server = self.server(meta)?;
+            server.stop().map_err(ProviderError::Failed)?;
+            server.start().map_err(ProviderError::Failed)?;
+        }
+        Ok(())
+    }
+
     fn running_server(&self, env: &EnvName, id: &ServiceId) -> Result<(Meta, Server)> {
-        let meta = self.load(env, id)?;
+        let mut meta = self.load(env, id)?;
+        self.private_socket_dir(env, &mut meta)?;
         let server = self.server(&meta)?;
         if !server.is_running() {
             server.start().map_err(ProviderError::Failed)?;
@@ -277,6 +404,7 @@ impl LocalProvider {
 
     fn secret(&self, env: &EnvName) -> Result<Secret> {
         let path = self.root.join("secrets").join(format!("{env}.json"));
+        private::check_if_present(&path, false).map_err(ProviderError::Inconsistent)?;
         if path.exists() {
             let secret: Secret = read_record(&path)?;
             // The password reaches SQL (quoted) and a DSN: a file someone else wrote or
@@ -316,6 +444,7 @@ impl LocalProvider {
         let mut last = String::new();
         for _ in 0..3 {
             meta.port = Some(server::free_port().map_err(ProviderError::Failed)?);
+            self.private_socket_dir(env, meta)?;
             let server = self.server(meta)?;
             if !server.data_dir.join("PG_VERSION").exists() {
                 server.init().map_err(ProviderError::Failed)?;
@@ -369,7 +498,8 @@ impl LocalProvider {
         if let Ok(servers) = std::fs::read_dir(self.root.join("servers")) {
             for e in servers.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
-                if named.contains(&id) {
+                // Only a server pgconverge made (named as `add` names them) is removed.
+                if named.contains(&id) || !made_here(&id) {
                     continue;
                 }
                 let data = e.path().join("data");
@@ -426,9 +556,7 @@ impl LocalProvider {
         }
         let bin = self.newest_binaries(env)?;
         let dir = self.root.join("backups").join(meta.service.id.as_str());
-        std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io_err("protect", &dir, e))?;
+        private::dir(&dir, 0o700).map_err(ProviderError::Failed)?;
         let stamp = now_ms();
         let files = BackupFiles {
             dump: dir.join(format!("{stamp}.dump")),
@@ -448,6 +576,7 @@ impl LocalProvider {
         let mut args = server.conn_args("postgres");
         args.truncate(args.len() - 2); // pg_dumpall takes -l, not -d, for its database
         c.args(args).args(["-l", "postgres", "--roles-only", "-f"]).arg(to);
+        private_file(to)?;
         self.run_client(c, "pg_dumpall --roles-only")
     }
 
@@ -802,6 +931,21 @@ fn drop_restorer(server: &Server) -> Result<()> {
         .map_err(ProviderError::Failed)
 }
 
+/// Makes `path` a new, empty file that only its owner can read, for a client program to
+/// write into: it opens what it finds, and would follow a symlink or keep looser modes.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    private::check_if_present(path, false).map_err(ProviderError::Failed)?;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|e| io_err("create", path, e))
+}
+
 /// Reads one of the provider's JSON files; a file that does not parse is reported as
 /// damaged rather than guessed at.
 fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -818,6 +962,15 @@ fn remove_temporary_files(dir: &Path) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// Whether `id` is a name `add` gives: `pg<major>-<8 hex digits>`.
+fn made_here(id: &str) -> bool {
+    let Some((major, tail)) = id.strip_prefix("pg").and_then(|rest| rest.split_once('-')) else { return false };
+    !major.is_empty()
+        && major.bytes().all(|b| b.is_ascii_digit())
+        && tail.len() == 8
+        && tail.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Removes the roles dumps of backups that never got their manifest.
@@ -845,12 +998,14 @@ fn redact(message: &str, password: &str) -> String {
 impl Provider for LocalProvider {
     fn observe(&mut self) -> Result<Live> {
         let mut live = Live { format_version: FORMAT_VERSION, environments: BTreeMap::new() };
+        self.check_root()?;
         let Ok(entries) = std::fs::read_dir(self.root.join("state")) else { return Ok(live) };
         for e in entries.flatten() {
             let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) else { continue };
             let mut services = Vec::new();
-            for meta in self.metas(&env)? {
+            for mut meta in self.metas(&env)? {
                 if meta.service.status != Status::New {
+                    self.private_socket_dir(&env, &mut meta)?;
                     let server = self.server(&meta)?;
                     if !server.data_dir.join("PG_VERSION").exists() {
                         return Err(ProviderError::Inconsistent(format!(
@@ -891,7 +1046,7 @@ impl Provider for LocalProvider {
         let id = ServiceId::observed(&format!("pg{version}-{}", random_hex(4)?)).map_err(failed)?;
         let service =
             Service { id: id.clone(), version, prefix: prefix.clone(), status: Status::New, fenced: false, data: None };
-        self.store(env, &Meta { service, port: None, untouched: false, loading: false })?;
+        self.store(env, &Meta { service, port: None, untouched: false, loading: false, socket_dir: None })?;
         Ok(id)
     }
 
@@ -942,6 +1097,7 @@ impl Provider for LocalProvider {
             .args(dump_format(&files.bin))
             .arg("-f")
             .arg(&files.partial);
+        private_file(&files.partial)?;
         self.run_client(c, "pg_dump")?;
         let manifest = self.finish_backup(&meta, files)?;
         Ok(manifest.bytes)
@@ -1034,9 +1190,7 @@ impl Provider for LocalProvider {
         // The schema first (replication carries rows only), then every row.
         let bin = self.newest_binaries(env)?;
         let work = self.root.join("backups").join(id.as_str());
-        std::fs::create_dir_all(&work).map_err(|e| io_err("create", &work, e))?;
-        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io_err("protect", &work, e))?;
+        private::dir(&work, 0o700).map_err(ProviderError::Failed)?;
         let (roles, schema) = (work.join("replica.roles.sql"), work.join("replica.schema.dump"));
         self.dump_roles(&source, &bin, &roles)?;
         let mut c = Command::new(bin.program("pg_dump"));
@@ -1044,6 +1198,7 @@ impl Provider for LocalProvider {
             .args(source.conn_args(APP_DB))
             .args(["-Fc", "--schema-only", "--no-publications", "--no-subscriptions", "-f"])
             .arg(&schema);
+        private_file(&schema)?;
         self.run_client(c, "pg_dump --schema-only")?;
         self.prepare_restore(env, id, &target, &roles)?;
         let mut c = restore_command(&target);

@@ -27,7 +27,12 @@ impl RunAs {
         for line in passwd.lines() {
             let f: Vec<&str> = line.split(':').collect();
             if f.len() > 3 && f[0] == user {
-                if let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse()) {
+                if let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse()) {
+                    if uid == 0 {
+                        return Err(format!(
+                            "OS user `{user}` (provider.local.run_as) is root (uid 0): PostgreSQL servers must run as an unprivileged user, such as postgres"
+                        ));
+                    }
                     return Ok(Some(RunAs { uid, gid }));
                 }
             }
@@ -43,10 +48,32 @@ impl RunAs {
     }
 }
 
-fn effective_uid() -> Option<u32> {
+pub fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Whether `dir` is a socket directory made for one server alone: `Ok(true)` when it is
+/// (a directory, not a symlink, owned by `owner`, mode 0700), `Ok(false)` when it is
+/// missing, an error naming what is wrong otherwise (someone else made or changed it).
+pub fn check_private_dir(dir: &Path, owner: u32) -> Result<bool, String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("cannot look at the socket directory {}: {e}", dir.display())),
+    };
+    if m.file_type().is_symlink() || !m.is_dir() || m.uid() != owner || m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is not a private socket directory of pgconverge's (want a directory of uid {owner} with mode 0700; found {}uid {}, mode {:o}): someone else made or changed it, so no password goes through it; remove it and run pgconverge again",
+            dir.display(),
+            if m.file_type().is_symlink() { "a symlink, " } else { "" },
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(true)
 }
 
 /// A server's files and address.
@@ -94,18 +121,26 @@ impl Server {
         Ok(out)
     }
 
-    /// initdb: UTF-8, data checksums, local superuser trusted over the socket only.
+    /// The OS user the server's files belong to.
+    fn owner(&self) -> u32 {
+        self.run_as.map(|r| r.uid).or_else(effective_uid).unwrap_or(0)
+    }
+
+    /// initdb: UTF-8, data checksums, local superuser trusted over the socket only. The
+    /// server's directories are made for its user alone (mode 0700, whatever the umask).
     pub fn init(&self) -> Result<(), String> {
-        for dir in [&self.data_dir, &self.socket_dir] {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let log_dir = self.log_file.parent().unwrap_or(&self.data_dir);
+        for dir in [&self.data_dir, &self.socket_dir, &log_dir.to_path_buf()] {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .create(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .map_err(|e| format!("cannot protect {}: {e}", dir.display()))?;
+            }
             if let Some(r) = self.run_as {
                 r.own(dir).map_err(|e| format!("cannot give {} to the server user: {e}", dir.display()))?;
-            }
-        }
-        if let Some(parent) = self.log_file.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-            if let Some(r) = self.run_as {
-                r.own(parent).map_err(|e| format!("cannot give {} to the server user: {e}", parent.display()))?;
             }
         }
         let mut c = self.command("initdb");
@@ -180,6 +215,9 @@ impl Server {
     /// The SQL goes through stdin, never the command line, where other users of the
     /// machine could read it (it may set a password).
     pub fn sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        if !check_private_dir(&self.socket_dir, self.owner())? {
+            return Err(format!("the socket directory {} is gone", self.socket_dir.display()));
+        }
         let mut child = Command::new(self.bin.program("psql"))
             .current_dir("/")
             .env("PGCONNECT_TIMEOUT", "10")

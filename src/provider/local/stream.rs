@@ -3,6 +3,7 @@
 //! backup is kept. Memory stays at one buffer whatever the size of the dump.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
@@ -25,7 +26,13 @@ pub struct Streamed {
 pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<Streamed, String> {
     let program = |c: &Command| c.get_program().to_string_lossy().into_owned();
     let (producer_name, consumer_name) = (program(&producer), program(&consumer));
-    let mut out = std::fs::File::create(file).map_err(|e| format!("cannot create {}: {e}", file.display()))?;
+    // Readable by its owner alone from the first byte, and never a file found there.
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(|e| format!("cannot create {}: {e}", file.display()))?;
     let mut sink = consumer
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
