@@ -355,8 +355,96 @@ fn validate_refuses_root_servers_shared_env_files_and_hex_versions() {
 fn control_bytes_in_errors_are_escaped() {
     let dir = scratch("holes_control_bytes");
     std::fs::write(dir.join("pgconverge.yaml"), env(15)).expect("config");
-    let run = pgconverge(&["plan", "--env", "te\u{1b}[2J\u{1b}]0;pwned\u{7}st"], &dir);
+    let hostile = "te\u{1b}[2J\u{1b}]0;pwned\u{7}st";
+    let snapshot = format!(
+        "{{\"format_version\": 1, \"environments\": {{\"{}\": {{\"services\": []}}}}}}",
+        hostile.replace('\u{1b}', "\\u001b").replace('\u{7}', "\\u0007")
+    );
+    std::fs::write(dir.join("live.json"), snapshot).expect("snapshot");
+    for args in [&["plan", "--env", hostile][..], &["plan", "-f", hostile], &["plan", "--live", "live.json"]] {
+        let run = pgconverge(args, &dir);
+        assert_eq!(run.code, 1, "{args:?}: {}{}", run.stdout, run.stderr);
+        assert!(!run.stderr.contains('\u{1b}') && !run.stderr.contains('\u{7}'), "{args:?}: {:?}", run.stderr);
+        assert!(run.stderr.contains("\\u{1b}"), "{args:?}: {}", run.stderr);
+    }
+}
+
+const DATABASE_PROPERTIES: &str = "
+    ALTER DATABASE app SET statement_timeout = '5s';
+    ALTER DATABASE app SET timezone = 'Pacific/Auckland';
+    ALTER DATABASE app SET search_path = \"my schema\", public;
+    ALTER ROLE app IN DATABASE app SET lock_timeout = '3s';
+    COMMENT ON DATABASE app IS 'orders; since 2019';
+    CREATE TABLE t (x int PRIMARY KEY); INSERT INTO t VALUES (1);";
+
+fn database_properties(url: &str) -> String {
+    psql(
+        url,
+        "SELECT (SELECT string_agg(coalesce(r.rolname, '*') || ':' || array_to_string(s.setconfig, ','), ' ' ORDER BY 1) \
+         FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole \
+         WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+         || ' / ' || shobj_description((SELECT oid FROM pg_database WHERE datname = current_database()), 'pg_database')",
+    )
+    .expect("properties")
+}
+
+/// Item 7: the database's settings, its role's settings in it and its comment come
+/// along with either strategy.
+#[test]
+fn database_settings_and_comment_come_along_with_every_strategy() {
+    for strategy in ["dump_restore", "logical"] {
+        let dir = scratch(&format!("holes_database_{strategy}"));
+        let _servers = Servers(dir.join(".pgconverge"));
+        let with = |major: u32| {
+            format!("version: 1\nupgrade: {{strategy: {strategy}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n")
+        };
+        config(&dir, &with(15));
+        apply(&dir);
+        psql(&url(&dir), DATABASE_PROPERTIES).expect("set");
+        let before = database_properties(&url(&dir));
+        assert!(before.contains("statement_timeout=5s") && before.contains("app:lock_timeout=3s"), "{before}");
+        config(&dir, &with(17));
+        apply(&dir);
+        assert_eq!(psql(&url(&dir), "SHOW server_version_num").expect("version")[..2], *"17");
+        assert_eq!(database_properties(&url(&dir)), before, "{strategy}");
+    }
+}
+
+/// Item 7: verify compares them: a copy whose database settings differ is no copy.
+#[test]
+fn verify_catches_a_copy_whose_database_settings_differ() {
+    let dir = scratch("holes_database_verify");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, &env(15));
+    apply(&dir);
+    psql(&url(&dir), DATABASE_PROPERTIES).expect("set");
+    config(&dir, &env(17));
+    // Stop right after the restore, before the verify.
+    let plan = pgconverge(&["plan", "--format", "json"], &dir);
+    let json: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan");
+    let actions = json["environments"][0]["actions"].as_array().expect("actions");
+    let verify = actions.iter().position(|a| a["op"] == "verify").expect("verify") + 1;
+    let stop = format!("before:{verify}=error");
+    let run = common::pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", &stop)]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    assert!(!run.stderr.contains('\u{1b}') && !run.stderr.contains('\u{7}'), "{:?}", run.stderr);
-    assert!(run.stderr.contains("\\u{1b}[2J"), "{}", run.stderr);
+    // The copy's database setting changes behind pgconverge's back.
+    let record = std::fs::read_dir(root.join("state/test"))
+        .expect("state")
+        .flatten()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).expect("read")).expect("json")
+        })
+        .find(|r| r["version"] == 17)
+        .expect("the copy");
+    let id = record["id"].as_str().expect("id");
+    let copy = format!(
+        "postgresql://postgres@/app?host={}&port={}",
+        root.join("run").join(id).display(),
+        record["port"].as_u64().expect("port")
+    );
+    psql(&copy, "ALTER DATABASE app SET timezone = 'UTC'").expect("alter the copy");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("database setting:(every role)"), "{}", run.stderr);
 }

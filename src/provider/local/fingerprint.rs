@@ -41,6 +41,20 @@ pub fn take(server: &Server, db: &str, how: Verify) -> Result<Fingerprint, Strin
             .into(),
     );
     parts.push("SELECT 'large objects|' || count(*) FROM pg_largeobject_metadata".into());
+    // The database's own properties, which no table holds; hashed where a value could
+    // hold the separator or a newline.
+    parts.push(
+        "SELECT 'database setting:' || coalesce(quote_ident(r.rolname), '(every role)') || '|' || \
+         md5((SELECT string_agg(c, E'\\n' ORDER BY c) FROM unnest(s.setconfig) c)) FROM pg_db_role_setting s \
+         LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            .into(),
+    );
+    parts.push(
+        "SELECT x FROM pg_database, LATERAL (VALUES ('database comment|' || md5(coalesce(shobj_description(oid, 'pg_database'), ''))), \
+         ('database connection limit|' || datconnlimit), ('database privileges|' || md5(coalesce(datacl::text, '')))) v(x) \
+         WHERE datname = current_database()"
+            .into(),
+    );
     if how == Verify::Checksums {
         parts.push(
             "SELECT 'large object hash|' || coalesce(md5(string_agg(md5(data), '' ORDER BY loid, pageno)), '') FROM pg_largeobject"

@@ -85,6 +85,10 @@ struct Manifest {
     source_version: Major,
     dump: PathBuf,
     roles: PathBuf,
+    /// The database's own properties (settings, comment, privileges); absent in
+    /// backups taken before pgconverge kept them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    database: Option<PathBuf>,
     bytes: u64,
     taken_at_ms: u128,
 }
@@ -93,6 +97,7 @@ struct Manifest {
 struct BackupFiles {
     dump: PathBuf,
     roles: PathBuf,
+    database: PathBuf,
     /// Where the dump is written until it is whole.
     partial: PathBuf,
     manifest: PathBuf,
@@ -561,13 +566,28 @@ impl LocalProvider {
         let files = BackupFiles {
             dump: dir.join(format!("{stamp}.dump")),
             roles: dir.join(format!("{stamp}.roles.sql")),
+            database: dir.join(format!("{stamp}.database.sql")),
             partial: dir.join(format!(".{stamp}.dump.partial")),
             manifest: dir.join(format!("{stamp}.json")),
             stamp,
             bin,
         };
         self.dump_roles(server, &files.bin, &files.roles)?;
+        self.dump_database(server, &files.bin, &files.database)?;
         Ok(files)
+    }
+
+    /// Dumps what belongs to the application database itself rather than to anything in
+    /// it (its settings and its roles' settings in it, its comment, privileges and
+    /// connection limit): pg_dump writes them only with `--create`, for no schema here.
+    fn dump_database(&self, server: &Server, bin: &binaries::Binaries, to: &Path) -> Result<()> {
+        let mut c = Command::new(bin.program("pg_dump"));
+        c.env("PGOPTIONS", server::SESSION_OPTIONS)
+            .args(server.conn_args(APP_DB))
+            .args(["--create", "--schema-only", "--exclude-schema=*", "-Fp", "-f"])
+            .arg(to);
+        private_file(to)?;
+        self.run_client(c, "pg_dump --create")
     }
 
     fn dump_roles(&self, server: &Server, bin: &binaries::Binaries, to: &Path) -> Result<()> {
@@ -631,7 +651,7 @@ impl LocalProvider {
     fn finish_backup(&self, meta: &Meta, files: BackupFiles) -> Result<Manifest> {
         let data = meta.service.effective_data().ok_or_else(|| failed("the service holds no data"))?;
         // Dumps hold the data and the roles' password hashes: for root's eyes only.
-        for f in [&files.partial, &files.roles] {
+        for f in [&files.partial, &files.roles, &files.database] {
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("protect", f, e))?;
             std::fs::File::open(f).and_then(|f| f.sync_all()).map_err(|e| io_err("sync", f, e))?;
         }
@@ -646,6 +666,7 @@ impl LocalProvider {
             source_version: meta.service.version,
             dump: files.dump,
             roles: files.roles,
+            database: Some(files.database),
             bytes,
             taken_at_ms: files.stamp,
         };
@@ -775,6 +796,12 @@ impl LocalProvider {
         }
         crate::failpoint::hit("catch_up:caught_up").map_err(ProviderError::Failed)?;
         let sequences = logical::sync_sequences(source, target).map_err(ProviderError::Failed)?;
+        // The database's own properties, last: a read-only default or a short statement
+        // timeout among them must not stop the copy's workers.
+        let database = self.root.join("backups").join(id.as_str()).join("replica.database.sql");
+        self.dump_database(source, &self.newest_binaries(env)?, &database)?;
+        restore_database(target, &database)?;
+        let _ = std::fs::remove_file(&database);
         tracing::info!(service = %id, lsn = %lsn, ms = waited.as_millis() as u64, sequences, "copy caught up");
         self.update(env, id, |m| {
             if let Some(d) = m.service.data.as_mut() {
@@ -914,6 +941,59 @@ fn superuser_owned(server: &Server) -> Result<Vec<String>> {
     Ok(out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
 }
 
+/// Gives a restored database the properties of its source's (`dump_database`), as the
+/// superuser: the statements are pg_dump's, one per property, with every name and value
+/// quoted by it; nothing else of the file is run.
+fn restore_database(server: &Server, dumped: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(dumped).map_err(|e| io_err("read", dumped, e))?;
+    let statements = database_statements(&text);
+    if statements.is_empty() {
+        return Ok(());
+    }
+    server.sql(APP_DB, &statements.join("\n")).map(drop).map_err(ProviderError::Failed)
+}
+
+/// The statements of a `pg_dump --create` script that set properties of the database
+/// itself: its settings, its roles' settings in it, comment, privileges and connection
+/// limit. Its creation, its owner (the copy's is pgconverge's to set) and the session
+/// settings and psql commands around them are left out.
+fn database_statements(script: &str) -> Vec<String> {
+    let database = format!(" DATABASE {APP_DB}");
+    let wanted = |s: &str| {
+        (s.starts_with("ALTER DATABASE ") && !s.contains(" OWNER TO ") && !s.contains(" RENAME TO "))
+            || s.starts_with("COMMENT ON DATABASE ")
+            || s.starts_with("SECURITY LABEL ")
+            || (s.starts_with("ALTER ROLE ") && s.contains(" IN DATABASE "))
+            || ((s.starts_with("GRANT ") || s.starts_with("REVOKE ")) && s.contains(" ON DATABASE "))
+    };
+    let mut out = Vec::new();
+    let (mut current, mut quote) = (String::new(), None::<char>);
+    for line in script.lines() {
+        if quote.is_none() && current.is_empty() && (line.starts_with('\\') || line.starts_with("--")) {
+            continue;
+        }
+        for c in line.chars() {
+            current.push(c);
+            match (quote, c) {
+                (None, '\'' | '"') => quote = Some(c),
+                (Some(q), c) if c == q => quote = None,
+                (None, ';') => {
+                    let statement = std::mem::take(&mut current).trim().to_owned();
+                    if wanted(&statement) && statement.contains(&database) {
+                        out.push(statement);
+                    }
+                }
+                _ => {}
+            }
+        }
+        current.push('\n');
+        if quote.is_none() && current.trim().is_empty() {
+            current.clear();
+        }
+    }
+    out
+}
+
 /// Gives what `RESTORER` made to the application role and drops it: it must not outlive
 /// the restore.
 fn drop_restorer(server: &Server) -> Result<()> {
@@ -978,7 +1058,7 @@ fn remove_unfinished_backups(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(stamp) = name.strip_suffix(".roles.sql") {
+        if let Some(stamp) = name.strip_suffix(".roles.sql").or_else(|| name.strip_suffix(".database.sql")) {
             if !dir.join(format!("{stamp}.json")).exists() {
                 let _ = std::fs::remove_file(e.path());
             }
@@ -1111,6 +1191,9 @@ impl Provider for LocalProvider {
         c.arg(&manifest.dump);
         self.run_client(c, "pg_restore")?;
         drop_restorer(&server)?;
+        if let Some(database) = &manifest.database {
+            restore_database(&server, database)?;
+        }
         self.fingerprints.remove(id);
         self.finish_restore(env, id, from, &server, &manifest, Verify::None)?;
         Ok(manifest.bytes)
@@ -1147,6 +1230,9 @@ impl Provider for LocalProvider {
             return Err(ProviderError::Failed(e));
         }
         drop_restorer(&target)?;
+        if let Some(database) = &manifest.database {
+            restore_database(&target, database)?;
+        }
         if let Some(fp) = source_fp {
             self.fingerprints.insert(from.clone(), (verify, fp));
         }
@@ -1412,5 +1498,45 @@ impl Provider for LocalProvider {
             let _ = std::fs::remove_dir_all(server.socket_dir);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_databases_own_properties_are_taken_from_a_create_script() {
+        let script = r#"\restrict abc
+SET statement_timeout = 0;
+CREATE DATABASE app WITH TEMPLATE = template0;
+ALTER DATABASE app OWNER TO app;
+\connect app
+COMMENT ON DATABASE app IS 'two;
+lines ''quoted''';
+ALTER DATABASE app SET search_path TO 'evil', "my;schema";
+ALTER ROLE app IN DATABASE app SET lock_timeout TO '3s';
+-- a comment; with a semicolon
+REVOKE CONNECT,TEMPORARY ON DATABASE app FROM PUBLIC;
+CREATE EXTENSION IF NOT EXISTS pgcrypto WITH SCHEMA public;
+ALTER ROLE app SET work_mem TO '1MB';
+"#;
+        assert_eq!(
+            database_statements(script),
+            [
+                "COMMENT ON DATABASE app IS 'two;\nlines ''quoted''';",
+                r#"ALTER DATABASE app SET search_path TO 'evil', "my;schema";"#,
+                "ALTER ROLE app IN DATABASE app SET lock_timeout TO '3s';",
+                "REVOKE CONNECT,TEMPORARY ON DATABASE app FROM PUBLIC;",
+            ]
+        );
+    }
+
+    #[test]
+    fn tidy_up_knows_the_servers_it_named() {
+        assert!(made_here("pg17-3fa9b0c1"));
+        for other in ["web1", "pg17-3fa9", "pg-3fa9b0c1", "pg17-3fa9b0cz", "nginx"] {
+            assert!(!made_here(other), "{other}");
+        }
     }
 }

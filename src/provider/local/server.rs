@@ -96,10 +96,12 @@ pub const SUPERUSER: &str = "postgres";
 /// while a restore runs.
 pub const RESTORER: &str = "pgconverge_restore";
 
-/// `PGOPTIONS` of every superuser session pgconverge opens: a database's or role's
-/// `search_path`, which the application sets, never decides which function a name
-/// in pgconverge's own SQL means (a client's option overrides both).
-pub const SESSION_OPTIONS: &str = "-c search_path=pg_catalog";
+/// `PGOPTIONS` of every session pgconverge opens: a database's or role's settings, which
+/// the application sets, never decide which function a name in pgconverge's own SQL
+/// means (`search_path`), nor cut its work short or make it read-only (a client's
+/// options override both).
+pub const SESSION_OPTIONS: &str = "-c search_path=pg_catalog -c statement_timeout=0 -c lock_timeout=0 \
+     -c idle_in_transaction_session_timeout=0 -c default_transaction_read_only=off";
 
 impl Server {
     fn command(&self, program: &str) -> Command {
