@@ -18,6 +18,10 @@ pub const INSIDE: &[&str] = &[
     "delete:stopped",
 ];
 
+/// Places inside the logical strategy's actions (`tests/logical.rs` trips them).
+pub const LOGICAL: &[&str] =
+    &["replicate:subscribed", "replicate:copying", "replicate:streaming", "catch_up:caught_up", "catch_up:recorded"];
+
 /// Passes, fails or crashes, as `PGCONVERGE_FAILPOINTS` says for `name`.
 pub fn hit(name: &str) -> Result<(), String> {
     let Ok(spec) = std::env::var("PGCONVERGE_FAILPOINTS") else { return Ok(()) };

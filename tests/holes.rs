@@ -448,3 +448,156 @@ fn verify_catches_a_copy_whose_database_settings_differ() {
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert!(run.stderr.contains("database setting:(every role)"), "{}", run.stderr);
 }
+
+/// A small file system of its own for a test (tmpfs), unmounted when the test ends.
+struct Disk(std::path::PathBuf);
+
+impl Disk {
+    fn mount(dir: &Path, megabytes: u32) -> Disk {
+        let at = dir.join("disk");
+        std::fs::create_dir_all(&at).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}M,mode=0755"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Disk(at)
+    }
+
+    fn free(&self) -> u64 {
+        let out = std::process::Command::new("df").arg("-Pk").arg(&self.0).output().expect("df");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let kb: u64 =
+            text.lines().nth(1).and_then(|l| l.split_whitespace().nth(3)).and_then(|k| k.parse().ok()).expect("df");
+        kb * 1024
+    }
+
+    /// Fills the disk until `leave` bytes are free.
+    fn fill(&self, name: &str, leave: u64) {
+        let size = self.free().saturating_sub(leave);
+        let f = std::fs::File::create(self.0.join(name)).expect("ballast");
+        use std::io::Write;
+        let chunk = vec![0u8; 1 << 20];
+        let mut w = std::io::BufWriter::new(f);
+        let mut written = 0;
+        while written < size {
+            let n = chunk.len().min((size - written) as usize);
+            if w.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            written += n as u64;
+        }
+        let _ = w.flush();
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Item 8: a copy that cannot fit is refused before anything is touched, with the
+/// figures; a disk that fills during the copy is named in the error, and once there is
+/// room again the next apply finishes the job with nothing lost.
+#[test]
+fn a_full_disk_is_refused_before_the_copy_and_named_during_it() {
+    let dir = scratch("holes_disk");
+    let disk = Disk::mount(&dir, 400);
+    let root = disk.0.join("root");
+    let _servers = Servers(root.clone());
+    let with = |major: u32| {
+        format!("version: 1\nprovider:\n  local:\n    root: {}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n", root.display())
+    };
+    config(&dir, &with(15));
+    apply(&dir);
+    let dsn = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    psql(&dsn, "CREATE TABLE t (id int PRIMARY KEY, pad text); INSERT INTO t SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 100000) g")
+        .expect("load");
+    let size: u64 = psql(&dsn, "SELECT pg_database_size(current_database())").expect("size").parse().expect("bytes");
+    config(&dir, &with(17));
+
+    // Twice the database's size free: not enough.
+    disk.fill("ballast", 2 * size);
+    let before = show(&dir);
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("needs about") && run.stderr.contains(&root.display().to_string()), "{}", run.stderr);
+    assert_eq!(show(&dir), before, "nothing was touched");
+
+    // Room enough when the copy is planned, none left once it runs.
+    std::fs::remove_file(disk.0.join("ballast")).expect("room");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args(["apply", "--auto-approve"])
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apply");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (mut all, mut buf, mut filled) = (String::new(), [0u8; 4096], false);
+    while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        all.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if !filled && all.contains("] fence ") {
+            disk.fill("filler", 512 * 1024);
+            filled = true;
+        }
+    }
+    let status = child.wait().expect("apply");
+    assert!(filled, "apply never reached the fence: {all}");
+    assert_eq!(status.code(), Some(1), "{all}");
+    assert!(all.contains("is full") && all.contains(&root.display().to_string()), "{all}");
+
+    std::fs::remove_file(disk.0.join("filler")).expect("room again");
+    apply(&dir);
+    let dsn = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    assert_eq!(
+        psql(&dsn, "SELECT count(*), current_setting('server_version_num')::int / 10000 FROM t").expect("rows"),
+        "100000|17"
+    );
+}
+
+/// Item 8, logical: the source's slot may keep only a bounded amount of WAL, and a
+/// subscription that fails disables itself rather than retrying against a live source.
+#[test]
+fn a_logical_copy_bounds_the_sources_wal_and_stops_on_error() {
+    let dir = scratch("holes_logical_bounds");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    let with = |major: u32| {
+        format!("version: 1\nupgrade: {{strategy: logical}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n")
+    };
+    config(&dir, &with(15));
+    apply(&dir);
+    psql(&url(&dir), "CREATE TABLE t (x int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)")
+        .expect("load");
+    config(&dir, &with(17));
+    let run =
+        common::pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "after:3=error")]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let bound = psql(&url(&dir), "SHOW max_slot_wal_keep_size").expect("show");
+    assert_ne!(bound, "-1", "the source's slot keeps WAL without bound");
+    let copy = std::fs::read_dir(root.join("state/test"))
+        .expect("state")
+        .flatten()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).expect("read")).expect("json")
+        })
+        .find(|r| r["version"] == 17)
+        .expect("the copy");
+    let id = copy["id"].as_str().expect("id");
+    let superuser = format!(
+        "postgresql://postgres@/app?host={}&port={}",
+        root.join("run").join(id).display(),
+        copy["port"].as_u64().expect("port")
+    );
+    assert_eq!(psql(&superuser, "SELECT subdisableonerr FROM pg_subscription").expect("subscription"), "t");
+    apply(&dir);
+    assert_eq!(psql(&url(&dir), "SELECT count(*) FROM t").expect("rows"), "1000");
+}

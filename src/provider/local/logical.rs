@@ -79,6 +79,7 @@ pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: 
     if let Some(source) = source {
         drop_slot(source, name)?;
         source.sql(APP_DB, &format!("DROP PUBLICATION IF EXISTS {}", ident(name)))?;
+        source.sql("postgres", "ALTER SYSTEM RESET max_slot_wal_keep_size; SELECT pg_reload_conf();")?;
     }
     Ok(())
 }
@@ -108,7 +109,16 @@ pub fn drop_slot(source: &Server, name: &str) -> Result<(), String> {
 
 /// Publishes every table of the source and subscribes the copy to it; the subscription
 /// starts with a copy of every table.
-pub fn subscribe(source: &Server, target: &Server, name: &str) -> Result<(), String> {
+pub fn subscribe(source: &Server, target: &Server, name: &str, wal_bound_mb: u64) -> Result<(), String> {
+    // The slot may keep at most this much WAL on the source: past it the slot is given
+    // up (and the copy with it), never the source's disk and its application's writes.
+    source.sql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET max_slot_wal_keep_size = {}; SELECT pg_reload_conf();",
+            literal(&format!("{wal_bound_mb}MB"))
+        ),
+    )?;
     source.sql(APP_DB, &format!("CREATE PUBLICATION {} FOR ALL TABLES", ident(name)))?;
     // Over the source's socket, as its superuser: trusted locally, no password to keep.
     let conn = format!(
@@ -120,10 +130,13 @@ pub fn subscribe(source: &Server, target: &Server, name: &str) -> Result<(), Str
     // report waits for the WAL writer's next round, up to 200 ms inside the outage.
     // Changes are applied as each table's owner, never as the subscription's superuser
     // owner: the application's check constraints and triggers run with its own rights.
+    // A subscription that fails stops (pgconverge then gives the copy up) rather than
+    // retrying against a live source whose slot keeps WAL meanwhile.
     target.sql(
         APP_DB,
         &format!(
-            "CREATE SUBSCRIPTION {0} CONNECTION {1} PUBLICATION {0} WITH (synchronous_commit = on, run_as_owner = false)",
+            "CREATE SUBSCRIPTION {0} CONNECTION {1} PUBLICATION {0} \
+             WITH (synchronous_commit = on, run_as_owner = false, disable_on_error = true)",
             ident(name),
             literal(&conn)
         ),

@@ -251,6 +251,7 @@ impl LocalProvider {
     /// objects that only a superuser could restore.
     pub fn check_plan(&self, plan: &crate::plan::Plan) -> Result<()> {
         use crate::plan::Action;
+        let mut needed = 0u64;
         for env_plan in &plan.environments {
             let version_of = |id: &ServiceId| -> Option<Major> {
                 env_plan
@@ -282,6 +283,19 @@ impl LocalProvider {
                 let Ok(server) = self.server(&meta) else { continue };
                 if !server.is_running() {
                     continue;
+                }
+                let size = database_size(&server)?;
+                needed += size.saturating_mul(COPY_SPACE_FACTOR);
+                let free = free_bytes(&self.root)?;
+                if needed > free {
+                    return Err(ProviderError::Refused(format!(
+                        "environment {}: copying {source}'s database ({}) needs about {} free on the disk that holds {} ({COPY_SPACE_FACTOR} × the database: the new server's data, the WAL written while it is loaded, and the kept dump), and it has {}; free some space or point provider.local.root at a larger disk",
+                        env_plan.name,
+                        crate::apply::human_bytes(size),
+                        crate::apply::human_bytes(needed),
+                        self.root.display(),
+                        crate::apply::human_bytes(free)
+                    )));
                 }
                 let owned = superuser_owned(&server)?;
                 if !owned.is_empty() {
@@ -913,6 +927,35 @@ fn create_restorer(server: &Server) -> Result<()> {
     Ok(())
 }
 
+/// How many times a database's size a copy of it needs free: its data on the new server,
+/// the WAL written while it is loaded (kept whole: no checkpoint runs meanwhile), and the
+/// kept dump, which is at most as large as the data.
+const COPY_SPACE_FACTOR: u64 = 3;
+
+fn database_size(server: &Server) -> Result<u64> {
+    let out = server.sql(APP_DB, "SELECT pg_database_size(current_database())").map_err(ProviderError::Failed)?;
+    out.trim().parse().map_err(|_| failed(format!("unexpected database size `{out}`")))
+}
+
+/// Bytes free for this process's user on the file system that holds `path` (or its
+/// nearest existing parent), as `df` reports them.
+fn free_bytes(path: &Path) -> Result<u64> {
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let out = Command::new("df")
+        .arg("-Pk")
+        .arg(existing)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| failed(format!("cannot run df: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| failed(format!("cannot read the free space of {} from df: {}", existing.display(), text.trim())))
+}
+
 /// The objects of the application database that a superuser owns (an extension is
 /// named, not what it holds): restoring them would need superuser rights.
 fn superuser_owned(server: &Server) -> Result<Vec<String>> {
@@ -1075,6 +1118,237 @@ fn redact(message: &str, password: &str) -> String {
     }
 }
 
+/// The copy steps proper; `Provider`'s methods add what a full disk explains.
+impl LocalProvider {
+    fn backup_now(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
+        let (meta, server) = self.running_server(env, id)?;
+        let files = self.start_backup(env, &meta, &server)?;
+        let mut c = Command::new(files.bin.program("pg_dump"));
+        c.env("PGOPTIONS", server::SESSION_OPTIONS)
+            .args(server.conn_args(APP_DB))
+            .args(dump_format(&files.bin))
+            .arg("-f")
+            .arg(&files.partial);
+        private_file(&files.partial)?;
+        self.run_client(c, "pg_dump")?;
+        let manifest = self.finish_backup(&meta, files)?;
+        Ok(manifest.bytes)
+    }
+
+    fn restore_now(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
+        let manifest = self.latest_backup(from)?;
+        let (_, server) = self.running_server(env, id)?;
+        self.prepare_restore(env, id, &server, &manifest.roles)?;
+        let mut c = restore_command(&server);
+        c.arg(&manifest.dump);
+        self.run_client(c, "pg_restore")?;
+        drop_restorer(&server)?;
+        if let Some(database) = &manifest.database {
+            restore_database(&server, database)?;
+        }
+        self.fingerprints.remove(id);
+        self.finish_restore(env, id, from, &server, &manifest, Verify::None)?;
+        Ok(manifest.bytes)
+    }
+
+    fn backup_and_restore_now(
+        &mut self,
+        env: &EnvName,
+        from: &ServiceId,
+        id: &ServiceId,
+        verify: Verify,
+    ) -> Result<u64> {
+        self.fingerprints.remove(id);
+        let (meta, source) = self.running_server(env, from)?;
+        let (_, target) = self.running_server(env, id)?;
+        let files = self.start_backup(env, &meta, &source)?;
+        self.prepare_restore(env, id, &target, &files.roles)?;
+        let mut dump = Command::new(files.bin.program("pg_dump"));
+        dump.env("PGOPTIONS", server::SESSION_OPTIONS).args(source.conn_args(APP_DB)).args(dump_format(&files.bin));
+        let restore = restore_command(&target);
+        // The copy leaves about half a core idle: the source's fingerprint, which cannot
+        // change while it is fenced, is taken meanwhile.
+        let quiet = meta.service.fenced || !meta.service.status.visible();
+        let fingerprint_source = verify != Verify::None && quiet && !self.fingerprints.contains_key(from);
+        let started = std::time::Instant::now();
+        let (streamed, source_fp) = std::thread::scope(|s| {
+            let fp = fingerprint_source.then(|| s.spawn(|| fingerprint::take(&source, APP_DB, verify)));
+            let streamed = stream::tee(dump, restore, &files.partial);
+            (streamed, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
+        });
+        let streamed = streamed.map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "dump streamed into the restore");
+        if let Some(e) = streamed.producer_error {
+            return Err(ProviderError::Failed(e));
+        }
+        // The dump is whole even when the restore failed: keep it, so that the next apply
+        // only has to restore.
+        let manifest = self.finish_backup(&meta, files)?;
+        if let Some(e) = streamed.consumer_error {
+            return Err(ProviderError::Failed(e));
+        }
+        drop_restorer(&target)?;
+        if let Some(database) = &manifest.database {
+            restore_database(&target, database)?;
+        }
+        if let Some(fp) = source_fp {
+            self.fingerprints.insert(from.clone(), (verify, fp));
+        }
+        crate::failpoint::hit("copy:backed_up").map_err(ProviderError::Failed)?;
+        self.finish_restore(env, id, from, &target, &manifest, verify)?;
+        Ok(manifest.bytes)
+    }
+
+    fn replicate_now(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
+        self.fingerprints.remove(id);
+        let (meta, source) = self.running_server(env, from)?;
+        let (_, target) = self.running_server(env, id)?;
+        let data = meta.service.effective_data().ok_or_else(|| failed(format!("{from} holds no data")))?;
+        let name = logical::name(id);
+        let objects =
+            source.sql(APP_DB, "SELECT count(*) FROM pg_largeobject_metadata").map_err(ProviderError::Failed)?;
+        if target.bin.major < 16 {
+            return Err(ProviderError::Refused(format!(
+                "strategy logical needs PostgreSQL 16 or later on the new server ({id} runs {}): before 16 a subscription applies changes with superuser rights; use `upgrade.strategy: dump_restore`",
+                target.bin.major
+            )));
+        }
+        if objects.trim() != "0" {
+            return Err(ProviderError::Refused(format!(
+                "{from} holds {} large objects, which logical replication does not carry; use `upgrade.strategy: dump_restore`",
+                objects.trim()
+            )));
+        }
+        // Servers started before pgconverge set wal_level = logical need a restart: a
+        // second's break in the application's connections, before any write is blocked.
+        if !logical::wal_level_is_logical(&source).map_err(ProviderError::Failed)? {
+            tracing::warn!(service = %from, "restarting the server with wal_level = logical");
+            source.stop().map_err(ProviderError::Failed)?;
+            source.start().map_err(ProviderError::Failed)?;
+        }
+        // Whatever the copy held before is about to be replaced: until the initial copy of
+        // every table is done it holds nothing, and a crash meanwhile leaves a copy that
+        // the next apply makes afresh (its subscription is dropped by tidy_replication).
+        self.update(env, id, |m| m.service.data = None)?;
+        logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)?;
+        // The schema first (replication carries rows only), then every row.
+        let bin = self.newest_binaries(env)?;
+        let work = self.root.join("backups").join(id.as_str());
+        private::dir(&work, 0o700).map_err(ProviderError::Failed)?;
+        let (roles, schema) = (work.join("replica.roles.sql"), work.join("replica.schema.dump"));
+        self.dump_roles(&source, &bin, &roles)?;
+        let mut c = Command::new(bin.program("pg_dump"));
+        c.env("PGOPTIONS", server::SESSION_OPTIONS)
+            .args(source.conn_args(APP_DB))
+            .args(["-Fc", "--schema-only", "--no-publications", "--no-subscriptions", "-f"])
+            .arg(&schema);
+        private_file(&schema)?;
+        self.run_client(c, "pg_dump --schema-only")?;
+        self.prepare_restore(env, id, &target, &roles)?;
+        let mut c = restore_command(&target);
+        c.arg(&schema);
+        self.run_client(c, "pg_restore --schema-only")?;
+        drop_restorer(&target)?;
+        let full = logical::replica_identity_full(&source).map_err(ProviderError::Failed)?;
+        if !full.is_empty() {
+            tracing::info!(tables = %full.join(", "), "tables without a primary key replicate with REPLICA IDENTITY FULL");
+        }
+        // Half of what is free now: room for what the application writes during the
+        // initial copy, and for the copy itself.
+        let bound_mb = (free_bytes(&self.root)? / 2 / (1024 * 1024)).max(64);
+        logical::subscribe(&source, &target, &name, bound_mb).map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("replicate:subscribed").map_err(ProviderError::Failed)?;
+        let started = std::time::Instant::now();
+        logical::wait_initial_copy(&target, &name).map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
+        // Only now is the copy streaming: every table holds its initial copy, and what
+        // follows is the stream of changes the catch-up waits for.
+        self.update(env, id, |m| {
+            m.service.data = Some(Data {
+                of: data.of.clone(),
+                complete: false,
+                restored_from: Some(from.clone()),
+                verified: false,
+                streaming: true,
+            })
+        })?;
+        crate::failpoint::hit("replicate:streaming").map_err(ProviderError::Failed)?;
+        // Statistics for the application's first queries, and the hint bits of every copied
+        // row set now: the first read after a copy sets them, and with data checksums logs
+        // each page again, which verify's counts would otherwise pay inside the outage.
+        target.sql(APP_DB, "VACUUM (ANALYZE)").map_err(ProviderError::Failed)?;
+        // Stream what the source wrote meanwhile, so that the catch-up inside the outage
+        // has only the last moments' changes to wait for.
+        let lsn = logical::flushed_lsn(&source).map_err(ProviderError::Failed)?;
+        let lag = logical::wait_caught_up(&source, &target, &name, &lsn, logical::STREAM_LIMIT)
+            .map_err(ProviderError::Failed)?;
+        tracing::debug!(seconds = lag.as_secs_f64(), "streaming caught up before the fence");
+        let _ = std::fs::remove_file(&schema);
+        let bytes =
+            target.sql(APP_DB, &format!("SELECT pg_database_size('{APP_DB}')")).map_err(ProviderError::Failed)?;
+        Ok(bytes.trim().parse().unwrap_or(0))
+    }
+
+    fn catch_up_now(&mut self, env: &EnvName, id: &ServiceId, verify: Verify) -> Result<()> {
+        self.fingerprints.remove(id);
+        let meta = self.load(env, id)?;
+        let Some(from) = meta.service.data.as_ref().filter(|d| d.streaming).and_then(|d| d.restored_from.clone())
+        else {
+            return Err(ProviderError::Inconsistent(format!("{id} is not streaming a copy")));
+        };
+        let (source_meta, source) = self.running_server(env, &from)?;
+        let (_, target) = self.running_server(env, id)?;
+        let complete = source_meta.service.effective_data().is_some_and(|d| d.complete);
+        // The source is quiet from the fence on: its fingerprint for the verify that
+        // follows is taken while the copy catches up, and the copy's as soon as it has
+        // stopped changing, so that verify itself only compares.
+        let fingerprint_source = verify != Verify::None && !self.fingerprints.contains_key(&from);
+        let (copy_fp, source_fp) = std::thread::scope(|s| {
+            let fp = fingerprint_source.then(|| s.spawn(|| timed_fingerprint(&source, verify, "source")));
+            let copy_fp = self.finish_catch_up(env, id, &source, &target, complete).and_then(|()| {
+                (verify != Verify::None)
+                    .then(|| timed_fingerprint(&target, verify, "copy").map_err(ProviderError::Failed))
+                    .transpose()
+            });
+            (copy_fp, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
+        });
+        if let Some(fp) = copy_fp? {
+            self.fingerprints.insert(id.clone(), (verify, fp));
+        }
+        if let Some(fp) = source_fp {
+            self.fingerprints.insert(from, (verify, fp));
+        }
+        Ok(())
+    }
+
+    /// Adds to a failed copy step what a full disk explains: PostgreSQL names the file it
+    /// could not write only in its log, and a client then sees a lost connection.
+    fn disk_full(&self, e: ProviderError) -> ProviderError {
+        let ProviderError::Failed(message) = e else { return e };
+        let mut seen = Vec::new();
+        if let Ok(servers) = std::fs::read_dir(self.root.join("servers")) {
+            for log in servers.flatten().map(|e| e.path().join("log/server.log")) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail = &text[text.len().saturating_sub(16 * 1024)..];
+                if let Some(line) = tail.lines().rev().find(|l| l.contains("No space left on device")) {
+                    seen.push(line.trim().to_owned());
+                }
+            }
+        }
+        let free = free_bytes(&self.root).ok();
+        if seen.is_empty() && free.is_none_or(|f| f > 64 * 1024 * 1024) && !message.contains("No space left on device")
+        {
+            return ProviderError::Failed(message);
+        }
+        ProviderError::Failed(format!(
+            "{message}; the disk that holds {} is full ({} free){}: free some space, then run `pgconverge apply` again",
+            self.root.display(),
+            free.map_or_else(|| "unknown".into(), crate::apply::human_bytes),
+            seen.first().map(|l| format!(", the server said: {l}")).unwrap_or_default()
+        ))
+    }
+}
+
 impl Provider for LocalProvider {
     fn observe(&mut self) -> Result<Live> {
         let mut live = Live { format_version: FORMAT_VERSION, environments: BTreeMap::new() };
@@ -1169,195 +1443,28 @@ impl Provider for LocalProvider {
     }
 
     fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
-        let (meta, server) = self.running_server(env, id)?;
-        let files = self.start_backup(env, &meta, &server)?;
-        let mut c = Command::new(files.bin.program("pg_dump"));
-        c.env("PGOPTIONS", server::SESSION_OPTIONS)
-            .args(server.conn_args(APP_DB))
-            .args(dump_format(&files.bin))
-            .arg("-f")
-            .arg(&files.partial);
-        private_file(&files.partial)?;
-        self.run_client(c, "pg_dump")?;
-        let manifest = self.finish_backup(&meta, files)?;
-        Ok(manifest.bytes)
+        let result = self.backup_now(env, id);
+        result.map_err(|e| self.disk_full(e))
     }
 
     fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
-        let manifest = self.latest_backup(from)?;
-        let (_, server) = self.running_server(env, id)?;
-        self.prepare_restore(env, id, &server, &manifest.roles)?;
-        let mut c = restore_command(&server);
-        c.arg(&manifest.dump);
-        self.run_client(c, "pg_restore")?;
-        drop_restorer(&server)?;
-        if let Some(database) = &manifest.database {
-            restore_database(&server, database)?;
-        }
-        self.fingerprints.remove(id);
-        self.finish_restore(env, id, from, &server, &manifest, Verify::None)?;
-        Ok(manifest.bytes)
+        let result = self.restore_now(env, id, from);
+        result.map_err(|e| self.disk_full(e))
     }
 
     fn backup_and_restore(&mut self, env: &EnvName, from: &ServiceId, id: &ServiceId, verify: Verify) -> Result<u64> {
-        self.fingerprints.remove(id);
-        let (meta, source) = self.running_server(env, from)?;
-        let (_, target) = self.running_server(env, id)?;
-        let files = self.start_backup(env, &meta, &source)?;
-        self.prepare_restore(env, id, &target, &files.roles)?;
-        let mut dump = Command::new(files.bin.program("pg_dump"));
-        dump.env("PGOPTIONS", server::SESSION_OPTIONS).args(source.conn_args(APP_DB)).args(dump_format(&files.bin));
-        let restore = restore_command(&target);
-        // The copy leaves about half a core idle: the source's fingerprint, which cannot
-        // change while it is fenced, is taken meanwhile.
-        let quiet = meta.service.fenced || !meta.service.status.visible();
-        let fingerprint_source = verify != Verify::None && quiet && !self.fingerprints.contains_key(from);
-        let started = std::time::Instant::now();
-        let (streamed, source_fp) = std::thread::scope(|s| {
-            let fp = fingerprint_source.then(|| s.spawn(|| fingerprint::take(&source, APP_DB, verify)));
-            let streamed = stream::tee(dump, restore, &files.partial);
-            (streamed, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
-        });
-        let streamed = streamed.map_err(ProviderError::Failed)?;
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "dump streamed into the restore");
-        if let Some(e) = streamed.producer_error {
-            return Err(ProviderError::Failed(e));
-        }
-        // The dump is whole even when the restore failed: keep it, so that the next apply
-        // only has to restore.
-        let manifest = self.finish_backup(&meta, files)?;
-        if let Some(e) = streamed.consumer_error {
-            return Err(ProviderError::Failed(e));
-        }
-        drop_restorer(&target)?;
-        if let Some(database) = &manifest.database {
-            restore_database(&target, database)?;
-        }
-        if let Some(fp) = source_fp {
-            self.fingerprints.insert(from.clone(), (verify, fp));
-        }
-        crate::failpoint::hit("copy:backed_up").map_err(ProviderError::Failed)?;
-        self.finish_restore(env, id, from, &target, &manifest, verify)?;
-        Ok(manifest.bytes)
+        let result = self.backup_and_restore_now(env, from, id, verify);
+        result.map_err(|e| self.disk_full(e))
     }
 
     fn replicate(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
-        self.fingerprints.remove(id);
-        let (meta, source) = self.running_server(env, from)?;
-        let (_, target) = self.running_server(env, id)?;
-        let data = meta.service.effective_data().ok_or_else(|| failed(format!("{from} holds no data")))?;
-        let name = logical::name(id);
-        let objects =
-            source.sql(APP_DB, "SELECT count(*) FROM pg_largeobject_metadata").map_err(ProviderError::Failed)?;
-        if target.bin.major < 16 {
-            return Err(ProviderError::Refused(format!(
-                "strategy logical needs PostgreSQL 16 or later on the new server ({id} runs {}): before 16 a subscription applies changes with superuser rights; use `upgrade.strategy: dump_restore`",
-                target.bin.major
-            )));
-        }
-        if objects.trim() != "0" {
-            return Err(ProviderError::Refused(format!(
-                "{from} holds {} large objects, which logical replication does not carry; use `upgrade.strategy: dump_restore`",
-                objects.trim()
-            )));
-        }
-        // Servers started before pgconverge set wal_level = logical need a restart: a
-        // second's break in the application's connections, before any write is blocked.
-        if !logical::wal_level_is_logical(&source).map_err(ProviderError::Failed)? {
-            tracing::warn!(service = %from, "restarting the server with wal_level = logical");
-            source.stop().map_err(ProviderError::Failed)?;
-            source.start().map_err(ProviderError::Failed)?;
-        }
-        // Whatever the copy held before is about to be replaced: until the initial copy of
-        // every table is done it holds nothing, and a crash meanwhile leaves a copy that
-        // the next apply makes afresh (its subscription is dropped by tidy_replication).
-        self.update(env, id, |m| m.service.data = None)?;
-        logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)?;
-        // The schema first (replication carries rows only), then every row.
-        let bin = self.newest_binaries(env)?;
-        let work = self.root.join("backups").join(id.as_str());
-        private::dir(&work, 0o700).map_err(ProviderError::Failed)?;
-        let (roles, schema) = (work.join("replica.roles.sql"), work.join("replica.schema.dump"));
-        self.dump_roles(&source, &bin, &roles)?;
-        let mut c = Command::new(bin.program("pg_dump"));
-        c.env("PGOPTIONS", server::SESSION_OPTIONS)
-            .args(source.conn_args(APP_DB))
-            .args(["-Fc", "--schema-only", "--no-publications", "--no-subscriptions", "-f"])
-            .arg(&schema);
-        private_file(&schema)?;
-        self.run_client(c, "pg_dump --schema-only")?;
-        self.prepare_restore(env, id, &target, &roles)?;
-        let mut c = restore_command(&target);
-        c.arg(&schema);
-        self.run_client(c, "pg_restore --schema-only")?;
-        drop_restorer(&target)?;
-        let full = logical::replica_identity_full(&source).map_err(ProviderError::Failed)?;
-        if !full.is_empty() {
-            tracing::info!(tables = %full.join(", "), "tables without a primary key replicate with REPLICA IDENTITY FULL");
-        }
-        logical::subscribe(&source, &target, &name).map_err(ProviderError::Failed)?;
-        crate::failpoint::hit("replicate:subscribed").map_err(ProviderError::Failed)?;
-        let started = std::time::Instant::now();
-        logical::wait_initial_copy(&target, &name).map_err(ProviderError::Failed)?;
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
-        // Only now is the copy streaming: every table holds its initial copy, and what
-        // follows is the stream of changes the catch-up waits for.
-        self.update(env, id, |m| {
-            m.service.data = Some(Data {
-                of: data.of.clone(),
-                complete: false,
-                restored_from: Some(from.clone()),
-                verified: false,
-                streaming: true,
-            })
-        })?;
-        crate::failpoint::hit("replicate:streaming").map_err(ProviderError::Failed)?;
-        // Statistics for the application's first queries, and the hint bits of every copied
-        // row set now: the first read after a copy sets them, and with data checksums logs
-        // each page again, which verify's counts would otherwise pay inside the outage.
-        target.sql(APP_DB, "VACUUM (ANALYZE)").map_err(ProviderError::Failed)?;
-        // Stream what the source wrote meanwhile, so that the catch-up inside the outage
-        // has only the last moments' changes to wait for.
-        let lsn = logical::flushed_lsn(&source).map_err(ProviderError::Failed)?;
-        let lag = logical::wait_caught_up(&source, &target, &name, &lsn, logical::STREAM_LIMIT)
-            .map_err(ProviderError::Failed)?;
-        tracing::debug!(seconds = lag.as_secs_f64(), "streaming caught up before the fence");
-        let _ = std::fs::remove_file(&schema);
-        let bytes =
-            target.sql(APP_DB, &format!("SELECT pg_database_size('{APP_DB}')")).map_err(ProviderError::Failed)?;
-        Ok(bytes.trim().parse().unwrap_or(0))
+        let result = self.replicate_now(env, id, from);
+        result.map_err(|e| self.disk_full(e))
     }
 
     fn catch_up(&mut self, env: &EnvName, id: &ServiceId, verify: Verify) -> Result<()> {
-        self.fingerprints.remove(id);
-        let meta = self.load(env, id)?;
-        let Some(from) = meta.service.data.as_ref().filter(|d| d.streaming).and_then(|d| d.restored_from.clone())
-        else {
-            return Err(ProviderError::Inconsistent(format!("{id} is not streaming a copy")));
-        };
-        let (source_meta, source) = self.running_server(env, &from)?;
-        let (_, target) = self.running_server(env, id)?;
-        let complete = source_meta.service.effective_data().is_some_and(|d| d.complete);
-        // The source is quiet from the fence on: its fingerprint for the verify that
-        // follows is taken while the copy catches up, and the copy's as soon as it has
-        // stopped changing, so that verify itself only compares.
-        let fingerprint_source = verify != Verify::None && !self.fingerprints.contains_key(&from);
-        let (copy_fp, source_fp) = std::thread::scope(|s| {
-            let fp = fingerprint_source.then(|| s.spawn(|| timed_fingerprint(&source, verify, "source")));
-            let copy_fp = self.finish_catch_up(env, id, &source, &target, complete).and_then(|()| {
-                (verify != Verify::None)
-                    .then(|| timed_fingerprint(&target, verify, "copy").map_err(ProviderError::Failed))
-                    .transpose()
-            });
-            (copy_fp, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
-        });
-        if let Some(fp) = copy_fp? {
-            self.fingerprints.insert(id.clone(), (verify, fp));
-        }
-        if let Some(fp) = source_fp {
-            self.fingerprints.insert(from, (verify, fp));
-        }
-        Ok(())
+        let result = self.catch_up_now(env, id, verify);
+        result.map_err(|e| self.disk_full(e))
     }
 
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
