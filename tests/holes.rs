@@ -270,6 +270,8 @@ fn modes_are_explicit_whatever_the_umask_and_no_symlink_is_followed() {
     std::fs::set_permissions(&elsewhere, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let record = std::fs::read_dir(root.join("state/test")).expect("state").flatten().next().expect("record").path();
     let id = record.file_stem().expect("id").to_string_lossy().into_owned();
+    std::fs::create_dir_all(root.join("backups")).expect("backups");
+    std::fs::set_permissions(root.join("backups"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
     std::os::unix::fs::symlink(&elsewhere, root.join("backups").join(&id)).expect("symlink");
     config(&dir, &env(17));
     let run = pgconverge(&["apply", "--auto-approve"], &dir);
@@ -600,4 +602,50 @@ fn a_logical_copy_bounds_the_sources_wal_and_stops_on_error() {
     assert_eq!(psql(&superuser, "SELECT subdisableonerr FROM pg_subscription").expect("subscription"), "t");
     apply(&dir);
     assert_eq!(psql(&url(&dir), "SELECT count(*) FROM t").expect("rows"), "1000");
+}
+
+/// Item 9: SIGTERM while the application is fenced stops apply after the action under
+/// way, says that writes stay blocked and what to run, and releases the lock; the next
+/// apply finishes the job.
+#[test]
+fn sigterm_inside_the_write_outage_says_writes_stay_blocked_and_releases_the_lock() {
+    let dir = scratch("holes_sigterm_fenced");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, &env(15));
+    apply(&dir);
+    psql(&url(&dir), "CREATE TABLE t (id int PRIMARY KEY, pad text); INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 300000) g")
+        .expect("load");
+    config(&dir, &env(17));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args(["apply", "--auto-approve"])
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apply");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (mut all, mut buf, mut sent) = (String::new(), [0u8; 4096], false);
+    while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        all.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if !sent && all.contains("] backup ") {
+            let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            sent = kill.expect("kill").success();
+        }
+    }
+    let status = child.wait().expect("apply");
+    assert!(sent, "apply never reached the backup: {all}");
+    assert_eq!(status.code(), Some(1), "{all}");
+    assert!(all.contains("interrupted by a signal") && all.contains("writes stay blocked"), "{all}");
+    assert!(all.contains("run `pgconverge apply` again now"), "{all}");
+    assert!(!root.join("lock").exists(), "the lock is released");
+    assert!(psql(&url(&dir), "INSERT INTO t VALUES (0, 'during')").is_err(), "still fenced, as it says");
+    apply(&dir);
+    assert_eq!(psql(&url(&dir), "SELECT count(*) FROM t").expect("rows"), "300000");
+    psql(&url(&dir), "INSERT INTO t VALUES (0, 'after')").expect("writes again");
 }

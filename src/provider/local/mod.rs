@@ -184,12 +184,21 @@ impl LocalProvider {
         if std::fs::symlink_metadata(&marker).is_err() {
             write_atomically(&marker, ROOT_MARKER_TEXT.as_bytes(), 0o644).map_err(|e| io_err("write", &marker, e))?;
         }
-        for (dir, mode) in
-            [("state", 0o700), ("secrets", 0o700), ("backups", 0o700), ("servers", 0o711), ("run", 0o711)]
-        {
-            private::dir(&self.root.join(dir), mode).map_err(ProviderError::Failed)?;
-        }
         Ok(())
+    }
+
+    /// `root/<name>` (and `root/<name>/<sub>` when given), made with their modes if
+    /// missing, checked if present: the servers' user passes through `servers` and `run`
+    /// to its own directories; the rest is root's alone.
+    fn subdir(&self, name: &str, sub: Option<&str>) -> Result<PathBuf> {
+        let mode = if matches!(name, "servers" | "run") { 0o711 } else { 0o700 };
+        let mut dir = self.root.join(name);
+        private::dir(&dir, mode).map_err(ProviderError::Failed)?;
+        if let Some(sub) = sub {
+            dir = dir.join(sub);
+            private::dir(&dir, 0o700).map_err(ProviderError::Failed)?;
+        }
+        Ok(dir)
     }
 
     /// The checks of `claim_root` that write nothing: plan and show make them too.
@@ -321,7 +330,7 @@ impl LocalProvider {
 
     fn store(&self, env: &EnvName, meta: &Meta) -> Result<()> {
         let path = self.meta_path(env, &meta.service.id);
-        private::dir(&self.root.join("state").join(env.as_str()), 0o700).map_err(ProviderError::Failed)?;
+        self.subdir("state", Some(env.as_str()))?;
         let text = serde_json::to_vec_pretty(meta).map_err(failed)?;
         write_atomically(&path, &text, 0o644).map_err(|e| io_err("write", &path, e))
     }
@@ -385,13 +394,12 @@ impl LocalProvider {
         }
         let running = self.server(meta)?.postmaster().is_some();
         let short = self.root.join("run").join(meta.service.id.as_str());
+        self.subdir("run", None)?;
         let dir = if short.as_os_str().len() > SOCKET_DIR_MAX {
-            private::dir(&self.root.join("run"), 0o711).map_err(ProviderError::Failed)?;
             let dir = std::env::temp_dir().join(format!("pgconverge-{}", random_hex(12)?));
             meta.socket_dir = Some(dir.clone());
             dir
         } else {
-            private::dir(&self.root.join("run"), 0o711).map_err(ProviderError::Failed)?;
             short
         };
         // `create`, not `create_dir_all`: a directory someone else made first is an error.
@@ -437,6 +445,7 @@ impl LocalProvider {
             }
             return Ok(secret);
         }
+        self.subdir("secrets", None)?;
         let secret = Secret { role: APP_ROLE.into(), password: random_hex(24)? };
         let text = serde_json::to_vec(&secret).map_err(failed)?;
         write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))?;
@@ -453,7 +462,7 @@ impl LocalProvider {
     /// Creates, starts and prepares the server of `meta` (role and database), from
     /// scratch: a half-made server left by a crash is removed first.
     fn create_server(&self, env: &EnvName, meta: &mut Meta) -> Result<()> {
-        let dir = self.root.join("servers").join(meta.service.id.as_str());
+        let dir = self.subdir("servers", None)?.join(meta.service.id.as_str());
         if dir.exists() {
             if let Ok(old) = self.server(meta) {
                 let _ = old.stop();
@@ -574,8 +583,7 @@ impl LocalProvider {
             return Err(ProviderError::Failed(format!("{} holds no data", meta.service.id)));
         }
         let bin = self.newest_binaries(env)?;
-        let dir = self.root.join("backups").join(meta.service.id.as_str());
-        private::dir(&dir, 0o700).map_err(ProviderError::Failed)?;
+        let dir = self.subdir("backups", Some(meta.service.id.as_str()))?;
         let stamp = now_ms();
         let files = BackupFiles {
             dump: dir.join(format!("{stamp}.dump")),
@@ -1233,8 +1241,7 @@ impl LocalProvider {
         logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)?;
         // The schema first (replication carries rows only), then every row.
         let bin = self.newest_binaries(env)?;
-        let work = self.root.join("backups").join(id.as_str());
-        private::dir(&work, 0o700).map_err(ProviderError::Failed)?;
+        let work = self.subdir("backups", Some(id.as_str()))?;
         let (roles, schema) = (work.join("replica.roles.sql"), work.join("replica.schema.dump"));
         self.dump_roles(&source, &bin, &roles)?;
         let mut c = Command::new(bin.program("pg_dump"));
