@@ -530,30 +530,9 @@ fn a_full_disk_is_refused_before_the_copy_and_named_during_it() {
 
     // Room enough when the copy is planned, none left once it runs.
     std::fs::remove_file(disk.0.join("ballast")).expect("room");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
-        .args(["apply", "--auto-approve"])
-        .current_dir(&dir)
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("apply");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let (mut all, mut buf, mut filled) = (String::new(), [0u8; 4096], false);
-    while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
-        if n == 0 {
-            break;
-        }
-        all.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if !filled && all.contains("] fence ") {
-            disk.fill("filler", 512 * 1024);
-            filled = true;
-        }
-    }
-    let status = child.wait().expect("apply");
+    let (code, all, filled) = common::apply_watching(&dir, "] fence ", |_| disk.fill("filler", 512 * 1024));
     assert!(filled, "apply never reached the fence: {all}");
-    assert_eq!(status.code(), Some(1), "{all}");
+    assert_eq!(code, Some(1), "{all}");
     assert!(all.contains("is full") && all.contains(&root.display().to_string()), "{all}");
 
     std::fs::remove_file(disk.0.join("filler")).expect("room again");
@@ -617,30 +596,10 @@ fn sigterm_inside_the_write_outage_says_writes_stay_blocked_and_releases_the_loc
     psql(&url(&dir), "CREATE TABLE t (id int PRIMARY KEY, pad text); INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 300000) g")
         .expect("load");
     config(&dir, &env(17));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
-        .args(["apply", "--auto-approve"])
-        .current_dir(&dir)
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("apply");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let (mut all, mut buf, mut sent) = (String::new(), [0u8; 4096], false);
-    while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
-        if n == 0 {
-            break;
-        }
-        all.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if !sent && all.contains("] backup ") {
-            let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            sent = kill.expect("kill").success();
-        }
-    }
-    let status = child.wait().expect("apply");
+    // The copy cannot be cut short: apply stops after it, with the application fenced.
+    let (code, all, sent) = common::apply_watching(&dir, "] backup ", common::terminate);
     assert!(sent, "apply never reached the backup: {all}");
-    assert_eq!(status.code(), Some(1), "{all}");
+    assert_eq!(code, Some(1), "{all}");
     assert!(all.contains("interrupted by a signal") && all.contains("writes stay blocked"), "{all}");
     assert!(all.contains("run `pgconverge apply` again now"), "{all}");
     assert!(!root.join("lock").exists(), "the lock is released");

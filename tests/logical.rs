@@ -192,6 +192,17 @@ const BIG: &str = "
     CREATE TABLE small (id int PRIMARY KEY);
     INSERT INTO small SELECT generate_series(1, 10);";
 
+/// PostgreSQL 15 holding `BIG`, its config asking for 17 with `verify: none`.
+fn big_unverified(name: &str) -> (std::path::PathBuf, Servers) {
+    let dir = scratch(name);
+    let servers = Servers(dir.join(".pgconverge"));
+    config_verifying(&dir, 15, "none");
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    psql(&url(&dir), BIG).expect("load");
+    config_verifying(&dir, 17, "none");
+    (dir, servers)
+}
+
 /// With `verify: none`, nothing but the copy's own bookkeeping stands between an
 /// unfinished initial copy and the deletion of the old server.
 fn assert_big_copied(dir: &Path) {
@@ -203,12 +214,7 @@ fn assert_big_copied(dir: &Path) {
 
 #[test]
 fn an_apply_crashed_inside_the_initial_copy_copies_afresh() {
-    let dir = scratch("logical_crash_initial_copy");
-    let _servers = Servers(dir.join(".pgconverge"));
-    config_verifying(&dir, 15, "none");
-    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
-    psql(&url(&dir), BIG).expect("load");
-    config_verifying(&dir, 17, "none");
+    let (dir, _servers) = big_unverified("logical_crash_initial_copy");
     let crashed =
         pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "replicate:copying=crash")]);
     assert_eq!(crashed.code, 137, "{}{}", crashed.stdout, crashed.stderr);
@@ -223,45 +229,13 @@ fn an_apply_crashed_inside_the_initial_copy_copies_afresh() {
 
 #[test]
 fn sigterm_inside_the_initial_copy_stops_cleanly_and_the_next_apply_copies_afresh() {
-    let dir = scratch("logical_sigterm_initial_copy");
-    let _servers = Servers(dir.join(".pgconverge"));
-    config_verifying(&dir, 15, "none");
-    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
-    psql(&url(&dir), BIG).expect("load");
-    config_verifying(&dir, 17, "none");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
-        .args(["apply", "--auto-approve"])
-        .current_dir(&dir)
-        .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("apply");
-    // Progress lines end only when their action does: read bytes, not lines.
-    let mut stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let (mut all, mut buf, mut told) = (String::new(), [0u8; 4096], false);
-        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
-            if n == 0 {
-                break;
-            }
-            all.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if !told && all.contains("replicate +1") {
-                told = tx.send(()).is_ok();
-            }
-        }
-        all
+    let (dir, _servers) = big_unverified("logical_sigterm_initial_copy");
+    let (code, stderr, sent) = common::apply_watching(&dir, "replicate +1", |pid| {
+        std::thread::sleep(Duration::from_millis(1500));
+        common::terminate(pid);
     });
-    rx.recv_timeout(Duration::from_secs(120)).expect("apply reached replicate");
-    std::thread::sleep(Duration::from_millis(1500));
-    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(kill.success());
-    let status = child.wait().expect("wait");
-    let stderr = reader.join().expect("reader");
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(sent, "apply never reached replicate: {stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("interrupted by a signal"), "{stderr}");
     assert!(stderr.contains("nothing is fenced"), "{stderr}");
     assert!(!dir.join(".pgconverge/lock").exists(), "the lock is released");

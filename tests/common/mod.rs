@@ -124,3 +124,41 @@ pub fn env_file(path: &Path) -> std::collections::BTreeMap<String, String> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
 }
+
+/// Runs `pgconverge apply --auto-approve` in `dir`, reading its progress as it comes
+/// (a progress line ends only when its action does), and calls `when` with apply's pid
+/// once its stderr contains `seen`. Returns the exit code (`None`: killed by a signal),
+/// the stderr, and whether `when` was called.
+pub fn apply_watching(dir: &Path, seen: &str, when: impl FnOnce(u32)) -> (Option<i32>, String, bool) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args(["apply", "--auto-approve"])
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pgconverge apply");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (mut all, mut buf, mut when) = (String::new(), [0u8; 4096], Some(when));
+    while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        all.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if all.contains(seen) {
+            if let Some(f) = when.take() {
+                f(child.id());
+            }
+        }
+    }
+    let status = child.wait().expect("wait for apply");
+    (status.code(), all, when.is_none())
+}
+
+/// Sends SIGTERM to `pid`, as a CI runner cancelling a job does.
+pub fn terminate(pid: u32) {
+    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("run kill");
+    assert!(status.success(), "kill -TERM {pid}");
+}

@@ -903,15 +903,17 @@ fn restore_command(server: &Server) -> Command {
     c
 }
 
+fn restorer_exists(server: &Server) -> Result<bool> {
+    let sql = format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote::literal(server::RESTORER));
+    Ok(server.sql("postgres", &sql).map_err(ProviderError::Failed)?.trim() != "0")
+}
+
 /// Creates `RESTORER` on a server whose roles were just restored: a login without any
 /// attribute of its own, a member of every other role that is not a superuser (so that
 /// it may create objects for their owners and fill their tables), nothing more.
 fn create_restorer(server: &Server) -> Result<()> {
     let r = quote::ident(server::RESTORER);
-    let exists = server
-        .sql("postgres", &format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote::literal(server::RESTORER)))
-        .map_err(ProviderError::Failed)?;
-    if exists.trim() == "0" {
+    if !restorer_exists(server)? {
         server
             .sql(
                 "postgres",
@@ -1049,10 +1051,7 @@ fn database_statements(script: &str) -> Vec<String> {
 /// the restore.
 fn drop_restorer(server: &Server) -> Result<()> {
     let r = quote::ident(server::RESTORER);
-    let exists = server
-        .sql("postgres", &format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote::literal(server::RESTORER)))
-        .map_err(ProviderError::Failed)?;
-    if exists.trim() == "0" {
+    if !restorer_exists(server)? {
         return Ok(());
     }
     server
