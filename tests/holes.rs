@@ -371,6 +371,25 @@ fn control_bytes_in_errors_are_escaped() {
     }
 }
 
+/// The superuser's DSN, over its socket, of environment `test`'s PostgreSQL 17 server
+/// (the copy of an upgrade in progress), which the application cannot reach yet.
+fn superuser_dsn_of_the_copy(root: &Path) -> String {
+    let record = std::fs::read_dir(root.join("state/test"))
+        .expect("state")
+        .flatten()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).expect("read")).expect("json")
+        })
+        .find(|r| r["version"] == 17)
+        .expect("the copy");
+    let id = record["id"].as_str().expect("id");
+    format!(
+        "postgresql://postgres@/app?host={}&port={}",
+        root.join("run").join(id).display(),
+        record["port"].as_u64().expect("port")
+    )
+}
+
 const DATABASE_PROPERTIES: &str = "
     ALTER DATABASE app SET statement_timeout = '5s';
     ALTER DATABASE app SET timezone = 'Pacific/Auckland';
@@ -431,20 +450,7 @@ fn verify_catches_a_copy_whose_database_settings_differ() {
     let run = common::pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", &stop)]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     // The copy's database setting changes behind pgconverge's back.
-    let record = std::fs::read_dir(root.join("state/test"))
-        .expect("state")
-        .flatten()
-        .map(|e| {
-            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).expect("read")).expect("json")
-        })
-        .find(|r| r["version"] == 17)
-        .expect("the copy");
-    let id = record["id"].as_str().expect("id");
-    let copy = format!(
-        "postgresql://postgres@/app?host={}&port={}",
-        root.join("run").join(id).display(),
-        record["port"].as_u64().expect("port")
-    );
+    let copy = superuser_dsn_of_the_copy(&root);
     psql(&copy, "ALTER DATABASE app SET timezone = 'UTC'").expect("alter the copy");
     let run = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
@@ -564,20 +570,7 @@ fn a_logical_copy_bounds_the_sources_wal_and_stops_on_error() {
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let bound = psql(&url(&dir), "SHOW max_slot_wal_keep_size").expect("show");
     assert_ne!(bound, "-1", "the source's slot keeps WAL without bound");
-    let copy = std::fs::read_dir(root.join("state/test"))
-        .expect("state")
-        .flatten()
-        .map(|e| {
-            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).expect("read")).expect("json")
-        })
-        .find(|r| r["version"] == 17)
-        .expect("the copy");
-    let id = copy["id"].as_str().expect("id");
-    let superuser = format!(
-        "postgresql://postgres@/app?host={}&port={}",
-        root.join("run").join(id).display(),
-        copy["port"].as_u64().expect("port")
-    );
+    let superuser = superuser_dsn_of_the_copy(&root);
     assert_eq!(psql(&superuser, "SELECT subdisableonerr FROM pg_subscription").expect("subscription"), "t");
     apply(&dir);
     assert_eq!(psql(&url(&dir), "SELECT count(*) FROM t").expect("rows"), "1000");
