@@ -35,11 +35,6 @@ use crate::config::{LocalConfig, Verify};
 use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
 use server::{RunAs, Server};
 
-/// Settings of a server while a copy is restored into it and verified: no checkpoint
-/// until the application uses it. Checkpoints in the middle of a load write pages twice,
-/// and make the first read of every page after them (verify's counts, ANALYZE) log a
-/// full page image while setting hint bits. Durability is untouched: every commit is
-/// flushed to the WAL as always; only the WAL is kept longer, up to the size of the copy.
 /// The file that marks a directory as a pgconverge root.
 const ROOT_MARKER: &str = ".pgconverge-root";
 const ROOT_MARKER_TEXT: &str =
@@ -49,6 +44,11 @@ const ROOT_MARKER_TEXT: &str =
 /// 107 bytes.
 const SOCKET_DIR_MAX: usize = 80;
 
+/// Settings of a server while a copy is restored into it and verified: no checkpoint
+/// until the application uses it. Checkpoints in the middle of a load write pages twice,
+/// and make the first read of every page after them (verify's counts, ANALYZE) log a
+/// full page image while setting hint bits. Durability is untouched: every commit is
+/// flushed to the WAL as always; only the WAL is kept longer, up to the size of the copy.
 const LOAD_SETTINGS: [(&str, &str); 2] = [("max_wal_size", "64GB"), ("checkpoint_timeout", "1d")];
 
 /// The role and database the application uses on every server of an environment.
@@ -820,7 +820,7 @@ impl LocalProvider {
         let sequences = logical::sync_sequences(source, target).map_err(ProviderError::Failed)?;
         // The database's own properties, last: a read-only default or a short statement
         // timeout among them must not stop the copy's workers.
-        let database = self.root.join("backups").join(id.as_str()).join("replica.database.sql");
+        let database = self.subdir("backups", Some(id.as_str()))?.join("replica.database.sql");
         self.dump_database(source, &self.newest_binaries(env)?, &database)?;
         restore_database(target, &database)?;
         let _ = std::fs::remove_file(&database);
