@@ -239,10 +239,10 @@ impl AnyProvider {
 /// Plans against the snapshot at `live`, or against what the provider observes.
 fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, Option<AnyProvider>), Error> {
     match live {
-        Some(path) => Ok((read_json(path, "snapshot")?, None)),
+        Some(path) => Ok((read_json::<Live>(path, "snapshot")?.settled(), None)),
         None => {
             let mut p = AnyProvider::new(config, file)?;
-            let live = p.get().observe()?;
+            let live = p.get().observe()?.settled();
             Ok((live, Some(p)))
         }
     }
@@ -365,7 +365,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 AnyProvider::Local(local) => local.tidy()?,
                 AnyProvider::Divio(divio) => divio.allow_writes(),
             }
-            let live = provider.get().observe()?;
+            let live = provider.get().observe()?.settled();
             if let AnyProvider::Local(local) = &provider {
                 local.tidy_replication()?;
             }

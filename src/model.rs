@@ -350,6 +350,77 @@ impl Service {
     }
 }
 
+/// What the staleness rule needs of one service holding a dataset `K`.
+#[derive(Clone, Copy, Debug)]
+pub struct Holding<K> {
+    pub of: K,
+    /// The application sees it (and it is not a copy still streaming in).
+    pub visible: bool,
+    pub fenced: bool,
+}
+
+/// The staleness rule (`src/plan/rules.rs`), for services in order: `Some(false)`: a
+/// stale copy, since another service holding the same dataset takes the application's
+/// writes (visible and unfenced); `Some(true)`: the application's only visible holder of
+/// its dataset, which is the dataset whatever its record says; `None`: as recorded. Two
+/// visible holders of one dataset are neither: each unfenced one makes the other stale.
+pub fn staleness<K: PartialEq + Copy>(holdings: &[Option<Holding<K>>]) -> Vec<Option<bool>> {
+    let others = |i: usize, of: K, pred: &dyn Fn(&Holding<K>) -> bool| {
+        holdings.iter().enumerate().any(|(j, o)| j != i && o.is_some_and(|o| o.of == of && pred(&o)))
+    };
+    holdings
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let h = (*h)?;
+            if others(i, h.of, &|o| o.visible && !o.fenced) {
+                Some(false)
+            } else if h.visible && !others(i, h.of, &|o| o.visible) {
+                Some(true)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+impl EnvLive {
+    /// The services as the rules read them: stale copies incomplete, the application's
+    /// current holder of each dataset complete (`staleness`).
+    pub fn settled(&self) -> EnvLive {
+        let holdings: Vec<Option<Holding<&Prefix>>> = self
+            .services
+            .iter()
+            .map(|s| {
+                let d = s.effective_data()?;
+                let of = &s.data.as_ref().map_or(&s.prefix, |d| &d.of);
+                Some(Holding { of: *of, visible: s.status.visible() && !d.streaming, fenced: s.fenced })
+            })
+            .collect();
+        let verdicts = staleness(&holdings);
+        let mut out = self.clone();
+        for (s, verdict) in out.services.iter_mut().zip(verdicts) {
+            if let (Some(complete), Some(mut d)) = (verdict, s.effective_data()) {
+                if d.complete != complete {
+                    d.complete = complete;
+                    s.data = Some(d);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Live {
+    /// Every environment `settled`.
+    pub fn settled(mut self) -> Live {
+        for env in self.environments.values_mut() {
+            *env = env.settled();
+        }
+        self
+    }
+}
+
 /// The observed services of one environment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

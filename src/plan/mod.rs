@@ -106,6 +106,9 @@ pub struct EnvReport {
     pub unmanaged: Vec<ServiceId>,
     /// Actions strictly inside the write outage.
     pub outage_actions: u32,
+    /// The exact search finished: no valid plan is shorter. False when it ran out of
+    /// budget and a quicker search found this (valid, rules-checked) plan instead.
+    pub proven_shortest: bool,
 }
 
 /// Every environment planned, for the renderers and apply.
@@ -199,20 +202,27 @@ pub fn plan_env(desired: &DesiredEnv, live: &EnvLive) -> Result<EnvReport, PlanE
     if let Some(reason) = obstacle(&ctx, &start) {
         return Err(no_plan(reason));
     }
-    let ops = match search::astar(&ctx, &start) {
-        Outcome::Found { ops, .. } => ops,
-        Outcome::Unreachable { .. } => {
-            return Err(no_plan(
-                "no sequence of the allowed actions reaches the declared state from the observed one; \
-                 see `pgconverge show` for what is there"
-                    .into(),
-            ))
-        }
-        Outcome::GaveUp { expanded } => {
-            return Err(no_plan(format!(
-                "the search gave up after {expanded} states; plan fewer prefixes at once (split the change)"
-            )))
-        }
+    let unreachable = || {
+        no_plan(
+            "no sequence of the allowed actions reaches the declared state from the observed one; \
+             see `pgconverge show` for what is there"
+                .into(),
+        )
+    };
+    let (ops, proven_shortest) = match search::astar(&ctx, &start) {
+        Outcome::Found { ops, .. } => (ops, true),
+        Outcome::Unreachable { .. } => return Err(unreachable()),
+        // Out of budget: a search led harder by the bound finds a valid plan in a
+        // fraction of the states, without the proof that none is shorter.
+        Outcome::GaveUp { expanded } => match search::weighted(&ctx, &start, 4) {
+            Outcome::Found { ops, .. } => (ops, false),
+            Outcome::Unreachable { .. } => return Err(unreachable()),
+            Outcome::GaveUp { .. } => {
+                return Err(no_plan(format!(
+                    "the search gave up after {expanded} states; plan fewer prefixes at once (split the change)"
+                )))
+            }
+        },
     };
     let mut steps = Vec::new();
     let mut st = start.clone();
@@ -237,13 +247,14 @@ pub fn plan_env(desired: &DesiredEnv, live: &EnvLive) -> Result<EnvReport, PlanE
         steps,
         unmanaged,
         outage_actions,
+        proven_shortest,
     })
 }
 
 /// Known reasons no plan can exist, found before searching so the user hears the cause
 /// rather than "no plan".
 fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
-    if let Some(s) = st.svcs.iter().find(|s| search::stranded(ctx, st, s)) {
+    if let Some(s) = search::stranded(ctx, st).and_then(|id| st.svcs.iter().find(|s| s.id == id)) {
         let of = s.data.map(|d| ctx.prefixes[d.of as usize].to_string()).unwrap_or_default();
         return Some(format!(
             "{} ({}) holds data of {of}, which the config does not declare, and pgconverge would have to drop it; \
@@ -255,6 +266,19 @@ fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
     for &(p, v) in &ctx.declared {
         let name = &ctx.prefixes[p as usize];
         let holders: Vec<_> = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p)).collect();
+        if search::only_incomplete(ctx, st, p) {
+            let ids: Vec<String> = holders.iter().map(|s| ctx.id(s.id).to_string()).collect();
+            return Some(format!(
+                "every copy of {name} ({}) is incomplete: each was taken while another took the application's writes,                  and none is the one copy the application uses; decide which holds the data, leave it as the only                  attached service holding {name}, then plan again",
+                ids.join(", ")
+            ));
+        }
+        if let Some(oldest) = search::too_new(ctx, st, p, v) {
+            return Some(format!(
+                "{name} is declared as PostgreSQL {v}, but every copy of its data is on PostgreSQL {oldest} or newer; \
+                 a downgrade needs `upgrade.allow_downgrade: true` and a dump that the older server can read"
+            ));
+        }
         if !ctx.allow_downgrade {
             if let Some(s) = holders.iter().find(|s| s.visible() && s.version > v) {
                 return Some(format!(
@@ -262,19 +286,6 @@ fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
                      a downgrade needs `upgrade.allow_downgrade: true` and a dump that the older server can read",
                     s.version,
                     ctx.id(s.id)
-                ));
-            }
-        }
-        if ctx.fence_writes {
-            let visible_incomplete = holders.iter().find(|s| s.visible() && !s.data.is_some_and(|d| d.complete));
-            let visible_complete = holders.iter().any(|s| s.visible() && s.data.is_some_and(|d| d.complete));
-            let hidden_complete = holders.iter().find(|s| !s.visible() && s.data.is_some_and(|d| d.complete));
-            if let (Some(app), false, Some(hidden)) = (visible_incomplete, visible_complete, hidden_complete) {
-                return Some(format!(
-                    "the application's copy of {name} ({}) is incomplete and the only complete copy ({}) is not visible: \
-                     the two have diverged; merge them by hand, then mark the copy complete",
-                    ctx.id(app.id),
-                    ctx.id(hidden.id)
                 ));
             }
         }
@@ -505,6 +516,8 @@ impl Prediction {
 /// read them the same way.
 pub fn differences(expected: &EnvLive, observed: &EnvLive) -> Vec<String> {
     let norm = |e: &EnvLive| {
+        // Staleness is the rules' reading of what providers record.
+        let e = &e.settled();
         let mut v: Vec<crate::model::Service> = e
             .services
             .iter()

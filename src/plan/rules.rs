@@ -1,6 +1,6 @@
-//! The action rules of DESIGN.md, in one place: what each op requires and what it does,
-//! on a compact state the search can hash cheaply. Nothing else in the crate decides
-//! whether an action is allowed.
+//! The action rules, in one place: what each op requires and what it does, on a compact
+//! state the search can hash cheaply. Nothing else in the crate decides whether an action
+//! is allowed. `RULES.md` beside this file states them in words.
 //!
 //! Refinements of DESIGN.md's table, each on the side of never losing data:
 //! - restore, like delete, may not drop the last copy of a dataset: restoring over a
@@ -10,12 +10,18 @@
 //! - deploy may attach a service with no data only under a declared prefix P, and only
 //!   while dataset P exists nowhere: otherwise it would present an empty database as P's
 //!   data, or create a dataset under a temporary name that could never be removed;
-//! - an environment whose application copy of P is incomplete while a complete copy sits
-//!   on an invisible service has no plan (checked in `mod.rs`): the two have diverged and
-//!   only a person can merge them.
+//! - staleness: a copy of dataset P (a service's data or a backup) is complete only while
+//!   no other service holding P takes the application's writes (visible and unfenced),
+//!   and the application's current holder of P is complete whatever its record says: it
+//!   is the dataset. `settle` applies this after every op and to the observed state
+//!   (`model::staleness`), so a retired original is stale from the deploy that put its
+//!   copy in use, and never a copy source (backup and replicate refuse a stale source);
+//! - completeness of a copy is decided by how it was made (was its source quiet from
+//!   the backup to the restore, or fenced at the catch-up), never by a flag the source's
+//!   own record carries from an earlier copy.
 
 use crate::config::{DesiredEnv, Verify};
-use crate::model::{EnvLive, Prefix, ServiceId, Status};
+use crate::model::{staleness, EnvLive, Holding, Prefix, ServiceId, Status};
 
 /// Index into `Ctx::prefixes`.
 pub type P = u8;
@@ -144,6 +150,10 @@ pub struct Ctx {
     pub declared: Vec<(P, u32)>,
     /// The temporary and retired prefix the planner uses for each declared prefix.
     pub temp_of: Vec<(P, P)>,
+    /// With keep_old, the further retired prefixes (`<retired>_<major>`) an upgrade may
+    /// retire under when an earlier kept original holds the retired prefix, each with the
+    /// one major it may hold.
+    pub kept: Vec<(P, u32)>,
     pub observed: Vec<ServiceId>,
     pub fence_writes: bool,
     pub verify: Verify,
@@ -198,6 +208,7 @@ impl Ctx {
 
         let joined = |base: &Prefix, p: &Prefix| Prefix::parse(&format!("{base}_{p}"));
         let mut temp_of = Vec::new();
+        let mut retired_names = Vec::new();
         for (p, _) in &desired.postgres {
             let pi = intern(p)?;
             let (t, r) = if single == Some(pi) {
@@ -206,12 +217,36 @@ impl Ctx {
                 (joined(&up.temporary_prefix, p)?, joined(&up.retired_prefix, p)?)
             };
             temp_of.push((intern(&t)?, intern(&r)?));
+            retired_names.push(r);
+        }
+        // With keep_old, a retired original kept by an earlier upgrade may hold the
+        // retired prefix: the next one retires under `<retired>_<major>` instead.
+        let mut kept = Vec::new();
+        if up.keep_old {
+            let mut versions: Vec<u32> = live.services.iter().map(|s| s.version.get()).collect();
+            versions.sort_unstable();
+            versions.dedup();
+            for ((p, _), retired) in desired.postgres.iter().zip(&retired_names) {
+                for v in &versions {
+                    let name = Prefix::parse(&format!("{retired}_{v}"))?;
+                    kept.push((intern(&name)?, intern(p)?, *v));
+                }
+            }
         }
         let mut observed = Vec::new();
         let mut svcs = Vec::new();
+        // A temporary prefix holds a copy being made, never data of its own: an empty
+        // service attached under one (a deploy someone made between a provision and its
+        // restore) holds no dataset. (Under a retired prefix the same record may be an
+        // original whose data record is missing: that stays a dataset.)
+        let scaffolding = |p: &Prefix| {
+            *p == up.temporary_prefix
+                || desired.postgres.iter().any(|(q, _)| joined(&up.temporary_prefix, q).as_ref() == Ok(p))
+        };
         for (i, s) in live.services.iter().enumerate() {
             observed.push(s.id.clone());
             let data = match s.effective_data() {
+                Some(d) if d.of == s.prefix && d.restored_from.is_none() && scaffolding(&s.prefix) => None,
                 Some(d) => Some(DataS {
                     of: intern(&d.of)?,
                     complete: d.complete,
@@ -240,9 +275,13 @@ impl Ctx {
         }
         let roles = prefixes
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 if let Some(v) = declared_version(p) {
                     return Role::Declared(v);
+                }
+                if let Some(&(_, q, _)) = kept.iter().find(|(k, _, _)| usize::from(*k) == i) {
+                    return Role::Retired(Some(q));
                 }
                 if *p == up.temporary_prefix {
                     return Role::Temporary(single);
@@ -267,6 +306,7 @@ impl Ctx {
             roles,
             declared,
             temp_of,
+            kept: kept.into_iter().map(|(k, _, v)| (k, v)).collect(),
             observed,
             fence_writes: up.fence_writes,
             verify: up.verify,
@@ -274,7 +314,9 @@ impl Ctx {
             keep_old: up.keep_old,
             allow_downgrade: up.allow_downgrade,
         };
-        Ok((ctx, State { svcs, adds: 0 }))
+        let mut st = State { svcs, adds: 0 };
+        ctx.settle(&mut st);
+        Ok((ctx, st))
     }
 
     pub fn declared_version(&self, p: P) -> Option<u32> {
@@ -330,7 +372,7 @@ impl Ctx {
         match self.roles[s.prefix as usize] {
             Role::Declared(_) => of.is_none_or(|o| o == s.prefix),
             Role::Temporary(Some(p)) => of.is_none_or(|o| o == p) && Some(s.version) == self.declared_version(p),
-            Role::Retired(Some(p)) => of == Some(p),
+            Role::Retired(Some(p)) => of == Some(p) && self.kept.iter().all(|&(k, v)| k != s.prefix || v == s.version),
             Role::Temporary(None) | Role::Retired(None) | Role::Other => false,
         }
     }
@@ -345,6 +387,39 @@ impl Ctx {
 
     pub fn dataset_exists(&self, st: &State, p: P) -> bool {
         st.svcs.iter().any(|s| s.data.is_some_and(|d| d.of == p))
+    }
+
+    /// Applies the staleness rule (see the module text): stale copies and their backups
+    /// incomplete, the application's current holder of each dataset complete.
+    pub fn settle(&self, st: &mut State) {
+        let holdings: Vec<Option<Holding<P>>> = st
+            .svcs
+            .iter()
+            .map(|s| s.data.map(|d| Holding { of: d.of, visible: s.visible() && !d.streaming, fenced: s.fenced }))
+            .collect();
+        for (s, verdict) in st.svcs.iter_mut().zip(staleness(&holdings)) {
+            if let (Some(complete), Some(d)) = (verdict, s.data.as_mut()) {
+                d.complete = complete;
+            }
+            // A backup is stale once anything takes writes past it: another holder, or
+            // the service itself (attached since, or unfenced).
+            let writable = s.visible() && !s.fenced;
+            if verdict == Some(false) || writable {
+                if let Some(b) = s.backup.as_mut() {
+                    b.complete = false;
+                }
+            }
+        }
+    }
+
+    /// A copy another service has taken the application's writes past.
+    pub fn stale(&self, st: &State, s: &Svc) -> bool {
+        s.data.is_some_and(|d| {
+            !d.complete
+                && st.svcs.iter().any(|o| {
+                    o.id != s.id && o.visible() && !o.fenced && o.data.is_some_and(|od| od.of == d.of && !od.streaming)
+                })
+        })
     }
 
     /// The goal of DESIGN.md for one environment.
@@ -415,6 +490,9 @@ impl Ctx {
                 if s.status == Status::New || s.data.is_none() {
                     return refuse(format!("{} holds no data to back up", self.id(id)));
                 }
+                if self.stale(st, s) {
+                    return refuse(format!("{} is stale: the application has written elsewhere since", self.id(id)));
+                }
                 Ok(())
             }
             Op::Restore { service, from } => {
@@ -437,6 +515,9 @@ impl Ctx {
                 };
                 if f.status == Status::New {
                     return refuse(format!("{} is not provisioned", self.id(from)));
+                }
+                if self.stale(st, f) {
+                    return refuse(format!("{} is stale: the application has written elsewhere since", self.id(from)));
                 }
                 self.check_copy(st, service, from, DataS::copy(d.of, false, from, true))
             }
@@ -524,7 +605,9 @@ impl Ctx {
                         ));
                     }
                 }
-                let after = self.effect(st, op);
+                // Judged before staleness settles the result: it would call whatever deploy
+                // attaches complete, being the application's from then on.
+                let after = self.apply(st, op);
                 if let Some(s) = after.svcs.iter().find(|s| s.visible() && s.fenced) {
                     return refuse(format!("{} would be visible while fenced", self.id(s.id)));
                 }
@@ -603,8 +686,15 @@ impl Ctx {
         Ok(())
     }
 
-    /// The state after `op`; call `check` first.
+    /// The state after `op`, settled; call `check` first.
     pub fn effect(&self, st: &State, op: &Op) -> State {
+        let mut next = self.apply(st, op);
+        self.settle(&mut next);
+        next
+    }
+
+    /// What `op` itself changes, before staleness is settled.
+    fn apply(&self, st: &State, op: &Op) -> State {
         let mut next = st.clone();
         let find = |next: &mut State, id: Id| next.svcs.iter().position(|s| s.id == id);
         match *op {
@@ -718,8 +808,9 @@ impl Ctx {
             ops.push(Op::Add { prefix: p, version: v });
             ops.push(Op::Add { prefix: t, version: v });
         }
-        let targets: Vec<P> =
+        let mut targets: Vec<P> =
             self.declared.iter().zip(&self.temp_of).flat_map(|(&(p, _), &(t, r))| [p, t, r]).collect();
+        targets.extend(self.kept.iter().map(|(k, _)| *k));
         // Grouped by kind in the runbook's order, so that among equally good plans the
         // search settles on the one that reads like the runbook.
         let managed: Vec<&Svc> = st.svcs.iter().filter(|s| !self.unmanaged(s)).collect();

@@ -92,6 +92,16 @@ pub fn astar(ctx: &Ctx, start: &State) -> Outcome {
     search(ctx, start, h, EXPANSION_LIMIT)
 }
 
+/// Weighted A* (the bound counted `weight` times): a valid plan, found far sooner, but
+/// not proven shortest. The fallback when `astar` gives up.
+pub fn weighted(ctx: &Ctx, start: &State, weight: u32) -> Outcome {
+    let h = |st: &State| {
+        let b = lower_bound(ctx, st);
+        (b.len.saturating_mul(weight), outage_lower_bound(ctx, st, b).saturating_mul(weight))
+    };
+    search(ctx, start, h, EXPANSION_LIMIT)
+}
+
 /// Exhaustive uniform-cost search: the reference the tests hold A* to.
 pub fn brute_force(ctx: &Ctx, start: &State, limit: usize) -> Outcome {
     search(ctx, start, |_| (0, 0), limit)
@@ -152,16 +162,51 @@ fn search(ctx: &Ctx, start: &State, h: impl Fn(&State) -> Cost, limit: usize) ->
 /// The bound of a state from which the goal cannot be reached.
 pub const UNREACHABLE: u32 = u32::MAX / 4;
 
-/// A managed service holding the only copy of data no prefix declares, which it can
-/// neither keep (the goal wants it gone) nor lose (nothing may delete a last copy), nor
-/// have overwritten (only provisioned services are restored into).
-pub fn stranded(ctx: &Ctx, st: &State, s: &Svc) -> bool {
-    let Some(d) = s.data else { return false };
-    !ctx.unmanaged(s)
-        && !ctx.is_declared(d.of)
-        && !ctx.is_declared(s.prefix)
-        && !matches!(s.status, Status::New | Status::Provisioned)
-        && !st.svcs.iter().any(|o| o.id != s.id && o.data.is_some_and(|od| od.of == d.of))
+/// A managed service holding data no prefix declares that can never be settled: such
+/// data cannot be copied (only declared datasets are), moved (no prefix but the one it
+/// sits under may hold it) or lose its last copy, so some holder must be able to stay:
+/// under the declared prefix it sits under, at that prefix's version, attached or still
+/// to be attached, while that prefix's own dataset exists nowhere (once it exists, it
+/// always will); or a service pgconverge does not manage, visible now or from the next
+/// deploy, holds it too, beside which the managed copies may go. Returns the first managed holder when none can.
+pub fn stranded(ctx: &Ctx, st: &State) -> Option<Id> {
+    let can_stay = |s: &Svc| {
+        if ctx.unmanaged(s) {
+            // Visible now or from the next deploy, which attaches every new service.
+            return s.visible() || matches!(s.status, Status::New | Status::Provisioned);
+        }
+        ctx.declared_version(s.prefix) == Some(s.version)
+            && matches!(s.status, Status::New | Status::Provisioned | Status::Attached)
+            && !ctx.dataset_exists(st, s.prefix)
+    };
+    st.svcs.iter().filter(|s| !ctx.unmanaged(s)).find_map(|s| {
+        let x = s.data.map(|d| d.of).filter(|x| !ctx.is_declared(*x))?;
+        let holders = st.svcs.iter().filter(|o| o.data.is_some_and(|d| d.of == x));
+        (!holders.clone().any(can_stay)).then_some(s.id)
+    })
+}
+
+/// A declared dataset whose every copy is on a server newer than its declared version,
+/// with downgrades not allowed: no copy can ever reach a server of that version.
+pub fn too_new(ctx: &Ctx, st: &State, p: u8, v: u32) -> Option<u32> {
+    if ctx.allow_downgrade || !ctx.dataset_exists(st, p) {
+        return None;
+    }
+    let versions = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p) || s.backup.is_some_and(|b| b.of == p));
+    let oldest = versions.map(|s| s.version).min()?;
+    (oldest > v).then_some(oldest)
+}
+
+/// A declared dataset that exists only in copies the rules call incomplete, none of them
+/// the application's: with the fence on, nothing can make a complete copy again, and
+/// nothing may drop the incomplete ones.
+pub fn only_incomplete(ctx: &Ctx, st: &State, p: u8) -> bool {
+    ctx.fence_writes
+        && ctx.dataset_exists(st, p)
+        && !st.svcs.iter().any(|s| {
+            s.data.is_some_and(|d| d.of == p && (d.complete || d.streaming))
+                || s.backup.is_some_and(|b| b.of == p && b.complete)
+        })
 }
 
 /// What `lower_bound` finds.
@@ -180,7 +225,9 @@ pub struct Bounds {
 /// disappear. A copy costs the same two actions either way: backup and restore, or
 /// replicate and catch-up.
 pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
-    if st.svcs.iter().any(|s| stranded(ctx, st, s)) {
+    let dead = stranded(ctx, st).is_some()
+        || ctx.declared.iter().any(|&(p, v)| only_incomplete(ctx, st, p) || too_new(ctx, st, p, v).is_some());
+    if dead {
         return Bounds { len: UNREACHABLE, max_deletes: 0 };
     }
     let verify_cost = u32::from(ctx.verify != Verify::None);

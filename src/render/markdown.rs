@@ -74,6 +74,10 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
                 env.outage_actions
             )?;
         }
+        if !env.proven_shortest {
+            writeln!(out)?;
+            writeln!(out, "{}", super::text::NOT_PROVEN)?;
+        }
         writeln!(out)?;
         writeln!(out, "</details>")?;
     }

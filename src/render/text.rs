@@ -62,6 +62,9 @@ pub fn plan(out: &mut impl Write, report: &Report, color: bool) -> io::Result<()
                 String::new()
             };
             writeln!(out, "  {n} action{}{outage}.", if n == 1 { "" } else { "s" })?;
+            if !env.proven_shortest {
+                writeln!(out, "  {}", p.paint(YELLOW, NOT_PROVEN))?;
+            }
             if super::streams_before_fence(env) {
                 writeln!(
                     out,
@@ -157,3 +160,7 @@ pub fn live(out: &mut impl Write, live: &Live) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Said of a plan the exact search could not prove shortest.
+pub(crate) const NOT_PROVEN: &str =
+    "Not proven shortest: the exact search ran out of budget; this plan is valid, but a shorter one may exist.";
