@@ -108,3 +108,17 @@ fn markdown_labels_the_risks() {
     );
     assert!(unfenced.contains("writes made between the backup and the deploy will be lost"), "{unfenced}");
 }
+
+/// A plan the exact search could not prove shortest says so, in text and in markdown.
+#[test]
+fn a_plan_not_proven_shortest_says_so() {
+    let mut report = example(&example_live());
+    let proven = text(&report, false);
+    assert!(!proven.contains("Not proven shortest"), "{proven}");
+    for env in &mut report.environments {
+        env.proven_shortest = false;
+    }
+    for out in [text(&report, false), markdown(&report)] {
+        assert!(out.contains("Not proven shortest: the exact search ran out of budget"), "{out}");
+    }
+}
