@@ -263,6 +263,13 @@ fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
             ctx.prefixes[s.prefix as usize]
         ));
     }
+    if let Some(id) = search::fenced_for_good(ctx, st).filter(|_| !ctx.is_goal(st)) {
+        return Some(format!(
+            "{} is attached and fenced, and pgconverge does not manage it: no deploy may leave a fenced service \
+             visible, and pgconverge never touches it; lift its fence by hand (or declare its prefix), then plan again",
+            ctx.id(id)
+        ));
+    }
     for &(p, v) in &ctx.declared {
         let name = &ctx.prefixes[p as usize];
         let holders: Vec<_> = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p)).collect();

@@ -305,7 +305,16 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
             }
         }
     }
+    if deploy && fenced_for_good(ctx, st).is_some() {
+        return Bounds { len: UNREACHABLE, max_deletes: 0 };
+    }
     Bounds { len: total + u32::from(deploy), max_deletes }
+}
+
+/// An attached, fenced service that pgconverge does not manage: it stays visible and
+/// fenced through every deploy, which deploy refuses, and nothing may unfence it.
+pub fn fenced_for_good(ctx: &Ctx, st: &State) -> Option<Id> {
+    st.svcs.iter().find(|s| ctx.unmanaged(s) && s.status == Status::Attached && s.fenced).map(|s| s.id)
 }
 
 /// A lower bound on the actions still to run inside the write outage, valid for every

@@ -315,6 +315,18 @@ fn undeclared_data_under_a_declared_prefix_is_a_dead_end_named_at_once() {
     assert_eq!(search::lower_bound(&ctx, &start).len, search::UNREACHABLE, "the bound sees the dead end");
 }
 
+/// A fenced service pgconverge may not touch blocks every deploy for good: said at once.
+#[test]
+fn an_unmanaged_fenced_service_blocks_every_deploy_and_says_so() {
+    let (d, l) = env(
+        "    postgres: {DEFAULT: 17}\n",
+        r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"},
+           {"id":"x","version":14,"prefix":"REPORTS","status":"attached","fenced":true}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan");
+    assert!(err.to_string().contains("x is attached and fenced, and pgconverge does not manage it"), "{err}");
+}
+
 /// Copies that all missed the application's writes, none of them in use, cannot become a
 /// complete copy again: a dead end that says which copies to choose between.
 #[test]
