@@ -12,8 +12,8 @@
 //!   data, or create a dataset under a temporary name that could never be removed;
 //! - staleness: a copy of dataset P (a service's data or a backup) is complete only while
 //!   no other service holding P takes the application's writes (visible and unfenced),
-//!   and the application's current holder of P is complete whatever its record says: it
-//!   is the dataset. `settle` applies this after every op and to the observed state
+//!   and the application's only visible holder of P is complete whatever its record
+//!   says: it is the dataset. `settle` applies this after every op and to the observed state
 //!   (`model::staleness`), so a retired original is stale from the deploy that put its
 //!   copy in use, and never a copy source (backup and replicate refuse a stale source);
 //! - completeness of a copy is decided by how it was made (was its source quiet from
@@ -59,7 +59,8 @@ pub struct Svc {
     pub prefix: P,
     pub status: Status,
     pub fenced: bool,
-    /// Effective data: a visible service always holds data.
+    /// Effective data: a visible service always holds data, but for an empty one under a
+    /// temporary prefix.
     pub data: Option<DataS>,
     /// The latest backup taken of this service in this plan (snapshots list none).
     pub backup: Option<Backup>,
@@ -390,7 +391,7 @@ impl Ctx {
     }
 
     /// Applies the staleness rule (see the module text): stale copies and their backups
-    /// incomplete, the application's current holder of each dataset complete.
+    /// incomplete, the application's only visible holder of each dataset complete.
     pub fn settle(&self, st: &mut State) {
         let holdings: Vec<Option<Holding<P>>> = st
             .svcs
