@@ -26,6 +26,19 @@ fn url(dir: &Path) -> String {
     env_file(&dir.join(".pgconverge/test.env"))["DATABASE_URL"].clone()
 }
 
+/// An environment applied at PostgreSQL 15 with `sql` loaded through the application's
+/// DSN, its config (`config_for` a major) then asking for 17; and the guard that stops
+/// its servers.
+fn loaded_on_15(name: &str, config_for: impl Fn(u32) -> String, sql: &str) -> (std::path::PathBuf, Servers) {
+    let dir = scratch(name);
+    let servers = Servers(dir.join(".pgconverge"));
+    config(&dir, &config_for(15));
+    apply(&dir);
+    psql(&url(&dir), sql).expect("load");
+    config(&dir, &config_for(17));
+    (dir, servers)
+}
+
 fn show(dir: &Path) -> String {
     let run = pgconverge(&["show", "--format", "json"], dir);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -434,13 +447,8 @@ fn database_settings_and_comment_come_along_with_every_strategy() {
 /// Item 7: verify compares them: a copy whose database settings differ is no copy.
 #[test]
 fn verify_catches_a_copy_whose_database_settings_differ() {
-    let dir = scratch("holes_database_verify");
+    let (dir, _servers) = loaded_on_15("holes_database_verify", env, DATABASE_PROPERTIES);
     let root = dir.join(".pgconverge");
-    let _servers = Servers(root.clone());
-    config(&dir, &env(15));
-    apply(&dir);
-    psql(&url(&dir), DATABASE_PROPERTIES).expect("set");
-    config(&dir, &env(17));
     // Stop right after the restore, before the verify.
     let plan = pgconverge(&["plan", "--format", "json"], &dir);
     let json: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan");
@@ -554,17 +562,15 @@ fn a_full_disk_is_refused_before_the_copy_and_named_during_it() {
 /// subscription that fails disables itself rather than retrying against a live source.
 #[test]
 fn a_logical_copy_bounds_the_sources_wal_and_stops_on_error() {
-    let dir = scratch("holes_logical_bounds");
-    let root = dir.join(".pgconverge");
-    let _servers = Servers(root.clone());
     let with = |major: u32| {
         format!("version: 1\nupgrade: {{strategy: logical}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n")
     };
-    config(&dir, &with(15));
-    apply(&dir);
-    psql(&url(&dir), "CREATE TABLE t (x int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)")
-        .expect("load");
-    config(&dir, &with(17));
+    let (dir, _servers) = loaded_on_15(
+        "holes_logical_bounds",
+        with,
+        "CREATE TABLE t (x int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)",
+    );
+    let root = dir.join(".pgconverge");
     let run =
         common::pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "after:3=error")]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
@@ -581,14 +587,12 @@ fn a_logical_copy_bounds_the_sources_wal_and_stops_on_error() {
 /// apply finishes the job.
 #[test]
 fn sigterm_inside_the_write_outage_says_writes_stay_blocked_and_releases_the_lock() {
-    let dir = scratch("holes_sigterm_fenced");
+    let (dir, _servers) = loaded_on_15(
+        "holes_sigterm_fenced",
+        env,
+        "CREATE TABLE t (id int PRIMARY KEY, pad text); INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 300000) g",
+    );
     let root = dir.join(".pgconverge");
-    let _servers = Servers(root.clone());
-    config(&dir, &env(15));
-    apply(&dir);
-    psql(&url(&dir), "CREATE TABLE t (id int PRIMARY KEY, pad text); INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 300000) g")
-        .expect("load");
-    config(&dir, &env(17));
     // The copy cannot be cut short: apply stops after it, with the application fenced.
     let (code, all, sent) = common::apply_watching(&dir, "] backup ", common::terminate);
     assert!(sent, "apply never reached the backup: {all}");
