@@ -141,7 +141,8 @@ pub fn corpus() {
         if took > worst.0 {
             worst = (took, serde_json::to_string(&live).unwrap_or_default());
         }
-        if took > Duration::from_millis(500) && std::env::var_os("PGCONVERGE_SLOW").is_some() {
+        let gave = result.as_ref().is_err_and(|e| e.to_string().contains("gave up"));
+        if (took > Duration::from_millis(500) || gave) && std::env::var_os("PGCONVERGE_SLOW").is_some() {
             println!(
                 "  slow ({:.1} s, {}): {:?} {}",
                 took.as_secs_f64(),

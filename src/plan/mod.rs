@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, DesiredEnv};
 use crate::model::{EnvLive, EnvName, Live, Major, Prefix, ServiceId, Status, FORMAT_VERSION};
 use rules::{Ctx, Id, Op, State};
-use search::Outcome;
+use search::Answer;
 
 /// One action, as plan format 1 writes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,20 +209,17 @@ pub fn plan_env(desired: &DesiredEnv, live: &EnvLive) -> Result<EnvReport, PlanE
                 .into(),
         )
     };
-    let (ops, proven_shortest) = match search::astar(&ctx, &start) {
-        Outcome::Found { ops, .. } => (ops, true),
-        Outcome::Unreachable { .. } => return Err(unreachable()),
-        // Out of budget: a search led harder by the bound finds a valid plan in a
-        // fraction of the states, without the proof that none is shorter.
-        Outcome::GaveUp { expanded } => match search::weighted(&ctx, &start, 4) {
-            Outcome::Found { ops, .. } => (ops, false),
-            Outcome::Unreachable { .. } => return Err(unreachable()),
-            Outcome::GaveUp { .. } => {
-                return Err(no_plan(format!(
-                    "the search gave up after {expanded} states; plan fewer prefixes at once (split the change)"
-                )))
-            }
-        },
+    let (ops, proven_shortest) = match search::plan(&ctx, &start) {
+        Answer::Shortest(ops) => (ops, true),
+        Answer::Valid(ops) => (ops, false),
+        Answer::Unreachable => return Err(unreachable()),
+        Answer::GaveUp { expanded } => {
+            return Err(no_plan(format!(
+                "the search gave up after {expanded} states without finding a plan or proving that none \
+                 exists; leftovers of earlier upgrades usually cause this: see `pgconverge show`, delete the \
+                 copies nobody needs by hand or declare fewer prefixes at once, then plan again"
+            )))
+        }
     };
     let mut steps = Vec::new();
     let mut st = start.clone();
@@ -263,6 +260,27 @@ fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
             ctx.prefixes[s.prefix as usize]
         ));
     }
+    let ids = |ids: &[Id]| ids.iter().map(|&i| ctx.id(i).to_string()).collect::<Vec<_>>().join(", ");
+    if let Some((s, writers)) = search::spoiled(ctx, st) {
+        return Some(format!(
+            "{} holds data the config does not declare, which pgconverge would have to drop; but {} hold it too, \
+             are not managed by pgconverge and will all take writes from the next deploy on, so no copy can ever \
+             be proven complete enough to drop {} against; delete or detach all but one of them by hand, or \
+             declare the data, then plan again",
+            ctx.id(s),
+            ids(&writers),
+            ctx.id(s)
+        ));
+    }
+    if let Some((p, waiting)) = search::split_at_deploy(ctx, st) {
+        let name = &ctx.prefixes[p as usize];
+        return Some(format!(
+            "{} all hold {name} and are not attached yet, and no attached service holds it: the next deploy \
+             attaches them all, and from then on each takes writes the others miss, so no copy of {name} can \
+             be proven complete again; delete all but the one you trust by hand, then plan again",
+            ids(&waiting)
+        ));
+    }
     if let Some(id) = search::fenced_for_good(ctx, st).filter(|_| !ctx.is_goal(st)) {
         return Some(format!(
             "{} is attached and fenced, and pgconverge does not manage it: no deploy may leave a fenced service \
@@ -276,13 +294,16 @@ fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
         if search::only_incomplete(ctx, st, p) {
             let ids: Vec<String> = holders.iter().map(|s| ctx.id(s.id).to_string()).collect();
             return Some(format!(
-                "every copy of {name} ({}) is incomplete: each was taken while another took the application's writes,                  and none is the one copy the application uses; decide which holds the data, leave it as the only                  attached service holding {name}, then plan again",
+                "every copy of {name} ({}) is incomplete: each was taken while another took the application's writes, \
+                 and none is the one copy the application uses; decide which holds the data, leave it as the only \
+                 attached service holding {name}, then plan again",
                 ids.join(", ")
             ));
         }
         if let Some(oldest) = search::too_new(ctx, st, p, v) {
             return Some(format!(
-                "{name} is declared as PostgreSQL {v}, but every copy of its data is on PostgreSQL {oldest} or newer; \
+                "{name} is declared as PostgreSQL {v}, but every usable copy of its data is on PostgreSQL {oldest} \
+                 or newer (a copy that missed writes and can never be attached again is no source); \
                  a downgrade needs `upgrade.allow_downgrade: true` and a dump that the older server can read"
             ));
         }

@@ -161,6 +161,19 @@ pub struct Ctx {
     pub logical: bool,
     pub keep_old: bool,
     pub allow_downgrade: bool,
+    /// What the search aims for; the rules themselves never read it.
+    pub goal: Goal,
+}
+
+/// The state a search aims for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Goal {
+    /// DESIGN.md's goal: every declared prefix held at its declared version.
+    Declared,
+    /// The same, whatever the versions: each declared dataset attached under its own
+    /// prefix and nothing else left to tidy. A waypoint for the fallback search
+    /// (`search::by_waypoint`), from which the upgrades themselves are the runbook's.
+    Tidy,
 }
 
 /// Why the rules refuse an op.
@@ -314,6 +327,7 @@ impl Ctx {
             logical: up.strategy == crate::config::Strategy::Logical,
             keep_old: up.keep_old,
             allow_downgrade: up.allow_downgrade,
+            goal: Goal::Declared,
         };
         let mut st = State { svcs, adds: 0 };
         ctx.settle(&mut st);
@@ -329,6 +343,11 @@ impl Ctx {
 
     pub fn is_declared(&self, p: P) -> bool {
         self.declared_version(p).is_some()
+    }
+
+    /// A service of version `version` may end as the holder of a prefix declared at `v`.
+    pub fn goal_version(&self, version: u32, v: u32) -> bool {
+        version == v || self.goal == Goal::Tidy
     }
 
     /// The public id of a service.
@@ -428,7 +447,7 @@ impl Ctx {
         for &(p, v) in &self.declared {
             let mut under = st.svcs.iter().filter(|s| s.prefix == p);
             let (Some(s), None) = (under.next(), under.next()) else { return false };
-            if s.status != Status::Attached || s.version != v || s.fenced {
+            if s.status != Status::Attached || !self.goal_version(s.version, v) || s.fenced {
                 return false;
             }
             if self.dataset_exists(st, p) && !s.data.is_some_and(|d| self.final_data_ok(&d, p)) {
@@ -815,27 +834,34 @@ impl Ctx {
         // Grouped by kind in the runbook's order, so that among equally good plans the
         // search settles on the one that reads like the runbook.
         let managed: Vec<&Svc> = st.svcs.iter().filter(|s| !self.unmanaged(s)).collect();
-        for s in &managed {
+        // Only candidates `check` could allow are offered to it: most refusals never need
+        // to be written out (the search asks millions of times).
+        let provisioned: Vec<&Svc> = managed.iter().copied().filter(|s| s.status == Status::Provisioned).collect();
+        for s in managed.iter().filter(|s| s.status == Status::New) {
             ops.push(Op::Provision(s.id));
         }
         for s in &managed {
-            ops.push(Op::Fence(s.id));
-            ops.push(Op::Unfence(s.id));
+            if s.fenced {
+                ops.push(Op::Unfence(s.id));
+            } else if s.visible() {
+                ops.push(Op::Fence(s.id));
+            }
         }
-        for s in managed.iter().filter(|s| s.data.is_some_and(|d| self.is_declared(d.of))) {
+        let holds_declared = |s: &&&Svc| s.data.is_some_and(|d| self.is_declared(d.of));
+        for s in managed.iter().filter(holds_declared) {
             ops.push(Op::Backup(s.id));
         }
-        for s in &managed {
+        for s in &provisioned {
             for f in st.svcs.iter().filter(|f| f.backup.is_some()) {
                 ops.push(Op::Restore { service: s.id, from: f.id });
             }
         }
-        for s in &managed {
-            for f in managed.iter().filter(|f| f.data.is_some_and(|d| self.is_declared(d.of))) {
+        for s in &provisioned {
+            for f in managed.iter().filter(holds_declared) {
                 ops.push(Op::Replicate { service: s.id, from: f.id });
             }
         }
-        for s in &managed {
+        for s in managed.iter().filter(|s| s.data.is_some_and(|d| d.streaming)) {
             ops.push(Op::CatchUp(s.id));
         }
         for s in &managed {
@@ -843,6 +869,7 @@ impl Ctx {
                 ops.push(Op::Verify { service: s.id, against: from });
             }
         }
+        targets.retain(|&t| !st.svcs.iter().any(|s| s.prefix == t));
         let rename_all = |ops: &mut Vec<Op>, visible: bool| {
             for s in managed.iter().filter(|s| s.visible() == visible) {
                 for &t in &targets {
@@ -851,11 +878,11 @@ impl Ctx {
             }
         };
         rename_all(&mut ops, true);
-        for s in &managed {
+        for s in managed.iter().filter(|s| s.status == Status::Attached) {
             ops.push(Op::Detach(s.id));
         }
         rename_all(&mut ops, false);
-        for s in &managed {
+        for s in managed.iter().filter(|s| matches!(s.status, Status::New | Status::Provisioned | Status::Detached)) {
             ops.push(Op::Delete(s.id));
         }
         ops.push(Op::Deploy);

@@ -8,14 +8,20 @@
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
-use super::rules::{Ctx, DataS, Id, Op, State, Svc};
+use super::rules::{Ctx, DataS, Goal, Id, Op, State, Svc, P};
 use crate::config::Verify;
 use crate::model::Status;
 
-/// States expanded before the search gives up rather than run on; far beyond any real
-/// environment (four prefixes migrating at once expand a few thousand).
-pub const EXPANSION_LIMIT: usize = 200_000;
+/// States the exact search expands before it hands over to the fallbacks: about half a
+/// second on the 2-core machine of the benchmarks, several times what the runbook with
+/// five prefixes migrating at once needs. A count rather than a time, so that the same
+/// state gives the same plan on every machine.
+pub const EXACT_BUDGET: usize = 15_000;
+
+/// States each fallback search may expand (`by_waypoint`: each leg).
+pub const FALLBACK_BUDGET: usize = 5_000;
 
 /// The cost of a plan: its length, then how many actions run inside the write outage.
 pub type Cost = (u32, u32);
@@ -77,29 +83,125 @@ pub fn canonical(st: &State) -> Vec<Svc> {
     out
 }
 
+/// A fast hash for the search's own keys (FxHash's multiply-rotate): the search hashes
+/// every state it meets, and SipHash's protection against chosen keys buys nothing for
+/// keys bounded by the expansion limit.
+#[derive(Default)]
+struct Fx(u64);
+
+impl Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u8(&mut self, x: u8) {
+        self.write_u64(u64::from(x));
+    }
+
+    fn write_u16(&mut self, x: u16) {
+        self.write_u64(u64::from(x));
+    }
+
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+}
+
 struct Node {
     state: State,
     parent: Option<(usize, Op)>,
     g: Cost,
 }
 
-/// A* from `start` to the goal.
-pub fn astar(ctx: &Ctx, start: &State) -> Outcome {
+/// A* from `start` to the goal, giving up after `limit` expansions.
+pub fn astar(ctx: &Ctx, start: &State, limit: usize) -> Outcome {
     let h = |st: &State| {
         let b = lower_bound(ctx, st);
         (b.len, outage_lower_bound(ctx, st, b))
     };
-    search(ctx, start, h, EXPANSION_LIMIT)
+    search(ctx, start, h, limit)
 }
 
 /// Weighted A* (the bound counted `weight` times): a valid plan, found far sooner, but
 /// not proven shortest. The fallback when `astar` gives up.
-pub fn weighted(ctx: &Ctx, start: &State, weight: u32) -> Outcome {
+pub fn weighted(ctx: &Ctx, start: &State, weight: u32, limit: usize) -> Outcome {
     let h = |st: &State| {
         let b = lower_bound(ctx, st);
         (b.len.saturating_mul(weight), outage_lower_bound(ctx, st, b).saturating_mul(weight))
     };
-    search(ctx, start, h, EXPANSION_LIMIT)
+    search(ctx, start, h, limit)
+}
+
+/// The fallback when `astar` runs out: the shortest way to a tidy state (every declared
+/// dataset attached under its own prefix, whatever its version: `Goal::Tidy`), then the
+/// shortest way from there to the goal. Where one search over both wanders among
+/// interleavings its bound cannot tell apart, each leg is short and its bound close, and
+/// the second is the runbook's case. Every goal state is tidy, so a first leg that finds
+/// no tidy state proves no plan exists; the plan found is valid by the rules, not proven
+/// shortest.
+pub fn by_waypoint(ctx: &Ctx, start: &State, limit: usize) -> Outcome {
+    let tidy = Ctx { goal: Goal::Tidy, ..ctx.clone() };
+    let (first, cost, expanded) = match astar(&tidy, start, limit) {
+        Outcome::Found { ops, cost, expanded } => (ops, cost, expanded),
+        other => return other,
+    };
+    let waypoint = first.iter().fold(start.clone(), |st, op| ctx.effect(&st, op));
+    match astar(ctx, &waypoint, limit) {
+        Outcome::Found { ops, cost: rest, expanded: more } => Outcome::Found {
+            ops: first.into_iter().chain(ops).collect(),
+            cost: (cost.0 + rest.0, cost.1 + rest.1),
+            expanded: expanded + more,
+        },
+        // Another tidy state might still lead on: not a proof.
+        Outcome::Unreachable { expanded: more } | Outcome::GaveUp { expanded: more } => {
+            Outcome::GaveUp { expanded: expanded + more }
+        }
+    }
+}
+
+/// What the planner settles on.
+#[derive(Debug)]
+pub enum Answer {
+    /// No plan is shorter (nor, among as short, has fewer actions in the outage).
+    Shortest(Vec<Op>),
+    /// A valid plan, found by a fallback once the exact search ran out of budget.
+    Valid(Vec<Op>),
+    /// No sequence of the allowed actions reaches the goal.
+    Unreachable,
+    /// Every search ran out of budget; `expanded` by the exact one.
+    GaveUp { expanded: usize },
+}
+
+/// The exact search within its budget; past it, a plan by way of a tidy state, then one
+/// led harder by the bound.
+pub fn plan(ctx: &Ctx, start: &State) -> Answer {
+    let expanded = match astar(ctx, start, EXACT_BUDGET) {
+        Outcome::Found { ops, .. } => return Answer::Shortest(ops),
+        Outcome::Unreachable { .. } => return Answer::Unreachable,
+        Outcome::GaveUp { expanded } => expanded,
+    };
+    for fallback in [by_waypoint(ctx, start, FALLBACK_BUDGET), weighted(ctx, start, 4, FALLBACK_BUDGET)] {
+        match fallback {
+            Outcome::Found { ops, .. } => return Answer::Valid(ops),
+            Outcome::Unreachable { .. } => return Answer::Unreachable,
+            Outcome::GaveUp { .. } => {}
+        }
+    }
+    Answer::GaveUp { expanded }
 }
 
 /// Exhaustive uniform-cost search: the reference the tests hold A* to.
@@ -109,7 +211,7 @@ pub fn brute_force(ctx: &Ctx, start: &State, limit: usize) -> Outcome {
 
 fn search(ctx: &Ctx, start: &State, h: impl Fn(&State) -> Cost, limit: usize) -> Outcome {
     let mut nodes = vec![Node { state: start.clone(), parent: None, g: (0, 0) }];
-    let mut best: HashMap<Vec<Svc>, (Cost, usize)> = HashMap::new();
+    let mut best: HashMap<Vec<Svc>, (Cost, usize), BuildHasherDefault<Fx>> = HashMap::default();
     best.insert(canonical(start), ((0, 0), 0));
     // Ordered by f, then outage, then the deeper node (fewer ties explored), then age.
     let mut open = BinaryHeap::new();
@@ -186,27 +288,93 @@ pub fn stranded(ctx: &Ctx, st: &State) -> Option<Id> {
     })
 }
 
-/// A declared dataset whose every copy is on a server newer than its declared version,
-/// with downgrades not allowed: no copy can ever reach a server of that version.
+/// With the fence on, a managed service holding data no prefix declares that it cannot
+/// keep, which two services pgconverge does not manage also hold and will write to from
+/// the next deploy on (they are attached or about to be, and are never fenced): from then
+/// on every copy is stale for good, so no copy can ever justify deleting this one, and
+/// being attached or pending detachment it cannot be deleted before that deploy.
+pub fn spoiled(ctx: &Ctx, st: &State) -> Option<(Id, Vec<Id>)> {
+    if !ctx.fence_writes {
+        return None;
+    }
+    st.svcs.iter().filter(|s| !ctx.unmanaged(s)).find_map(|s| {
+        let x = s.data.map(|d| d.of).filter(|x| !ctx.is_declared(*x))?;
+        let waits = matches!(s.status, Status::Attached | Status::PendingDetachment);
+        let may_stay = ctx.declared_version(s.prefix) == Some(s.version) && !ctx.dataset_exists(st, s.prefix);
+        let writers: Vec<Id> = st
+            .svcs
+            .iter()
+            .filter(|o| o.data.is_some_and(|d| d.of == x) && ctx.unmanaged(o))
+            .filter(|o| matches!(o.status, Status::New | Status::Provisioned | Status::Attached))
+            .map(|o| o.id)
+            .collect();
+        (waits && !may_stay && writers.len() >= 2).then_some((s.id, writers))
+    })
+}
+
+/// With the fence on, a declared dataset no visible service holds, held by two or more
+/// services still to be attached: the deploy the goal needs attaches them all (none can
+/// be deleted or copied over before it, since no visible copy exists), and from then on
+/// each takes writes past the others, so no copy can ever be proven complete again.
+/// (With the fence off an incomplete copy may stay.)
+pub fn split_at_deploy(ctx: &Ctx, st: &State) -> Option<(P, Vec<Id>)> {
+    if !ctx.fence_writes {
+        return None;
+    }
+    ctx.declared.iter().find_map(|&(p, _)| {
+        let holders = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p));
+        if holders.clone().any(Svc::visible) {
+            return None;
+        }
+        let waiting: Vec<Id> =
+            holders.filter(|s| matches!(s.status, Status::New | Status::Provisioned)).map(|s| s.id).collect();
+        (waiting.len() >= 2).then_some((p, waiting))
+    })
+}
+
+/// A declared dataset whose every usable copy is on a server newer than its declared
+/// version, with downgrades not allowed: no copy can ever reach a server of that version.
+/// With the fence on, an incomplete copy that no deploy can attach (detached) and an
+/// incomplete backup are no use: what is copied from them is incomplete, never trusted.
 pub fn too_new(ctx: &Ctx, st: &State, p: u8, v: u32) -> Option<u32> {
     if ctx.allow_downgrade || !ctx.dataset_exists(st, p) {
         return None;
     }
-    let versions = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p) || s.backup.is_some_and(|b| b.of == p));
-    let oldest = versions.map(|s| s.version).min()?;
+    let usable = |s: &&Svc| {
+        let dead = |complete: bool| ctx.fence_writes && !complete;
+        s.data.is_some_and(|d| d.of == p && !(dead(d.complete || d.streaming) && s.status == Status::Detached))
+            || s.backup.is_some_and(|b| b.of == p && !dead(b.complete))
+    };
+    let oldest = st.svcs.iter().filter(usable).map(|s| s.version).min()?;
     (oldest > v).then_some(oldest)
 }
 
 /// A declared dataset that exists only in copies the rules call incomplete, none of them
-/// the application's: with the fence on, nothing can make a complete copy again, and
-/// nothing may drop the incomplete ones.
+/// the application's. With the fence on, nothing can make a complete copy again, and
+/// nothing may drop the incomplete ones. With it off but verification on, the same holds
+/// unless a holder that stays or becomes attached may be shown as it is (an original, or
+/// verified already): an incomplete copy is never verified, and only a deploy that shows
+/// such a holder can leave one holder visible, the application's, complete again.
 pub fn only_incomplete(ctx: &Ctx, st: &State, p: u8) -> bool {
-    ctx.fence_writes
-        && ctx.dataset_exists(st, p)
-        && !st.svcs.iter().any(|s| {
-            s.data.is_some_and(|d| d.of == p && (d.complete || d.streaming))
-                || s.backup.is_some_and(|b| b.of == p && b.complete)
-        })
+    let holders = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p));
+    if holders.clone().next().is_none() {
+        return false;
+    }
+    let hope = st.svcs.iter().any(|s| {
+        s.data.is_some_and(|d| d.of == p && (d.complete || d.streaming))
+            || s.backup.is_some_and(|b| b.of == p && b.complete)
+    });
+    if hope {
+        return false;
+    }
+    if ctx.fence_writes {
+        return true;
+    }
+    let showable = |s: &Svc| {
+        matches!(s.status, Status::New | Status::Provisioned | Status::Attached)
+            && s.data.is_some_and(|d| d.verified || d.restored_from.is_none())
+    };
+    ctx.verify != Verify::None && !holders.clone().any(showable)
 }
 
 /// What `lower_bound` finds.
@@ -214,8 +382,9 @@ pub fn only_incomplete(ctx: &Ctx, st: &State, p: u8) -> bool {
 pub struct Bounds {
     /// No plan from here is shorter.
     pub len: u32,
-    /// A plan exactly `len` long deletes at most this many services.
-    pub max_deletes: u32,
+    /// A plan exactly `len` long runs at most this many actions after its deploy: deletes,
+    /// and renames and verifies of services attached already.
+    pub late: u32,
 }
 
 /// A lower bound on the actions still needed to reach the goal. Every action but deploy
@@ -226,9 +395,11 @@ pub struct Bounds {
 /// replicate and catch-up.
 pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
     let dead = stranded(ctx, st).is_some()
+        || spoiled(ctx, st).is_some()
+        || split_at_deploy(ctx, st).is_some()
         || ctx.declared.iter().any(|&(p, v)| only_incomplete(ctx, st, p) || too_new(ctx, st, p, v).is_some());
     if dead {
-        return Bounds { len: UNREACHABLE, max_deletes: 0 };
+        return Bounds { len: UNREACHABLE, late: 0 };
     }
     let verify_cost = u32::from(ctx.verify != Verify::None);
     let exists: Vec<bool> = ctx.declared.iter().map(|&(p, _)| ctx.dataset_exists(st, p)).collect();
@@ -238,13 +409,13 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
     // already given a holder (a handful of prefixes per environment).
     let full = (1usize << n) - 1;
     // Per set of assigned prefixes: the least cost, and among assignments of that cost the
-    // most services deleted (the outage bound needs that maximum).
+    // most actions that may follow the deploy (the outage bound needs that maximum).
     let mut best: Vec<Option<(u32, Reverse<u32>)>> = vec![None; full + 1];
     best[0] = Some((0, Reverse(0)));
     let mut deploy = false;
     for s in st.svcs.iter().filter(|s| !ctx.unmanaged(s)) {
         let (go, deletes) = cost_to_go(ctx, s);
-        let hold: Vec<Option<u32>> = ctx
+        let hold: Vec<Option<(u32, u32)>> = ctx
             .declared
             .iter()
             .enumerate()
@@ -262,8 +433,8 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
             let Some((base, Reverse(del))) = *cell else { continue };
             offer(mask, (base + go, Reverse(del + u32::from(deletes))));
             for (k, c) in hold.iter().enumerate() {
-                if let Some(c) = c.filter(|_| mask & (1 << k) == 0) {
-                    offer(mask | (1 << k), (base + c, Reverse(del)));
+                if let Some((c, late)) = c.filter(|_| mask & (1 << k) == 0) {
+                    offer(mask | (1 << k), (base + c, Reverse(del + late)));
                 }
             }
         }
@@ -279,11 +450,11 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
             assigned = Some(c);
         }
     }
-    let (mut total, Reverse(max_deletes)) = assigned.unwrap_or((0, Reverse(0)));
+    let (mut total, Reverse(late)) = assigned.unwrap_or((0, Reverse(0)));
     for (k, &(p, v)) in ctx.declared.iter().enumerate() {
         let attached_candidate = st.svcs.iter().any(|s| {
             s.status == Status::Attached
-                && s.version == v
+                && ctx.goal_version(s.version, v)
                 && !ctx.unmanaged(s)
                 && (!exists[k] || s.data.is_none_or(|d| d.of == p))
         });
@@ -306,9 +477,9 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
         }
     }
     if deploy && fenced_for_good(ctx, st).is_some() {
-        return Bounds { len: UNREACHABLE, max_deletes: 0 };
+        return Bounds { len: UNREACHABLE, late: 0 };
     }
-    Bounds { len: total + u32::from(deploy), max_deletes }
+    Bounds { len: total + u32::from(deploy), late }
 }
 
 /// An attached, fenced service that pgconverge does not manage: it stays visible and
@@ -322,7 +493,8 @@ pub fn fenced_for_good(ctx: &Ctx, st: &State) -> Option<Id> {
 /// compared by length first. Such a completion runs no action the bound did not count:
 /// one deploy, and no unfence of a fenced visible service that cannot end as anyone's
 /// holder. Writes therefore stay blocked from now until that single deploy, and every
-/// action but the deploy and the deletes that may follow it runs inside the outage.
+/// action but the deploy and those that may follow it (`Bounds::late`) runs inside the
+/// outage.
 pub fn outage_lower_bound(ctx: &Ctx, st: &State, b: Bounds) -> u32 {
     let verify_cost = u32::from(ctx.verify != Verify::None);
     let blocked = st.svcs.iter().filter(|s| s.visible() && s.fenced && !ctx.unmanaged(s)).any(|f| {
@@ -331,7 +503,7 @@ pub fn outage_lower_bound(ctx: &Ctx, st: &State, b: Bounds) -> u32 {
     if !blocked {
         return 0;
     }
-    b.len.saturating_sub(1 + b.max_deletes)
+    b.len.saturating_sub(1 + b.late)
 }
 
 /// Fewest actions on a service yet to be added that ends as the holder of the `k`th
@@ -359,7 +531,7 @@ fn cost_of_new(ctx: &Ctx, st: &State, k: usize, exists: bool, verify_cost: u32) 
 /// No service of the right version already holds a good enough copy of `p`.
 fn needs_copy(ctx: &Ctx, st: &State, p: u8, v: u32) -> bool {
     !st.svcs.iter().any(|s| {
-        s.version == v
+        ctx.goal_version(s.version, v)
             && matches!(s.status, Status::New | Status::Provisioned | Status::Attached)
             && s.data.is_some_and(|d| d.of == p && (d.complete || !ctx.fence_writes))
     })
@@ -380,20 +552,24 @@ fn must_rename_away(ctx: &Ctx, s: &Svc) -> bool {
     s.visible() && ctx.is_declared(s.prefix) && s.data.is_some_and(|d| d.of == s.prefix)
 }
 
-/// Fewest actions on `s` if it is to end as the application's copy of `p` at version `v`;
-/// `None` if it cannot.
-fn cost_to_hold(ctx: &Ctx, s: &Svc, p: u8, v: u32, exists: bool, verify_cost: u32) -> Option<u32> {
-    if s.version != v || !matches!(s.status, Status::New | Status::Provisioned | Status::Attached) {
+/// Fewest actions on `s` if it is to end as the application's copy of `p` at version `v`,
+/// and how many of them may run after the deploy (the rename and verify of a service
+/// attached already); `None` if it cannot.
+fn cost_to_hold(ctx: &Ctx, s: &Svc, p: u8, v: u32, exists: bool, verify_cost: u32) -> Option<(u32, u32)> {
+    if !ctx.goal_version(s.version, v) || !matches!(s.status, Status::New | Status::Provisioned | Status::Attached) {
         return None;
     }
-    let mut c = u32::from(s.prefix != p) + u32::from(s.fenced);
+    let rename = u32::from(s.prefix != p);
+    let mut verify = 0;
+    let mut c = rename + u32::from(s.fenced);
     if exists {
         let good: Option<DataS> = s.data.filter(|d| d.of == p && (d.complete || !ctx.fence_writes));
         match good {
-            Some(d) => c += u32::from(d.restored_from.is_some() && !d.verified) * verify_cost,
+            Some(d) => verify = u32::from(d.restored_from.is_some() && !d.verified) * verify_cost,
             None if s.status == Status::Attached => return None,
             None => c += u32::from(s.status == Status::New) + 1 + verify_cost,
         }
     }
-    Some(c)
+    let late = if s.status == Status::Attached { rename + verify } else { 0 };
+    Some((c + verify, late))
 }

@@ -340,6 +340,93 @@ fn a_dataset_left_only_in_incomplete_copies_says_so() {
     assert!(err.to_string().contains("every copy of DEFAULT (a, b) is incomplete"), "{err}");
 }
 
+/// Two copies of a dataset that no attached service holds: the deploy the goal needs
+/// attaches both, and from then on neither can be proven complete. Said at once.
+#[test]
+fn two_copies_waiting_for_the_same_deploy_are_a_dead_end_named_at_once() {
+    let (d, l) = env(
+        "    postgres: {A: 15, B: 16}\n",
+        r#"{"id":"s0","version":15,"prefix":"NEW","status":"pending_detachment","fenced":true},
+           {"id":"s1","version":18,"prefix":"OLD_A","status":"provisioned","data":{"of":"B","complete":true,"restored_from":"s0"}},
+           {"id":"s2","version":15,"prefix":"X","status":"provisioned","data":{"of":"B","complete":true,"restored_from":"s1","verified":true}},
+           {"id":"s4","version":14,"prefix":"A","status":"detached","data":{"of":"A","complete":true}}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan").to_string();
+    assert!(err.contains("s1, s2 all hold B and are not attached yet"), "{err}");
+}
+
+/// Data nobody declares, held by a service pgconverge must remove and by two it does not
+/// manage that will all take writes: no copy can justify the delete. Said at once.
+#[test]
+fn undeclared_data_other_writers_spoil_is_a_dead_end_named_at_once() {
+    let (d, l) = env(
+        "    postgres: {A: 18}\n",
+        r#"{"id":"s0","version":18,"prefix":"C","status":"pending_detachment","data":{"of":"X","complete":true,"verified":true}},
+           {"id":"s1","version":16,"prefix":"NEW_B","status":"attached","fenced":true,"data":{"of":"A","complete":false,"restored_from":"s0","verified":true}},
+           {"id":"s2","version":15,"prefix":"NEW_A","status":"pending_detachment","data":{"of":"X","complete":true}},
+           {"id":"s3","version":15,"prefix":"OLD_B","status":"new","data":{"of":"X","complete":true}},
+           {"id":"s4","version":15,"prefix":"X","status":"provisioned","data":{"of":"X","complete":true}}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan").to_string();
+    assert!(err.contains("s2 holds data the config does not declare") && err.contains("s3, s4 hold it too"), "{err}");
+}
+
+/// Without the fence but with verification, a copy of an incomplete copy can never be
+/// verified, and only a verified copy (or an original) may be shown: a dead end.
+#[test]
+fn with_verification_an_incomplete_copy_that_cannot_be_shown_is_a_dead_end() {
+    let (d, l) = env(
+        "    postgres: {A: 15, B: 15}\n    upgrade: {fence_writes: false, verify: checksums}\n",
+        r#"{"id":"s0","version":14,"prefix":"NEW","status":"detached","data":{"of":"A","complete":false,"verified":true}}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan").to_string();
+    assert!(err.contains("every copy of A (s0) is incomplete"), "{err}");
+}
+
+/// With the fence on, an incomplete copy that can never be attached again is no source:
+/// the only complete copy is newer than declared, a downgrade. Said at once.
+#[test]
+fn an_older_copy_that_missed_writes_does_not_hide_a_downgrade() {
+    let (d, l) = env(
+        "    postgres: {A: 14, B: 14}\n",
+        r#"{"id":"s0","version":16,"prefix":"NEW_A","status":"detached","data":{"of":"A","complete":true,"verified":true}},
+           {"id":"s1","version":14,"prefix":"B","status":"detached","data":{"of":"A","complete":false,"restored_from":"s0"}}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan").to_string();
+    assert!(err.contains("every usable copy of its data is on PostgreSQL 16 or newer"), "{err}");
+}
+
+/// Issue 14, finding 3: where the exact search runs out of budget, a valid plan by way of
+/// a tidy state, labelled as not proven shortest. Three prefixes, an abandoned copy of one
+/// under another's temporary prefix, a retired original of another still provisioned.
+#[test]
+fn when_the_exact_search_runs_out_a_valid_plan_comes_by_way_of_a_tidy_state() {
+    let (d, l) = env(
+        "    postgres: {A: 16, B: 15, C: 18}\n    upgrade: {strategy: logical, verify: checksums}\n",
+        r#"{"id":"s0","version":15,"prefix":"NEW","status":"detached","data":{"of":"B","complete":true}},
+           {"id":"s1","version":14,"prefix":"OLD_A","status":"provisioned","data":{"of":"A","complete":true}},
+           {"id":"s2","version":16,"prefix":"C","status":"attached"}"#,
+    );
+    let (ctx, start) = super::rules::Ctx::new(&d, &l).expect("ctx");
+    assert!(
+        matches!(search::astar(&ctx, &start, search::EXACT_BUDGET), search::Outcome::GaveUp { .. }),
+        "the exact search no longer runs out here: pick a harder state"
+    );
+    let r = plan_env(&d, &l).expect("a plan");
+    assert!(!r.proven_shortest);
+    let mut prediction = Prediction::new(&d, &l).expect("prediction");
+    for (n, step) in r.steps.iter().enumerate() {
+        let id = matches!(step.action, Action::Add { .. }).then(|| ServiceId::observed(&format!("n{n}")).expect("id"));
+        prediction.advance(&step.action, id).expect("every step is allowed");
+    }
+    let end = prediction.expected();
+    for (prefix, version) in &d.postgres {
+        let holder = end.services.iter().find(|s| &s.prefix == prefix).expect("a holder");
+        assert_eq!((holder.version, holder.status), (*version, Status::Attached), "{prefix}");
+    }
+    assert_eq!(end.services.len(), 3, "{:?}", end.services);
+}
+
 /// Issue 14, finding 4: with keep_old, the original kept by one upgrade holds OLD; the
 /// next upgrade retires its own original under OLD_<major> and keeps both.
 #[test]
@@ -476,7 +563,7 @@ fn rollout_warns_when_a_later_environment_runs_ahead() {
 
 mod optimality {
     use super::super::rules::{Ctx, State};
-    use super::super::search::{astar, brute_force, Outcome};
+    use super::super::search::{astar, brute_force, Outcome, EXACT_BUDGET};
     use crate::config::{DesiredEnv, Strategy, Upgrade, Verify};
     use crate::model::{Data, EnvLive, EnvName, Major, Prefix, Service, ServiceId, Status};
     use proptest::prelude::*;
@@ -589,7 +676,7 @@ mod optimality {
             if matches!(exhaustive, Outcome::GaveUp { .. }) {
                 return Ok(());
             }
-            match (exhaustive, astar(&ctx, &start)) {
+            match (exhaustive, astar(&ctx, &start, EXACT_BUDGET)) {
                 (Outcome::Found { cost: want, .. }, Outcome::Found { ops, cost, .. }) => {
                     let end = replay(&ctx, &start, &ops);
                     prop_assert!(ctx.is_goal(&end), "plan does not reach the goal");
@@ -628,8 +715,77 @@ mod optimality {
 /// and those made while it ran.
 mod writes_kept {
     use super::super::rules::{Ctx, Id, Op, State};
-    use super::super::search::{astar, Outcome};
+    use super::super::search::{plan, Answer};
+    use crate::config::{DesiredEnv, Strategy, Upgrade, Verify};
+    use crate::model::{Data, EnvLive, EnvName, Major, Prefix, Service, ServiceId, Status};
+    use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
+
+    const PREFIXES: [&str; 12] =
+        ["A", "B", "C", "NEW", "OLD", "NEW_A", "OLD_A", "NEW_B", "OLD_B", "NEW_C", "OLD_C", "X"];
+    const STATUSES: [Status; 5] =
+        [Status::New, Status::Provisioned, Status::Attached, Status::PendingDetachment, Status::Detached];
+
+    prop_compose! {
+        /// Three declared prefixes, each held by an attached original at some major (the
+        /// runbook's start), and up to four more services of every kind: leftovers of
+        /// earlier upgrades, stale originals, copies made from any of them. Then a random
+        /// walk of valid actions: half-done and disturbed runbooks.
+        fn world()(versions in proptest::collection::vec(15u32..=17, 3),
+                   behind in proptest::collection::vec(0u32..=1, 3),
+                   extra in proptest::collection::vec(
+                       (0..PREFIXES.len(), 15u32..=17, 0..5usize, any::<bool>(),
+                        proptest::option::of((0..4usize, any::<bool>(), proptest::option::of(0..7usize), any::<bool>()))),
+                       1..=3),
+                   logical in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(),
+                   walk in proptest::collection::vec(any::<prop::sample::Index>(), 0..14))
+                   -> (DesiredEnv, EnvLive, Vec<prop::sample::Index>) {
+            let pfx = |s: &str| Prefix::parse(s).expect("prefix");
+            let names = ["A", "B", "C"];
+            let postgres = names.iter().zip(&versions).map(|(n, v)| (pfx(n), Major::new(*v).expect("major"))).collect();
+            let upgrade = Upgrade {
+                strategy: if logical { Strategy::Logical } else { Strategy::DumpRestore },
+                fence_writes: true,
+                verify: if verify { Verify::Counts } else { Verify::None },
+                keep_old,
+                ..Upgrade::default()
+            };
+            let mut live = EnvLive::default();
+            for ((n, v), behind) in names.iter().zip(&versions).zip(&behind) {
+                live.services.push(Service {
+                    id: ServiceId::observed(&format!("o{n}")).expect("id"),
+                    version: Major::new(v - behind).expect("major"),
+                    prefix: pfx(n),
+                    status: Status::Attached,
+                    fenced: false,
+                    data: None,
+                });
+            }
+            for (i, (p, version, status, fenced, data)) in extra.into_iter().enumerate() {
+                if live.services.iter().any(|s| s.prefix.as_str() == PREFIXES[p]) {
+                    continue;
+                }
+                let ids: Vec<ServiceId> = live.services.iter().map(|s| s.id.clone()).collect();
+                let status = STATUSES[status];
+                live.services.push(Service {
+                    id: ServiceId::observed(&format!("s{i}")).expect("id"),
+                    version: Major::new(version).expect("major"),
+                    prefix: pfx(PREFIXES[p]),
+                    status,
+                    fenced: fenced && status.visible(),
+                    data: data.map(|(of, complete, from, verified)| Data {
+                        of: pfx(["A", "B", "C", "X"][of]),
+                        complete,
+                        restored_from: from.and_then(|f| ids.get(f).cloned()),
+                        verified,
+                        streaming: false,
+                    }),
+                });
+            }
+            let desired = DesiredEnv { name: EnvName::parse("e").expect("env"), postgres, upgrade };
+            (desired, live, walk)
+        }
+    }
 
     type Writes = BTreeSet<u32>;
 
@@ -733,14 +889,10 @@ mod writes_kept {
             TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
         };
         let checked = std::cell::Cell::new(0u32);
-        let result = runner.run(&super::optimality::world(), |(desired, live, walk)| {
+        let result = runner.run(&world(), |(desired, live, walk)| {
             let (ctx, start) = Ctx::new(&desired, &live).expect("ctx");
-            // Without the fence the runbook's flaw is back, by the config's own choice.
-            if !ctx.fence_writes {
-                return Ok(());
-            }
             let start = super::optimality::wander(&ctx, &start, &walk);
-            let Outcome::Found { ops, .. } = astar(&ctx, &start) else { return Ok(()) };
+            let (Answer::Shortest(ops) | Answer::Valid(ops)) = plan(&ctx, &start) else { return Ok(()) };
             let mut model = Model::start(&start);
             let mut st = start.clone();
             for op in &ops {
@@ -922,4 +1074,30 @@ fn each_strategy_copies_its_own_way_and_logical_needs_the_fence() {
     let text = "version: 1\nupgrade: {strategy: logical, fence_writes: false}\nenvironments:\n  live:\n    postgres: {DEFAULT: 17}\n";
     let e = parse(Path::new("t.yaml"), text).expect_err("logical without a fence");
     assert!(e.to_string().contains("strategy logical needs fence_writes"), "{e}");
+}
+
+/// Found by `PGCONVERGE_EXPLORE`: the outage bound assumed only deletes follow the deploy,
+/// so A* renamed an attached service inside the outage where the rename could wait.
+#[test]
+fn an_attached_service_may_be_renamed_after_the_deploy_outside_the_outage() {
+    use super::rules::Ctx;
+    use super::search::{astar, brute_force, Outcome, EXACT_BUDGET};
+    let live: EnvLive = serde_json::from_str(
+        r#"{"services":[
+            {"id":"s0","version":16,"prefix":"OLD","status":"attached","fenced":true,
+             "data":{"of":"B","complete":false,"restored_from":null,"verified":false}},
+            {"id":"s1","version":17,"prefix":"NEW","status":"attached","fenced":false,"data":null}]}"#,
+    )
+    .expect("live");
+    let yaml = "version: 1\nupgrade:\n  fence_writes: false\n  verify: none\n  keep_old: true\n  \
+                allow_downgrade: true\nenvironments:\n  e:\n    postgres:\n      A: 17\n      B: 15\n";
+    let desired = parse(Path::new("x.yaml"), yaml).expect("config").desired().remove(0);
+    let (ctx, st) = Ctx::new(&desired, &live).expect("ctx");
+    let (Outcome::Found { cost, .. }, Outcome::Found { cost: want, .. }) =
+        (astar(&ctx, &st, EXACT_BUDGET), brute_force(&ctx, &st, 100_000))
+    else {
+        panic!("no plan");
+    };
+    assert_eq!(want, (7, 5));
+    assert_eq!(cost, want);
 }
