@@ -84,8 +84,8 @@ pub fn canonical(st: &State) -> Vec<Svc> {
 }
 
 /// A fast hash for the search's own keys (FxHash's multiply-rotate): the search hashes
-/// every state it meets, and SipHash's protection against chosen keys buys nothing for
-/// keys bounded by the expansion limit.
+/// every state it meets, and SipHash's protection against chosen keys buys little for
+/// keys whose number the budgets bound.
 #[derive(Default)]
 struct Fx(u64);
 
@@ -194,8 +194,10 @@ pub fn plan(ctx: &Ctx, start: &State) -> Answer {
         Outcome::Unreachable { .. } => return Answer::Unreachable,
         Outcome::GaveUp { expanded } => expanded,
     };
-    for fallback in [by_waypoint(ctx, start, FALLBACK_BUDGET), weighted(ctx, start, 4, FALLBACK_BUDGET)] {
-        match fallback {
+    let fallbacks: [&dyn Fn() -> Outcome; 2] =
+        [&|| by_waypoint(ctx, start, FALLBACK_BUDGET), &|| weighted(ctx, start, 4, FALLBACK_BUDGET)];
+    for fallback in fallbacks {
+        match fallback() {
             Outcome::Found { ops, .. } => return Answer::Valid(ops),
             Outcome::Unreachable { .. } => return Answer::Unreachable,
             Outcome::GaveUp { .. } => {}
