@@ -272,11 +272,14 @@ pub const UNREACHABLE: u32 = u32::MAX / 4;
 /// under the declared prefix it sits under, at that prefix's version, attached or still
 /// to be attached, while that prefix's own dataset exists nowhere (once it exists, it
 /// always will); or a service pgconverge does not manage, visible now or from the next
-/// deploy, holds it too, beside which the managed copies may go. Returns the first managed holder when none can.
+/// deploy, holds it too, beside which the managed copies may go (one pending detachment
+/// is hidden by the deploy a managed holder that is attached or pending must wait for).
+/// Returns the first managed holder when none can.
 pub fn stranded(ctx: &Ctx, st: &State) -> Option<Id> {
     let can_stay = |s: &Svc| {
         if ctx.unmanaged(s) {
-            // Visible now or from the next deploy, which attaches every new service.
+            // Visible now or from the next deploy, which attaches every new service and
+            // hides those pending detachment.
             return s.visible() || matches!(s.status, Status::New | Status::Provisioned);
         }
         ctx.declared_version(s.prefix) == Some(s.version)
@@ -286,7 +289,13 @@ pub fn stranded(ctx: &Ctx, st: &State) -> Option<Id> {
     st.svcs.iter().filter(|s| !ctx.unmanaged(s)).find_map(|s| {
         let x = s.data.map(|d| d.of).filter(|x| !ctx.is_declared(*x))?;
         let holders = st.svcs.iter().filter(|o| o.data.is_some_and(|d| d.of == x));
-        (!holders.clone().any(can_stay)).then_some(s.id)
+        // A managed holder that must wait for a deploy to be deleted (attached or pending
+        // detachment) needs a copy still visible after that deploy.
+        let waits = holders
+            .clone()
+            .any(|o| !ctx.unmanaged(o) && matches!(o.status, Status::Attached | Status::PendingDetachment));
+        let helps = |o: &&Svc| can_stay(o) && !(waits && ctx.unmanaged(o) && o.status == Status::PendingDetachment);
+        (!holders.clone().any(|o| helps(&o))).then_some(s.id)
     })
 }
 
@@ -314,23 +323,39 @@ pub fn spoiled(ctx: &Ctx, st: &State) -> Option<(Id, Vec<Id>)> {
     })
 }
 
-/// With the fence on, a declared dataset no visible service holds, held by two or more
-/// services still to be attached: the deploy the goal needs attaches them all (none can
-/// be deleted or copied over before it, since no visible copy exists), and from then on
-/// each takes writes past the others, so no copy can ever be proven complete again.
-/// (With the fence off an incomplete copy may stay.)
+/// A declared dataset no visible service holds, held by two or more services still to be
+/// attached: the deploy the goal needs attaches them all (none can be deleted or copied
+/// over before it, since no visible copy exists), and from then on each takes writes past
+/// the others, so no copy is ever complete again. With the fence on, that is a dead end:
+/// the application's copy must be complete. With it off but verification on, every
+/// holder but the final one must then leave, which takes a verified copy (never made
+/// from an incomplete one), or stay where the goal allows it: under another declared
+/// prefix at that prefix's version. A dead end when two cannot stay, or when the one
+/// that cannot is not of the declared version and so cannot be the final holder.
 pub fn split_at_deploy(ctx: &Ctx, st: &State) -> Option<(P, Vec<Id>)> {
-    if !ctx.fence_writes {
+    if !ctx.fence_writes && ctx.verify == Verify::None {
         return None;
     }
-    ctx.declared.iter().find_map(|&(p, _)| {
+    ctx.declared.iter().find_map(|&(p, v)| {
         let holders = st.svcs.iter().filter(|s| s.data.is_some_and(|d| d.of == p));
         if holders.clone().any(Svc::visible) {
             return None;
         }
-        let waiting: Vec<Id> =
-            holders.filter(|s| matches!(s.status, Status::New | Status::Provisioned)).map(|s| s.id).collect();
-        (waiting.len() >= 2).then_some((p, waiting))
+        let waiting: Vec<&Svc> = holders.filter(|s| matches!(s.status, Status::New | Status::Provisioned)).collect();
+        if waiting.len() < 2 {
+            return None;
+        }
+        let ids = || (p, waiting.iter().map(|s| s.id).collect());
+        if ctx.fence_writes {
+            return Some(ids());
+        }
+        let may_stay = |s: &&&Svc| s.prefix != p && ctx.declared_version(s.prefix) == Some(s.version);
+        let leaving: Vec<&&Svc> = waiting.iter().filter(|s| !may_stay(s)).collect();
+        match leaving[..] {
+            [] => None,
+            [only] if only.version == v => None,
+            _ => Some(ids()),
+        }
     })
 }
 

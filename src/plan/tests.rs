@@ -383,6 +383,36 @@ fn with_verification_an_incomplete_copy_that_cannot_be_shown_is_a_dead_end() {
     assert!(err.contains("every copy of A (s0) is incomplete"), "{err}");
 }
 
+/// Without the fence but with verification, two copies the next deploy attaches can
+/// stay side by side only where the goal allows: here neither may stay under the
+/// prefix it sits under, so one would have to leave, which takes a verified copy that
+/// can no longer be made. Said at once.
+#[test]
+fn without_the_fence_two_copies_waiting_for_the_same_deploy_are_a_dead_end_with_verification() {
+    let (d, l) = env(
+        "    postgres: {A: 17, B: 16}\n    upgrade: {fence_writes: false, verify: checksums, allow_downgrade: true}\n",
+        r#"{"id":"s0","version":17,"prefix":"X","status":"provisioned","data":{"of":"A","complete":false,"verified":true}},
+           {"id":"s1","version":17,"prefix":"C","status":"provisioned","data":{"of":"A","complete":true}}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan").to_string();
+    assert!(err.contains("s0, s1 all hold A and are not attached yet"), "{err}");
+}
+
+/// Undeclared data whose managed holder is attached: the unmanaged copy pending
+/// detachment is hidden by the very deploy the managed one must wait for, so it cannot
+/// stand in for it. Said at once.
+#[test]
+fn an_unmanaged_copy_pending_detachment_cannot_stand_in_for_an_attached_one() {
+    let (d, l) = env(
+        "    postgres: {A: 17, B: 16}\n",
+        r#"{"id":"s0","version":18,"prefix":"OLD","status":"attached","data":{"of":"X","complete":true}},
+           {"id":"s3","version":15,"prefix":"A","status":"attached"},
+           {"id":"s4","version":14,"prefix":"X","status":"pending_detachment"}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan").to_string();
+    assert!(err.contains("s0 (OLD) holds data of X, which the config does not declare"), "{err}");
+}
+
 /// With the fence on, an incomplete copy that can never be attached again is no source:
 /// the only complete copy is newer than declared, a downgrade. Said at once.
 #[test]
