@@ -191,8 +191,28 @@ impl Server {
         alive(pid).then_some(pid)
     }
 
+    /// The postmaster runs. One still recovering (it restarts itself after a backend
+    /// crashes, on a full disk for one, and replays its WAL before it takes connections
+    /// again, while `postmaster.pid` still says ready) is waited for, up to a minute, so
+    /// that whoever asks can connect.
     pub fn is_running(&self) -> bool {
+        if self.postmaster().is_none() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.refusing() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         self.postmaster().is_some()
+    }
+
+    /// `pg_isready` hears the server refuse connections (starting up, recovering).
+    fn refusing(&self) -> bool {
+        let mut c = self.command("pg_isready");
+        c.arg("-q").arg("-h").arg(&self.socket_dir).arg("-p").arg(self.port.to_string());
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        // 1: the server answers and rejects; 0 accepts, 2 no answer, 3 no attempt.
+        c.status().is_ok_and(|s| s.code() == Some(1))
     }
 
     /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost)
