@@ -281,6 +281,16 @@ fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
             ids(&waiting)
         ));
     }
+    if let Some((p, id)) = search::jammed(ctx, st) {
+        let name = &ctx.prefixes[p as usize];
+        return Some(format!(
+            "{} under {name} is pending detachment: the next deploy hides it, and every deploy must show {name}'s \
+             data under {name}; it cannot be renamed out of the way first, since each prefix it could take holds \
+             a service pending detachment too; run the deploy by hand to finish the detachments (the \
+             application loses {name} until the next apply), then plan again",
+            ctx.id(id)
+        ));
+    }
     if let Some(id) = search::fenced_for_good(ctx, st).filter(|_| !ctx.is_goal(st)) {
         return Some(format!(
             "{} is attached and fenced, and pgconverge does not manage it: no deploy may leave a fenced service \

@@ -10,7 +10,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use super::rules::{Ctx, DataS, Goal, Id, Op, State, Svc, P};
+use super::rules::{Ctx, DataS, Goal, Id, Op, Role, State, Svc, P};
 use crate::config::Verify;
 use crate::model::Status;
 
@@ -359,6 +359,44 @@ pub fn split_at_deploy(ctx: &Ctx, st: &State) -> Option<(P, Vec<Id>)> {
     })
 }
 
+/// A declared prefix whose service is pending detachment and cannot leave it: every
+/// deploy must show the prefix's data under the prefix, and the next one hides that
+/// service, so it must first be renamed into its upgrade's temporary prefix (if of the
+/// declared version), its retired prefix or a kept one. Services pending detachment with
+/// the same data can only move among those same prefixes and cannot be deleted before a
+/// deploy; when they fill every place it could go, and cannot make room by moving among
+/// themselves, no deploy is ever allowed.
+pub fn jammed(ctx: &Ctx, st: &State) -> Option<(P, Id)> {
+    ctx.declared.iter().enumerate().find_map(|(k, &(p, v))| {
+        let jam = |s: &Svc| s.status == Status::PendingDetachment && s.data.is_some_and(|d| d.of == p);
+        let holder = st.svcs.iter().find(|s| s.prefix == p).filter(|s| jam(s))?;
+        let (t, r) = ctx.temp_of[k];
+        let kept = ctx.kept.iter().filter(|&&(q, _)| ctx.roles[q as usize] == Role::Retired(Some(p)));
+        // Each place, with the one major a service needs to move there (None: any).
+        let places: Vec<(P, Option<u32>)> =
+            [(p, None), (t, Some(v)), (r, None)].into_iter().chain(kept.map(|&(q, m)| (q, Some(m)))).collect();
+        let mut stuck: Vec<(P, u32)> = places
+            .iter()
+            .filter_map(|&(q, _)| st.svcs.iter().find(|s| s.prefix == q && jam(s)))
+            .map(|s| (s.prefix, s.version))
+            .collect();
+        // Leniently, a service that can move anywhere is out of the way for good, its
+        // place free: the jam stands only if nothing can ever move.
+        loop {
+            let free = |q: P| !stuck.iter().any(|&(x, _)| x == q);
+            let mobile = stuck.iter().position(|&(_, version)| {
+                places.iter().any(|&(q, need)| q != p && free(q) && need.is_none_or(|m| m == version))
+            });
+            let Some(i) = mobile else { break };
+            stuck.remove(i);
+            if !stuck.iter().any(|&(x, _)| x == p) {
+                return None;
+            }
+        }
+        Some((p, holder.id))
+    })
+}
+
 /// A declared dataset whose every usable copy is on a server newer than its declared
 /// version, with downgrades not allowed: no copy can ever reach a server of that version.
 /// With the fence on, an incomplete copy that no deploy can attach (detached) and an
@@ -424,6 +462,7 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
     let dead = stranded(ctx, st).is_some()
         || spoiled(ctx, st).is_some()
         || split_at_deploy(ctx, st).is_some()
+        || jammed(ctx, st).is_some()
         || ctx.declared.iter().any(|&(p, v)| only_incomplete(ctx, st, p) || too_new(ctx, st, p, v).is_some());
     if dead {
         return Bounds { len: UNREACHABLE, late: 0 };

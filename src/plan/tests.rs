@@ -413,6 +413,22 @@ fn an_unmanaged_copy_pending_detachment_cannot_stand_in_for_an_attached_one() {
     assert!(err.contains("s0 (OLD) holds data of X, which the config does not declare"), "{err}");
 }
 
+/// A declared prefix held by a service pending detachment, whose every way out (the
+/// retired prefix; the temporary one takes only the declared major) is held by another
+/// pending detachment: no deploy can ever show the prefix. Said at once.
+#[test]
+fn a_prefix_jammed_by_services_pending_detachment_is_a_dead_end_named_at_once() {
+    let (d, l) = env(
+        "    postgres: {A: 18, B: 18}\n",
+        r#"{"id":"s0","version":17,"prefix":"NEW_B","status":"pending_detachment","data":{"of":"B","complete":true,"verified":true}},
+           {"id":"s1","version":14,"prefix":"C","status":"new"},
+           {"id":"s2","version":16,"prefix":"A","status":"pending_detachment","fenced":true},
+           {"id":"s3","version":16,"prefix":"OLD_A","status":"pending_detachment","fenced":true,"data":{"of":"A","complete":true}}"#,
+    );
+    let err = plan_env(&d, &l).expect_err("no plan").to_string();
+    assert!(err.contains("s2 under A is pending detachment"), "{err}");
+}
+
 /// With the fence on, an incomplete copy that can never be attached again is no source:
 /// the only complete copy is newer than declared, a downgrade. Said at once.
 #[test]
