@@ -9,6 +9,12 @@ pub(crate) fn env(yaml_env: &str, services: &str) -> (DesiredEnv, EnvLive) {
     (config.desired().remove(0), live)
 }
 
+/// Why `plan` finds no plan for an environment.
+fn refusal(yaml_env: &str, services: &str) -> String {
+    let (d, l) = env(yaml_env, services);
+    plan_env(&d, &l).expect_err("no plan").to_string()
+}
+
 fn ops(report: &EnvReport) -> Vec<String> {
     report.steps.iter().map(|s| serde_json::to_string(&s.action).expect("json")).collect()
 }
@@ -344,14 +350,13 @@ fn a_dataset_left_only_in_incomplete_copies_says_so() {
 /// attaches both, and from then on neither can be proven complete. Said at once.
 #[test]
 fn two_copies_waiting_for_the_same_deploy_are_a_dead_end_named_at_once() {
-    let (d, l) = env(
+    let err = refusal(
         "    postgres: {A: 15, B: 16}\n",
         r#"{"id":"s0","version":15,"prefix":"NEW","status":"pending_detachment","fenced":true},
            {"id":"s1","version":18,"prefix":"OLD_A","status":"provisioned","data":{"of":"B","complete":true,"restored_from":"s0"}},
            {"id":"s2","version":15,"prefix":"X","status":"provisioned","data":{"of":"B","complete":true,"restored_from":"s1","verified":true}},
            {"id":"s4","version":14,"prefix":"A","status":"detached","data":{"of":"A","complete":true}}"#,
     );
-    let err = plan_env(&d, &l).expect_err("no plan").to_string();
     assert!(err.contains("s1, s2 all hold B and are not attached yet"), "{err}");
 }
 
@@ -359,7 +364,7 @@ fn two_copies_waiting_for_the_same_deploy_are_a_dead_end_named_at_once() {
 /// manage that will all take writes: no copy can justify the delete. Said at once.
 #[test]
 fn undeclared_data_other_writers_spoil_is_a_dead_end_named_at_once() {
-    let (d, l) = env(
+    let err = refusal(
         "    postgres: {A: 18}\n",
         r#"{"id":"s0","version":18,"prefix":"C","status":"pending_detachment","data":{"of":"X","complete":true,"verified":true}},
            {"id":"s1","version":16,"prefix":"NEW_B","status":"attached","fenced":true,"data":{"of":"A","complete":false,"restored_from":"s0","verified":true}},
@@ -367,7 +372,6 @@ fn undeclared_data_other_writers_spoil_is_a_dead_end_named_at_once() {
            {"id":"s3","version":15,"prefix":"OLD_B","status":"new","data":{"of":"X","complete":true}},
            {"id":"s4","version":15,"prefix":"X","status":"provisioned","data":{"of":"X","complete":true}}"#,
     );
-    let err = plan_env(&d, &l).expect_err("no plan").to_string();
     assert!(err.contains("s2 holds data the config does not declare") && err.contains("s3, s4 hold it too"), "{err}");
 }
 
@@ -375,11 +379,10 @@ fn undeclared_data_other_writers_spoil_is_a_dead_end_named_at_once() {
 /// verified, and only a verified copy (or an original) may be shown: a dead end.
 #[test]
 fn with_verification_an_incomplete_copy_that_cannot_be_shown_is_a_dead_end() {
-    let (d, l) = env(
+    let err = refusal(
         "    postgres: {A: 15, B: 15}\n    upgrade: {fence_writes: false, verify: checksums}\n",
         r#"{"id":"s0","version":14,"prefix":"NEW","status":"detached","data":{"of":"A","complete":false,"verified":true}}"#,
     );
-    let err = plan_env(&d, &l).expect_err("no plan").to_string();
     assert!(err.contains("every copy of A (s0) is incomplete"), "{err}");
 }
 
@@ -389,12 +392,11 @@ fn with_verification_an_incomplete_copy_that_cannot_be_shown_is_a_dead_end() {
 /// can no longer be made. Said at once.
 #[test]
 fn without_the_fence_two_copies_waiting_for_the_same_deploy_are_a_dead_end_with_verification() {
-    let (d, l) = env(
+    let err = refusal(
         "    postgres: {A: 17, B: 16}\n    upgrade: {fence_writes: false, verify: checksums, allow_downgrade: true}\n",
         r#"{"id":"s0","version":17,"prefix":"X","status":"provisioned","data":{"of":"A","complete":false,"verified":true}},
            {"id":"s1","version":17,"prefix":"C","status":"provisioned","data":{"of":"A","complete":true}}"#,
     );
-    let err = plan_env(&d, &l).expect_err("no plan").to_string();
     assert!(err.contains("s0, s1 all hold A and are not attached yet"), "{err}");
 }
 
@@ -403,13 +405,12 @@ fn without_the_fence_two_copies_waiting_for_the_same_deploy_are_a_dead_end_with_
 /// stand in for it. Said at once.
 #[test]
 fn an_unmanaged_copy_pending_detachment_cannot_stand_in_for_an_attached_one() {
-    let (d, l) = env(
+    let err = refusal(
         "    postgres: {A: 17, B: 16}\n",
         r#"{"id":"s0","version":18,"prefix":"OLD","status":"attached","data":{"of":"X","complete":true}},
            {"id":"s3","version":15,"prefix":"A","status":"attached"},
            {"id":"s4","version":14,"prefix":"X","status":"pending_detachment"}"#,
     );
-    let err = plan_env(&d, &l).expect_err("no plan").to_string();
     assert!(err.contains("s0 (OLD) holds data of X, which the config does not declare"), "{err}");
 }
 
@@ -418,14 +419,13 @@ fn an_unmanaged_copy_pending_detachment_cannot_stand_in_for_an_attached_one() {
 /// pending detachment: no deploy can ever show the prefix. Said at once.
 #[test]
 fn a_prefix_jammed_by_services_pending_detachment_is_a_dead_end_named_at_once() {
-    let (d, l) = env(
+    let err = refusal(
         "    postgres: {A: 18, B: 18}\n",
         r#"{"id":"s0","version":17,"prefix":"NEW_B","status":"pending_detachment","data":{"of":"B","complete":true,"verified":true}},
            {"id":"s1","version":14,"prefix":"C","status":"new"},
            {"id":"s2","version":16,"prefix":"A","status":"pending_detachment","fenced":true},
            {"id":"s3","version":16,"prefix":"OLD_A","status":"pending_detachment","fenced":true,"data":{"of":"A","complete":true}}"#,
     );
-    let err = plan_env(&d, &l).expect_err("no plan").to_string();
     assert!(err.contains("s2 under A is pending detachment"), "{err}");
 }
 
@@ -433,12 +433,11 @@ fn a_prefix_jammed_by_services_pending_detachment_is_a_dead_end_named_at_once() 
 /// the only complete copy is newer than declared, a downgrade. Said at once.
 #[test]
 fn an_older_copy_that_missed_writes_does_not_hide_a_downgrade() {
-    let (d, l) = env(
+    let err = refusal(
         "    postgres: {A: 14, B: 14}\n",
         r#"{"id":"s0","version":16,"prefix":"NEW_A","status":"detached","data":{"of":"A","complete":true,"verified":true}},
            {"id":"s1","version":14,"prefix":"B","status":"detached","data":{"of":"A","complete":false,"restored_from":"s0"}}"#,
     );
-    let err = plan_env(&d, &l).expect_err("no plan").to_string();
     assert!(err.contains("every usable copy of its data is on PostgreSQL 16 or newer"), "{err}");
 }
 
