@@ -219,6 +219,13 @@ pub fn apply(
             };
             let was_blocked = prediction.writes_blocked();
             let expected = prediction.advance(action, new_id).map_err(|r| refused(r, &done))?;
+            // The action is done when the live state shows it, which on a platform that
+            // acts in its own time is later than its answer.
+            let observed = if restored_with_backup {
+                None // the live state is a step ahead of the prediction until the restore's turn
+            } else {
+                Some(provider.settle(&d.name, &expected).map_err(|source| failed(Ok(source), &done))?)
+            };
             match (was_blocked, prediction.writes_blocked()) {
                 (false, true) => blocked_since = Some(t),
                 (true, false) => outage += blocked_since.take().map_or(Duration::ZERO, |s| s.elapsed()),
@@ -227,10 +234,7 @@ pub fn apply(
             progress.finished(&env, number, total, action, t.elapsed().as_secs_f64(), detail);
             done.push(format!("{env}: {label}"));
             tripped(format!("after:{number}"), &done)?;
-            if restored_with_backup {
-                continue; // the live state is a step ahead of the prediction until the restore's turn
-            }
-            let observed = provider.observe().map_err(ApplyError::Observe)?;
+            let Some(observed) = observed else { continue };
             let now = observed.environments.get(&env_plan.name).cloned().unwrap_or_default();
             let differences = plan::differences(&expected, &now);
             if !differences.is_empty() {

@@ -249,21 +249,33 @@ fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, O
 }
 
 /// Progress on stderr: a spinner per action on a terminal, one line per action otherwise.
+/// A provider's `progress::say` lines go beside the action's: into the spinner's
+/// message, or on lines of their own under the action's.
 #[derive(Default)]
 struct StderrProgress {
     bar: Option<indicatif::ProgressBar>,
+    /// The action's line was broken by `say` lines, so its end repeats its label.
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl apply::Progress for StderrProgress {
     fn started(&mut self, env: &str, number: usize, total: usize, action: &plan::Action) {
         let label = format!("[{env} {number}/{total}] {}", render::action_summary(action));
         let bar = indicatif::ProgressBar::new_spinner();
+        let broken = self.broken.clone();
+        broken.store(false, std::sync::atomic::Ordering::Relaxed);
         if bar.is_hidden() {
             eprint!("{label} … ");
             let _ = std::io::stderr().flush();
+            crate::progress::set_sink(Some(Box::new(move |what| {
+                let first = !broken.swap(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("{}  {what}", if first { "\n" } else { "" });
+            })));
         } else {
-            bar.set_message(label);
+            bar.set_message(label.clone());
             bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            let shown = bar.clone();
+            crate::progress::set_sink(Some(Box::new(move |what| shown.set_message(format!("{label}: {what}")))));
         }
         self.bar = Some(bar);
     }
@@ -277,12 +289,13 @@ impl apply::Progress for StderrProgress {
         seconds: f64,
         detail: Option<String>,
     ) {
+        crate::progress::set_sink(None);
         let detail = detail.map(|d| format!(", {d}")).unwrap_or_default();
         let done = format!("done ({seconds:.1} s{detail})");
+        let label = format!("[{env} {number}/{total}] {}", render::action_summary(action));
         match self.bar.take() {
-            Some(bar) if !bar.is_hidden() => {
-                bar.finish_with_message(format!("[{env} {number}/{total}] {} … {done}", render::action_summary(action)))
-            }
+            Some(bar) if !bar.is_hidden() => bar.finish_with_message(format!("{label} … {done}")),
+            _ if self.broken.load(std::sync::atomic::Ordering::Relaxed) => eprintln!("{label} … {done}"),
             _ => eprintln!("{done}"),
         }
     }

@@ -153,10 +153,13 @@ pub struct DivioConfig {
     /// Without it the API cannot verify, and plans that verify are refused.
     #[serde(default)]
     pub verify_command: Option<String>,
-    /// Seconds between polls of a backup, restore or deployment. Default 3.
+    /// Seconds between looks at something the platform does in its own time (a backup,
+    /// restore or deployment, an instance provisioning, detaching, renamed or removed);
+    /// the first looks come sooner. Default 3.
     #[serde(default)]
     pub poll_seconds: Option<f64>,
-    /// Minutes to wait for one backup, restore or deployment. Default 60.
+    /// Minutes to wait for one such operation or state change before apply stops. Default
+    /// 60.
     #[serde(default)]
     pub wait_minutes: Option<f64>,
 }

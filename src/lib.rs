@@ -12,5 +12,6 @@ pub mod interrupt;
 pub mod localdev;
 pub mod model;
 pub mod plan;
+pub mod progress;
 pub mod provider;
 pub mod render;

@@ -7,7 +7,7 @@ mod divio_emulator;
 use std::path::{Path, PathBuf};
 
 use common::{pgconverge_with, scratch, Run};
-use divio_emulator::{lock, serve, Shared, World, PG17};
+use divio_emulator::{lock, serve, Lose, Shared, World, PG17};
 
 /// A project directory with a config for the emulator at `base`; `extra` goes under
 /// `provider.divio`, `upgrade` under `upgrade`.
@@ -293,5 +293,107 @@ fn an_operation_that_never_finishes_fails_after_wait_minutes_with_a_clear_error(
     only_live(&dir);
     let apply = run(&dir, &["apply", "--auto-approve"]);
     assert_eq!(apply.code, 1, "{}{}", apply.stdout, apply.stderr);
-    assert!(apply.stderr.contains("backup") && apply.stderr.contains("did not finish within"), "{}", apply.stderr);
+    assert!(
+        apply.stderr.contains("gave up waiting for the backup of DEFAULT")
+            && apply.stderr.contains("(wait_minutes): still WORKING"),
+        "{}",
+        apply.stderr
+    );
+}
+
+/// The runbook for test and live in one apply, on a platform set up by `unkind`: both
+/// converge, each environment has exactly one instance, backup, restore and deployment
+/// created, no committed write is lost, and a plan afterwards has nothing to do. `poll`
+/// replaces the config's `poll_seconds`.
+fn converges_in_one_apply_creating_each_thing_once(
+    name: &str,
+    poll: Option<&str>,
+    unkind: impl FnOnce(&mut World),
+) -> (Run, Shared) {
+    let mut world = World::shop(&["test", "live"]);
+    unkind(&mut world);
+    let (shared, dir) = start(world, name, "", "");
+    if let Some(poll) = poll {
+        let config = dir.join("pgconverge.yaml");
+        let text = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(&config, text.replace("poll_seconds: 0.01", &format!("poll_seconds: {poll}"))).expect("config");
+    }
+    let apply = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(apply.code, 0, "{}{}", apply.stdout, apply.stderr);
+    assert!(apply.stdout.contains("Apply complete: 22 actions"), "{}", apply.stdout);
+    for env in ["test", "live"] {
+        assert_upgraded(&shared, env);
+        let [instances, backups, restores, deployments] = lock(&shared).creates(env);
+        assert_eq!((instances, backups, restores, deployments), (1, 1, 1, 1), "{env}: created once each");
+    }
+    let again = run(&dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(again.code, 0, "converged: {}{}", again.stdout, again.stderr);
+    (apply, shared)
+}
+
+/// Also a measurement: `PGCONVERGE_EMULATED_PROVISIONING=6 PGCONVERGE_EMULATED_POLL=3 cargo
+/// test --test divio provisioning_that_takes_time -- --nocapture` prints how long the
+/// runbook takes with provisioning that long (seconds) and that poll interval.
+#[test]
+fn provisioning_that_takes_time_is_waited_for_and_said() {
+    let knob = |name: &str| std::env::var(name).ok().filter(|v| v.parse::<f64>().is_ok());
+    let provisioning: f64 = knob("PGCONVERGE_EMULATED_PROVISIONING").map_or(2.5, |v| v.parse().unwrap_or(2.5));
+    let poll = knob("PGCONVERGE_EMULATED_POLL");
+    let started = std::time::Instant::now();
+    let (apply, _) = converges_in_one_apply_creating_each_thing_once("divio-slow", poll.as_deref(), |w| {
+        w.provisioning = std::time::Duration::from_secs_f64(provisioning);
+        (w.polls, w.job_time) = (1, std::time::Duration::from_millis(500));
+    });
+    eprintln!(
+        "the runbook for two environments with provisioning at {provisioning} s, poll_seconds {}: {:.1} s",
+        poll.as_deref().unwrap_or("0.01"),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(apply.stderr.contains("waiting for NEW to finish provisioning: PROVISIONING for"), "{}", apply.stderr);
+    let provision = apply.stderr.lines().find(|l| l.contains("provision +1 … done")).expect("provision line");
+    let seconds: f64 = provision
+        .split("done (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{provision}"));
+    assert!(seconds >= provisioning, "provision is done when the platform says so: {provision}");
+}
+
+#[test]
+fn answers_lost_after_the_platform_acted_create_nothing_twice() {
+    for (name, lose) in [("divio-dropped", Lose::Drop), ("divio-502", Lose::BadGateway)] {
+        let (apply, shared) = converges_in_one_apply_creating_each_thing_once(name, None, |w| w.lose = Some(lose));
+        let lost = lock(&shared).answers_lost;
+        // Per environment: add, provision, backup, restore, three instance changes, deploy, delete.
+        assert!(lost >= 18, "{lose:?}: the first answer to every change was lost: {lost}");
+        assert!(apply.stderr.contains("looking for the backup of DEFAULT before asking again"), "{}", apply.stderr);
+    }
+}
+
+#[test]
+fn provisioning_that_outlasts_wait_minutes_is_named_and_the_next_apply_waits_for_it_without_asking_again() {
+    let mut world = World::shop(&["live"]);
+    world.provisioning = std::time::Duration::from_secs(4);
+    let (shared, dir) = start(world, "divio-slow-timeout", "    wait_minutes: 0.01\n", "");
+    only_live(&dir);
+    let first = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(first.code, 1, "{}{}", first.stdout, first.stderr);
+    assert!(
+        first.stderr.contains("action 2 (provision +1) failed: gave up waiting for NEW (")
+            && first.stderr.contains("in live to finish provisioning after")
+            && first.stderr.contains("(wait_minutes): still PROVISIONING"),
+        "{}",
+        first.stderr
+    );
+    let config = dir.join("pgconverge.yaml");
+    let text = std::fs::read_to_string(&config).expect("config").replace("wait_minutes: 0.01", "wait_minutes: 1");
+    std::fs::write(&config, text).expect("config");
+    let second = run(&dir, &["apply", "--auto-approve"]);
+    assert_eq!(second.code, 0, "{}{}", second.stdout, second.stderr);
+    assert!(second.stderr.contains("provision"), "the plan finishes the provisioning: {}", second.stderr);
+    assert_upgraded(&shared, "live");
+    let w = lock(&shared);
+    assert_eq!(w.log.iter().filter(|l| l.ends_with("/provision/")).count(), 1, "provision was asked for once");
+    assert_eq!(w.creates("live"), [1, 1, 1, 1]);
 }

@@ -5,7 +5,7 @@ pub mod divio;
 pub mod local;
 
 use crate::config::Verify;
-use crate::model::{EnvName, Live, Major, Prefix, ServiceId};
+use crate::model::{EnvLive, EnvName, Live, Major, Prefix, ServiceId};
 
 /// Why a provider could not observe or act.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,14 @@ pub type Result<T> = std::result::Result<T, ProviderError>;
 pub trait Provider {
     /// The live state of every environment the provider knows.
     fn observe(&mut self) -> Result<Live>;
+    /// Observes after an action whose prediction for `env` is `expected`. A provider whose
+    /// platform carries actions out in its own time waits here, polling, while what the
+    /// action moves is still on its way to the prediction, and fails once that takes too
+    /// long; anything else that differs is returned at once for apply to report.
+    fn settle(&mut self, env: &EnvName, expected: &EnvLive) -> Result<Live> {
+        let _ = (env, expected);
+        self.observe()
+    }
     /// Records a new service; returns its id.
     fn add(&mut self, env: &EnvName, prefix: &Prefix, version: Major) -> Result<ServiceId>;
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;

@@ -5,6 +5,11 @@
 //! and then. The unconfirmed endpoints (provision, detach, rename, delete) follow the
 //! REST convention and can be switched off (405) one by one.
 //!
+//! It can be as unkind as the real platform: provisioning that takes wall time (seen the
+//! same way by the listing and by GET; a restore into an instance still provisioning
+//! fails), jobs that take wall time as well as polls, and replies lost after the work was
+//! done (`Lose`): the connection dropped, or a 502 as from a proxy.
+//!
 //! It also plays the application: at every request it tries to commit one write through
 //! the DSN its last deployment gave it for `DEFAULT`, unless the fence file exists
 //! (maintenance mode), and remembers every write it was told had committed. A test then
@@ -15,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -32,18 +38,35 @@ pub struct Instance {
     pub service: String,
     pub kind: String,
     pub rows: Vec<String>,
+    /// Added through the API (not by the test's set-up).
+    pub created: bool,
+    /// When a provisioning instance is ready.
+    ready_at: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
 struct Job {
     polls_left: u32,
+    /// It also takes this long, whatever the polls.
+    ends_at: Instant,
     done: bool,
+}
+
+/// How the answer to a request that changed something is lost, the first time that very
+/// request (method, path, body) is seen: after the platform acted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lose {
+    /// The connection is closed without an answer.
+    Drop,
+    /// A proxy answers 502 Bad Gateway.
+    BadGateway,
 }
 
 #[derive(Clone, Debug)]
 struct Backup {
     env: String,
     parts: Vec<String>,
+    notes: String,
     job: Job,
 }
 
@@ -56,8 +79,12 @@ struct InstanceBackup {
 
 #[derive(Clone, Debug)]
 struct Restore {
+    backup: String,
     target: String,
     rows: Vec<String>,
+    notes: String,
+    /// Posted into an instance that was not ready: it ends with `FAILURE`.
+    fails: bool,
     job: Job,
 }
 
@@ -78,6 +105,15 @@ pub struct World {
     pub page_size: usize,
     /// GETs a backup, restore or deployment takes to finish.
     pub polls: u32,
+    /// Wall time a backup, restore or deployment takes to finish, besides the polls.
+    pub job_time: std::time::Duration,
+    /// Wall time an instance takes to provision.
+    pub provisioning: std::time::Duration,
+    /// Loses the first answer to every request that changes something (`None`: never).
+    pub lose: Option<Lose>,
+    /// The requests whose answers were lost, and how many.
+    lost: BTreeSet<String>,
+    pub answers_lost: u32,
     /// Every nth request is answered 429 (0: never).
     pub rate_limit_every: u32,
     /// Every nth request is answered 503 (0: never).
@@ -167,8 +203,33 @@ impl World {
             service: service.into(),
             kind: "DATABASE".into(),
             rows: Vec::new(),
+            created: false,
+            ready_at: None,
         });
         uuid
+    }
+
+    /// What the API created in an environment: instances, backups, restores (into its
+    /// instances) and deployments of its own.
+    pub fn creates(&self, slug: &str) -> [usize; 4] {
+        let env = self.env_uuid(slug);
+        let ours = |uuid: &str| self.instances.iter().any(|i| i.uuid == uuid && i.env == env);
+        [
+            self.instances.iter().filter(|i| i.env == env && i.created).count(),
+            self.backups.values().filter(|b| b.env == env).count(),
+            self.restores.values().filter(|r| ours(&r.target)).count(),
+            self.deployments.iter().filter(|d| d.env == env && !d.started_by_test).count(),
+        ]
+    }
+
+    /// Provisioning instances whose time has come are ready.
+    fn refresh(&mut self) {
+        let now = Instant::now();
+        for i in self.instances.iter_mut().filter(|i| i.status == "PROVISIONING") {
+            if i.ready_at.is_none_or(|at| at <= now) {
+                i.status = "PENDING_ATTACHMENT".into();
+            }
+        }
     }
 
     pub fn env_uuid(&self, slug: &str) -> String {
@@ -217,11 +278,11 @@ impl World {
         if job.polls_left > 0 {
             job.polls_left -= 1;
         }
-        job.done = job.polls_left == 0;
+        job.done = job.polls_left == 0 && Instant::now() >= job.ends_at;
     }
 
     fn job(&self) -> Job {
-        Job { polls_left: self.polls, done: false }
+        Job { polls_left: self.polls, ends_at: Instant::now() + self.job_time, done: false }
     }
 
     /// Starts a deployment of `slug` that is already running when pgconverge looks.
@@ -232,7 +293,7 @@ impl World {
         self.deployments.push(Deployment {
             uuid: uuid.clone(),
             env,
-            job: Job { polls_left: polls, done: false },
+            job: Job { polls_left: polls, ends_at: Instant::now(), done: false },
             started_by_test: true,
             seq: self.seq,
             ended_seq: None,
@@ -301,9 +362,22 @@ async fn handle(State(world): State<Shared>, method: Method, uri: Uri, headers: 
         w.delay
     };
     tokio::time::sleep(delay).await;
+    let key = format!("{method} {} {}", uri.path(), String::from_utf8_lossy(&body));
+    let changes = method != Method::GET;
     let response = respond(&world, method, uri, headers, body);
-    lock(&world).in_flight -= 1;
-    response
+    let lose = {
+        let mut w = lock(&world);
+        w.in_flight -= 1;
+        let lose = w.lose.filter(|_| changes && response.status().is_success() && w.lost.insert(key));
+        w.answers_lost += u32::from(lose.is_some());
+        lose
+    };
+    match lose {
+        // Ends the connection's task: the client sees the connection closed, no answer.
+        Some(Lose::Drop) => std::panic::resume_unwind(Box::new("answer lost")),
+        Some(Lose::BadGateway) => (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response(),
+        None => response,
+    }
 }
 
 fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
@@ -325,6 +399,7 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
         return (StatusCode::SERVICE_UNAVAILABLE, "<html>upstream down</html>").into_response();
     }
     w.app_writes();
+    w.refresh();
     let query: BTreeMap<String, String> = uri
         .query()
         .unwrap_or("")
@@ -364,10 +439,6 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
         }
         (Method::GET, "apps", ["service-instances"]) => {
             let env = query.get("environment").cloned().unwrap_or_default();
-            // A provisioning instance is ready by the next look.
-            for i in w.instances.iter_mut().filter(|i| i.env == env && i.status == "PROVISIONING") {
-                i.status = "PENDING_ATTACHMENT".into();
-            }
             let items = w.instances.iter().filter(|i| i.env == env).map(instance_json).collect();
             page(&w, &uri, &query, items)
         }
@@ -381,6 +452,7 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
                 .flatten()
                 .filter_map(|s| s.as_str().map(str::to_owned))
                 .collect();
+            let notes = body["notes"].as_str().unwrap_or_default().to_owned();
             let uuid = w.id();
             let mut parts = Vec::new();
             for s in services {
@@ -396,19 +468,19 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
                 parts.push(part);
             }
             let job = w.job();
-            w.backups.insert(uuid.clone(), Backup { env, parts, job });
+            w.backups.insert(uuid.clone(), Backup { env, parts, notes, job });
             answer(StatusCode::CREATED, json!({"uuid": uuid}))
+        }
+        (Method::GET, "apps", ["backups"]) => {
+            let env = query.get("environment").cloned().unwrap_or_default();
+            let items = w.backups.iter().filter(|(_, b)| b.env == env).map(|(u, b)| backup_json(u, b)).collect();
+            page(&w, &uri, &query, items)
         }
         (Method::GET, "apps", ["backups", uuid]) => {
             let uuid = uuid.to_string();
             let Some(b) = w.backups.get_mut(&uuid) else { return not_found() };
             World::tick(&mut b.job);
-            let state = if b.job.done { "COMPLETED" } else { "WORKING" };
-            let success = if b.job.done { json!("SUCCESS") } else { Value::Null };
-            answer(
-                StatusCode::OK,
-                json!({"uuid": uuid, "state": state, "success": success, "service_instance_backups": b.parts}),
-            )
+            answer(StatusCode::OK, backup_json(&uuid, b))
         }
         (Method::GET, "apps", ["service-instance-backups", uuid]) => match w.instance_backups.get(*uuid) {
             Some(p) => answer(
@@ -427,28 +499,34 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
                 return bad("unknown service instance backup");
             };
             let target = item["service_instance"].as_str().map_or(part.instance.clone(), str::to_owned);
-            match w.instances.iter().find(|i| i.uuid == target) {
-                Some(i) if i.status != "NEW" && i.status != "REMOVED" => {}
+            let fails = match w.instances.iter().find(|i| i.uuid == target) {
+                Some(i) if i.status != "NEW" && i.status != "REMOVED" => i.status == "PROVISIONING",
                 _ => return bad("the target is not provisioned"),
-            }
+            };
             let uuid = w.id();
             let job = w.job();
-            w.restores.insert(uuid.clone(), Restore { target, rows: part.rows, job });
+            let notes = body["notes"].as_str().unwrap_or_default().to_owned();
+            w.restores
+                .insert(uuid.clone(), Restore { backup: part.backup, target, rows: part.rows, notes, fails, job });
             answer(StatusCode::CREATED, json!({"uuid": uuid}))
+        }
+        (Method::GET, "apps", ["backup-restores"]) => {
+            let backup = query.get("backup").cloned().unwrap_or_default();
+            let items =
+                w.restores.iter().filter(|(_, r)| r.backup == backup).map(|(u, r)| restore_json(u, r)).collect();
+            page(&w, &uri, &query, items)
         }
         (Method::GET, "apps", ["backup-restores", uuid]) => {
             let uuid = uuid.to_string();
             let Some(r) = w.restores.get_mut(&uuid) else { return not_found() };
             World::tick(&mut r.job);
             let r = r.clone();
-            if r.job.done {
+            if r.job.done && !r.fails {
                 if let Some(i) = w.instances.iter_mut().find(|i| i.uuid == r.target) {
                     i.rows = r.rows.clone();
                 }
             }
-            let finished = if r.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
-            let success = if r.job.done { json!("SUCCESS") } else { Value::Null };
-            answer(StatusCode::OK, json!({"uuid": uuid, "finished": finished, "success": success}))
+            answer(StatusCode::OK, restore_json(&uuid, &r))
         }
         (Method::GET, "apps", ["environment-variables"]) => {
             let env = query.get("environment").cloned().unwrap_or_default();
@@ -510,6 +588,22 @@ fn instance_json(i: &Instance) -> Value {
            "service": i.service, "environment": i.env})
 }
 
+fn backup_json(uuid: &str, b: &Backup) -> Value {
+    let state = if b.job.done { "COMPLETED" } else { "WORKING" };
+    let success = if b.job.done { json!("SUCCESS") } else { Value::Null };
+    json!({"uuid": uuid, "state": state, "success": success, "service_instance_backups": b.parts, "notes": b.notes})
+}
+
+fn restore_json(uuid: &str, r: &Restore) -> Value {
+    let finished = if r.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
+    let success = match (r.job.done, r.fails) {
+        (false, _) => Value::Null,
+        (true, false) => json!("SUCCESS"),
+        (true, true) => json!("FAILURE"),
+    };
+    json!({"uuid": uuid, "backup": r.backup, "finished": finished, "success": success, "notes": r.notes})
+}
+
 fn deployment_json(d: &Deployment) -> Value {
     let ended = if d.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
     json!({"uuid": d.uuid, "environment": d.env, "ended_at": ended, "success": if d.job.done { json!(true) } else { Value::Null }})
@@ -541,6 +635,9 @@ fn add_instance(w: &mut World, body: &Value) -> Response {
         return answer(StatusCode::BAD_REQUEST, json!({"prefix": ["already in use"]}));
     }
     let uuid = w.instance(&env, &prefix, &service, "NEW");
+    if let Some(i) = w.instances.iter_mut().find(|i| i.uuid == uuid) {
+        i.created = true;
+    }
     answer(StatusCode::CREATED, json!({"uuid": uuid}))
 }
 
@@ -560,15 +657,17 @@ fn instance_action(w: &mut World, method: Method, uuid: &str, rest: &[&str], bod
     let status = w.instances[at].status.clone();
     match op {
         "get" => {}
-        "provision" if status == "NEW" => w.instances[at].status = "PROVISIONING".into(),
+        "provision" if status == "NEW" => {
+            w.instances[at].status = "PROVISIONING".into();
+            w.instances[at].ready_at = Some(Instant::now() + w.provisioning);
+        }
         "detach" if status == "ATTACHED" => w.instances[at].status = "PENDING_DETACHMENT".into(),
         "rename" => {
             let to = body["prefix"].as_str().unwrap_or_default().to_owned();
             let env = w.instances[at].env.clone();
-            if w.instances
-                .iter()
-                .any(|i| i.env == env && i.prefix == to && i.kind == "DATABASE" && i.status != "REMOVED")
-            {
+            if w.instances.iter().any(|i| {
+                i.env == env && i.uuid != uuid && i.prefix == to && i.kind == "DATABASE" && i.status != "REMOVED"
+            }) {
                 return answer(StatusCode::BAD_REQUEST, json!({"prefix": ["already in use"]}));
             }
             w.instances[at].prefix = to;

@@ -1,5 +1,6 @@
 //! A small client of the Control Panel API: JSON over HTTPS with the token in a header,
-//! retries decided by `decide::retry_delay`, pagination through `next`, timeouts, and a
+//! retries decided by `decide::next_step` (a POST whose answer is lost is never sent
+//! again here: the caller looks for what it created first), pagination through `next`, timeouts, and a
 //! user agent naming pgconverge. Requests are async (reqwest on a tokio runtime owned by
 //! the client); the provider calls them one at a time through `block_on`, except where
 //! it fans out across environments with `all`, at most `CONCURRENCY` at once.
@@ -12,7 +13,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-use super::decide::{retry_delay, Outcome};
+use super::decide::{next_step, Next, Outcome, Verb};
 
 /// Requests in flight at once when observing several environments.
 pub const CONCURRENCY: usize = 4;
@@ -31,14 +32,23 @@ pub enum ApiError {
     /// No usable answer: connection, timeout, or a body that is not the JSON expected.
     #[error("{method} {path}: {message}")]
     Transport { method: Method, path: String, message: String },
+    /// A POST that may have been carried out although no answer said so (no answer, or a
+    /// 5xx): the caller looks for what it would have created before sending it again.
+    #[error("{method} {path}: {message}; it may have been carried out")]
+    Lost { method: Method, path: String, message: String },
 }
 
 impl ApiError {
     pub fn code(&self) -> Option<u16> {
         match self {
             ApiError::Status { code, .. } => Some(*code),
-            ApiError::Transport { .. } => None,
+            ApiError::Transport { .. } | ApiError::Lost { .. } => None,
         }
+    }
+
+    /// Whether the request may have been carried out although it failed.
+    pub fn lost(&self) -> bool {
+        matches!(self, ApiError::Lost { .. })
     }
 }
 
@@ -87,6 +97,8 @@ impl Api {
         self.runtime.block_on(self.inner.send(Method::GET, path, None))
     }
 
+    /// Sends a POST once, or again only when the API proved it did not act (429, no
+    /// connection); `ApiError::Lost` when it may have acted without saying so.
     pub fn post(&self, path: &str, body: Value) -> Result<Value, ApiError> {
         self.runtime.block_on(self.inner.send(Method::POST, path, Some(body)))
     }
@@ -95,6 +107,7 @@ impl Api {
         self.runtime.block_on(self.inner.send(Method::PATCH, path, Some(body)))
     }
 
+    /// A 404 after an attempt that went unanswered is the delete having happened.
     pub fn delete(&self, path: &str) -> Result<Value, ApiError> {
         self.runtime.block_on(self.inner.send(Method::DELETE, path, None))
     }
@@ -156,17 +169,23 @@ impl Inner {
     }
 
     async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, ApiError> {
+        let verb = match method {
+            Method::GET => Verb::Read,
+            Method::POST => Verb::Create,
+            Method::DELETE => Verb::Delete,
+            _ => Verb::Change,
+        };
         let shown = path.split('?').next().unwrap_or(path).to_owned();
         let transport = |message: String| ApiError::Transport { method: method.clone(), path: shown.clone(), message };
         let url = self.url(path).map_err(transport)?;
-        let mut attempt = 0;
+        let (mut attempt, mut lost_before) = (0, false);
         loop {
             attempt += 1;
             let mut request = self.http.request(method.clone(), &url).header(AUTHORIZATION, self.token.0.clone());
             if let Some(body) = &body {
                 request = request.header(CONTENT_TYPE, "application/json").body(body.to_string());
             }
-            let outcome = match request.send().await {
+            let (outcome, why, refused) = match request.send().await {
                 Ok(response) => {
                     let code = response.status();
                     let retry_after = response
@@ -175,34 +194,44 @@ impl Inner {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    let bytes = response.bytes().await;
-                    if code.is_success() {
-                        let bytes = bytes.map_err(|e| transport(format!("reading the answer: {e}")))?;
-                        if bytes.iter().all(u8::is_ascii_whitespace) {
-                            return Ok(Value::Null);
+                    match (code.is_success(), response.bytes().await) {
+                        (true, Ok(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => return Ok(Value::Null),
+                        (true, Ok(bytes)) => {
+                            return serde_json::from_slice(&bytes)
+                                .map_err(|e| transport(format!("the answer is not the JSON expected: {e}")))
                         }
-                        return serde_json::from_slice(&bytes)
-                            .map_err(|e| transport(format!("the answer is not the JSON expected: {e}")));
+                        (true, Err(e)) => {
+                            (Outcome::NoAnswer, format!("the answer was cut off: {}", without_url(&e)), None)
+                        }
+                        (false, bytes) => {
+                            let detail = detail(code, bytes.as_deref().unwrap_or_default());
+                            (
+                                Outcome::Status { code: code.as_u16(), retry_after },
+                                format!("HTTP {}", code.as_u16()),
+                                Some(detail),
+                            )
+                        }
                     }
-                    let outcome = Outcome::Status { code: code.as_u16(), retry_after };
-                    if retry_delay(attempt, outcome, 0.0).is_none() {
-                        return Err(ApiError::Status {
-                            method,
-                            path: shown,
-                            code: code.as_u16(),
-                            detail: detail(code, bytes.as_deref().unwrap_or_default()),
-                        });
-                    }
-                    (outcome, format!("HTTP {}", code.as_u16()))
                 }
-                Err(e) => (Outcome::NoAnswer, without_url(&e)),
+                Err(e) if e.is_connect() => (Outcome::NotSent, without_url(&e), None),
+                Err(e) => (Outcome::NoAnswer, without_url(&e), None),
             };
-            match retry_delay(attempt, outcome.0, jitter()) {
-                Some(wait) => {
-                    tracing::debug!(%method, path = %shown, attempt, wait_ms = wait.as_millis() as u64, why = %outcome.1, "retrying");
+            match next_step(verb, attempt, outcome, lost_before, jitter()) {
+                Next::Retry(wait) => {
+                    lost_before |= matches!(outcome, Outcome::NoAnswer | Outcome::Status { code: 500..=599, .. });
+                    tracing::debug!(%method, path = %shown, attempt, wait_ms = wait.as_millis() as u64, %why, "retrying");
                     tokio::time::sleep(wait).await;
                 }
-                None => return Err(transport(format!("{} (gave up after {attempt} attempts)", outcome.1))),
+                Next::Done => return Ok(Value::Null),
+                Next::LookFirst => return Err(ApiError::Lost { method, path: shown, message: why }),
+                Next::Fail => {
+                    return Err(match (outcome, refused) {
+                        (Outcome::Status { code, .. }, Some(detail)) => {
+                            ApiError::Status { method, path: shown, code, detail }
+                        }
+                        _ => transport(format!("{why} (gave up after {attempt} attempts)")),
+                    })
+                }
             }
         }
     }
@@ -283,7 +312,7 @@ fn without_url(e: &reqwest::Error) -> String {
 }
 
 /// A number in [0, 1) for the backoff's jitter; it need not be good, only spread.
-fn jitter() -> f64 {
+pub(super) fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));

@@ -4,6 +4,12 @@
 //! convention, and when the API answers 404 or 405 to one of them apply stops with the
 //! Control Panel step that does it by hand.
 //!
+//! The platform acts in its own time and its answers can be lost, so an action is done
+//! when observe shows what the rules predicted (`settle`, waiting while what the action
+//! moved is on its way), and a request that creates something is sent again only once
+//! it is proven not carried out: after a lost answer, the provider looks for what it would
+//! have created first (`create`, `change`).
+//!
 //! The API shows neither write fences nor where a service's data came from. The provider
 //! keeps its own records of both (the fences its `fence_command` set; the restores it
 //! made and what each service held when last seen attached) under `root`, beside the
@@ -38,6 +44,9 @@ struct Instance {
     env: EnvName,
     region: String,
     service: Service,
+    /// Its status as the provider reads it, and as the API spells it.
+    seen: Seen,
+    word: String,
 }
 
 /// A backup taken in this run, for the restore that follows it.
@@ -102,6 +111,11 @@ pub struct DivioProvider {
     /// The environment variables are read once per run, for `warn_undeployed`.
     vars_read: bool,
     writable: bool,
+    /// Names this run in the notes of the backups and restores it starts, so that one
+    /// whose answer was lost can be found again.
+    run: String,
+    /// What the last action asked the platform to change, for `settle` to wait for.
+    moving: Option<Moving>,
 }
 
 fn failed(e: impl std::fmt::Display) -> ProviderError {
@@ -182,6 +196,8 @@ impl DivioProvider {
             records: Records::default(),
             vars_read: false,
             writable: false,
+            run: run_id(),
+            moving: None,
         };
         p.records = p.read_records()?;
         Ok(p)
@@ -396,22 +412,85 @@ impl DivioProvider {
     }
 
     /// Gets the long operation at `path` every `poll` until `done` says it has ended, for
-    /// at most `wait`; returns its last state.
-    fn wait_for(&self, what: &str, path: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
-        let deadline = Instant::now() + self.wait;
-        loop {
+    /// at most `wait`, saying what it waits `for_what` meanwhile; returns its last state.
+    fn wait_for(&self, for_what: &str, path: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
+        poll_until(self.wait, self.poll, || {
             let state = self.api.get(path).map_err(api_err)?;
             if done(&state) {
-                return Ok(state);
+                return Ok(Ok(state));
             }
-            if Instant::now() >= deadline {
-                return Err(failed(format!(
-                    "{what} did not finish within {} minutes (wait_minutes); it may still finish: look in the \
-                     Control Panel, then run apply again",
-                    self.wait.as_secs_f64() / 60.0
-                )));
+            let seen = text(&state, "state").unwrap_or_else(|_| "running".into());
+            Ok(Err((for_what.to_owned(), seen)))
+        })
+        .unwrap_or_else(|(what, seen, waited)| Err(gave_up(&what, &seen, waited)))
+    }
+
+    /// POSTs `body` to create one thing, exactly once: when the answer is lost, `find`
+    /// looks for what the request would have created; found, that is the answer; not
+    /// found, the request is proven not carried out and is sent again.
+    fn create(
+        &self,
+        what: &str,
+        path: &str,
+        body: Value,
+        find: impl Fn(&Self) -> Result<Option<Value>>,
+    ) -> Result<Value> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.api.post(path, body.clone()) {
+                Ok(created) => return Ok(created),
+                Err(e) if e.lost() => {
+                    crate::progress::say(&format!("the answer was lost ({e}): looking for {what} before asking again"));
+                    if let Some(found) = find(self)? {
+                        crate::progress::say(&format!(
+                            "found {what}: the request was carried out; carrying on with it"
+                        ));
+                        return Ok(found);
+                    }
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(api_err(e));
+                    }
+                    std::thread::sleep(backoff(attempt, api::jitter(), None));
+                }
+                Err(e) => return Err(api_err(e)),
             }
-            std::thread::sleep(self.poll);
+        }
+    }
+
+    /// The item of the listing at `path` whose `notes` are those of `body`: the backup or
+    /// restore that a request with that body started (the notes name this run).
+    fn find_by_notes(&self, path: &str, body: &Value) -> Result<Option<Value>> {
+        let notes = body.get("notes").and_then(Value::as_str).unwrap_or_default();
+        let listed = self.api.list(path).map_err(api_err)?;
+        Ok(listed.into_iter().find(|item| item.get("notes").and_then(Value::as_str) == Some(notes)))
+    }
+
+    /// Asks for a change to an instance with `send`. A lost answer, or a refusal (400), is
+    /// success when the instance already shows the change (`done`): an earlier attempt
+    /// made it. A lost answer to a change not shown yet is asked again.
+    fn change(
+        &self,
+        id: &ServiceId,
+        send: impl Fn() -> std::result::Result<Value, ApiError>,
+        done: impl Fn(&Value) -> bool,
+    ) -> std::result::Result<Value, ApiError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match send() {
+                Err(e) if e.lost() || e.code() == Some(400) => {
+                    let now = self.api.get(&Self::instance_path(id))?;
+                    if done(&now) {
+                        return Ok(now);
+                    }
+                    if !e.lost() || attempt >= MAX_ATTEMPTS {
+                        return Err(e);
+                    }
+                    std::thread::sleep(backoff(attempt, api::jitter(), None));
+                }
+                r => return r,
+            }
         }
     }
 
@@ -459,6 +538,61 @@ fn warn_undeployed(env: &EnvName, visible: &BTreeSet<String>, dsns: &BTreeSet<St
     }
 }
 
+/// Calls `look` every `poll` (sooner at first: `decide::pause`) until it gives `Ok(T)`, for
+/// at most `wait`; meanwhile it gives what it waits for and the state it sees, which is
+/// said as `decide::report_due` says. `Err` once `wait` has passed: what was awaited, the
+/// state seen, the time waited. A stop asked by a signal ends the wait.
+#[allow(clippy::type_complexity)]
+fn poll_until<T>(
+    wait: Duration,
+    poll: Duration,
+    mut look: impl FnMut() -> Result<std::result::Result<T, (String, String)>>,
+) -> std::result::Result<Result<T>, (String, String, Duration)> {
+    let started = Instant::now();
+    let (mut said, mut looks) = (None, 0);
+    loop {
+        looks += 1;
+        let (what, seen) = match look() {
+            Ok(Ok(t)) => return Ok(Ok(t)),
+            Err(e) => return Ok(Err(e)),
+            Ok(Err(pending)) => pending,
+        };
+        let waited = started.elapsed();
+        if waited >= wait {
+            return Err((what, seen, waited));
+        }
+        if report_due(waited, said) {
+            crate::progress::say(&format!("waiting for {what}: {seen} for {}", clock(waited)));
+            said = Some(waited);
+        }
+        if let Err(e) = crate::interrupt::check() {
+            return Ok(Err(failed(e)));
+        }
+        std::thread::sleep(pause(poll, looks));
+    }
+}
+
+/// The error of a wait that lasted `wait_minutes`.
+fn gave_up(what: &str, seen: &str, waited: Duration) -> ProviderError {
+    failed(format!(
+        "gave up waiting for {what} after {} (wait_minutes): still {seen}; it may still happen: look in the \
+         Control Panel, then run apply again",
+        clock(waited)
+    ))
+}
+
+/// The status of an instance as `GET …/service-instances/<uuid>/` gives it.
+fn instance_status(instance: &Value) -> Option<Seen> {
+    status(instance.get("service_status")?.as_str()?)
+}
+
+/// Names one run in the notes of what it creates: unique enough that two runs never share
+/// it (the time in nanoseconds and the process id).
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:x}-{:x}", nanos as u64, std::process::id())
+}
+
 /// A field read as a success word (`"SUCCESS"`) or a bool.
 fn succeeded(v: &Value) -> bool {
     match v.get("success") {
@@ -474,6 +608,33 @@ fn is_set(v: &Value, key: &str) -> bool {
 }
 
 impl Provider for DivioProvider {
+    fn settle(&mut self, env: &EnvName, expected: &EnvLive) -> Result<Live> {
+        let Some(moving) = self.moving.take() else { return self.observe() };
+        let (wait, poll) = (self.wait, self.poll);
+        let mut last = None;
+        poll_until(wait, poll, || {
+            let live = self.observe()?;
+            let observed: Vec<(Service, String)> = self
+                .instances
+                .values()
+                .filter(|i| &i.env == env)
+                .map(|i| (i.service.clone(), i.word.trim().to_ascii_uppercase()))
+                .collect();
+            Ok(match awaited(&expected.services, &observed, &moving) {
+                None => Ok(live),
+                Some(a) => {
+                    let pending = (format!("{} to {}", a.prefix, a.want), a.seen.clone());
+                    last = Some(a);
+                    Err(pending)
+                }
+            })
+        })
+        .unwrap_or_else(|(what, seen, waited)| {
+            let what = last.map_or(what, |a: Awaited| format!("{} ({}) in {env} to {}", a.prefix, a.id, a.want));
+            Err(gave_up(&what, &seen, waited))
+        })
+    }
+
     fn observe(&mut self) -> Result<Live> {
         self.app()?;
         let names: Vec<EnvName> = self.envs.iter().map(|d| d.name.clone()).collect();
@@ -495,13 +656,13 @@ impl Provider for DivioProvider {
             for item in items {
                 let uuid = text(item, "uuid")?;
                 let word = text(item, "service_status")?;
-                let status = status(&word).ok_or_else(|| {
+                let seen = status(&word).ok_or_else(|| {
                     ProviderError::Inconsistent(format!(
                         "service instance {uuid} in {env} has status `{word}`, which this version of pgconverge \
                          does not know; nothing was done"
                     ))
                 })?;
-                let Some(status) = status else { continue }; // removed
+                let Some(status) = seen.for_rules() else { continue }; // removed
                 if !text(item, "type").unwrap_or_default().eq_ignore_ascii_case("DATABASE") {
                     continue;
                 }
@@ -521,21 +682,22 @@ impl Provider for DivioProvider {
                     fenced: false,
                     data: None,
                 };
-                found.push((service, text(item, "region").unwrap_or_default()));
+                found.push((service, text(item, "region").unwrap_or_default(), seen, word));
             }
             if let Some(dsns) = dsns.as_ref().and_then(|d| d.get(env)) {
                 let visible = items.iter().filter(|i| {
                     text(i, "type").is_ok_and(|t| t.eq_ignore_ascii_case("DATABASE"))
-                        && text(i, "service_status").is_ok_and(|w| status(&w).flatten().is_some_and(Status::visible))
+                        && text(i, "service_status")
+                            .is_ok_and(|w| status(&w).and_then(Seen::for_rules).is_some_and(Status::visible))
                 });
                 let seen: BTreeSet<String> = visible.filter_map(|i| text(i, "prefix").ok()).collect();
                 warn_undeployed(env, &seen, dsns);
             }
             let visible: Vec<&Prefix> =
-                found.iter().filter(|(s, _)| s.status.visible()).map(|(s, _)| &s.prefix).collect();
-            let bound: Vec<_> = found.iter().map(|(s, _)| Self::bound(desired, &s.prefix, &visible)).collect();
+                found.iter().filter(|(s, ..)| s.status.visible()).map(|(s, ..)| &s.prefix).collect();
+            let bound: Vec<_> = found.iter().map(|(s, ..)| Self::bound(desired, &s.prefix, &visible)).collect();
             let mut services = Vec::new();
-            for ((mut s, region), bound) in found.into_iter().zip(bound) {
+            for ((mut s, region, seen, word), bound) in found.into_iter().zip(bound) {
                 s.fenced = self.records.fences.iter().any(|f| &f.env == env && f.service == s.id);
                 let known = self.records.holds.iter().find(|c| &c.env == env && c.service == s.id);
                 s.data = match (known, bound) {
@@ -552,7 +714,8 @@ impl Provider for DivioProvider {
                         self.records.holds.push(Holds { env: env.clone(), service: s.id.clone(), data });
                     }
                 }
-                self.instances.insert(s.id.clone(), Instance { env: env.clone(), region, service: s.clone() });
+                self.instances
+                    .insert(s.id.clone(), Instance { env: env.clone(), region, service: s.clone(), seen, word });
                 services.push(s);
             }
             live.environments.insert(env.clone(), EnvLive { services });
@@ -604,14 +767,38 @@ impl Provider for DivioProvider {
                 majors.join(", ")
             )));
         };
+        let service = service.to_string();
         let body = json!({"environment": env_uuid, "region": region, "service": service, "prefix": prefix.as_str()});
-        let created = self.api.post(&format!("{V3}/service-instances/"), body).map_err(api_err)?;
-        ServiceId::observed(&text(&created, "uuid")?).map_err(ProviderError::Inconsistent)
+        // The rules add only under a free prefix: an instance there now is this request's.
+        let find = |p: &Self| -> Result<Option<Value>> {
+            let listed = p.api.list(&format!("{V3}/service-instances/?environment={env_uuid}")).map_err(api_err)?;
+            Ok(listed.into_iter().find(|i| {
+                text(i, "prefix").is_ok_and(|x| x == prefix.as_str())
+                    && text(i, "service").is_ok_and(|x| x == service)
+                    && text(i, "service_status").ok().and_then(|w| status(&w)).is_some_and(|s| s != Seen::Removed)
+            }))
+        };
+        let created =
+            self.create(&format!("the instance {prefix}"), &format!("{V3}/service-instances/"), body, find)?;
+        let id = ServiceId::observed(&text(&created, "uuid")?).map_err(ProviderError::Inconsistent)?;
+        self.moving = Some(Moving::These(vec![id.clone()]));
+        Ok(id)
     }
 
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
-        let prefix = self.instance(id)?.service.prefix.clone();
-        let r = self.api.post(&format!("{}provision/", Self::instance_path(id)), json!({}));
+        let instance = self.instance(id)?;
+        let (prefix, seen) = (instance.service.prefix.clone(), instance.seen);
+        self.moving = Some(Moving::These(vec![id.clone()]));
+        if seen == Seen::Provisioning {
+            // Asked before (by an apply that stopped while it waited): wait, do not ask again.
+            return Ok(());
+        }
+        let path = format!("{}provision/", Self::instance_path(id));
+        let r = self.change(
+            id,
+            || self.api.post(&path, json!({})),
+            |i| instance_status(i).is_some_and(|s| s != Seen::Is(Status::New)),
+        );
         self.unconfirmed(r, env, Manual::Provision { prefix: prefix.as_str() })
     }
 
@@ -645,11 +832,14 @@ impl Provider for DivioProvider {
             "environment": self.env_uuid(env)?,
             "services": [id.as_str()],
             "trigger": "MANUAL",
-            "notes": format!("pgconverge: {} before its upgrade", service.prefix),
+            "notes": format!("pgconverge {} backup {id}: {} before its upgrade", self.run, service.prefix),
         });
-        let created = self.api.post(&format!("{V3}/backups/"), body).map_err(api_err)?;
+        let find = |p: &Self| p.find_by_notes(&format!("{V3}/backups/?environment={}", p.env_uuid(env)?), &body);
+        let created =
+            self.create(&format!("the backup of {}", service.prefix), &format!("{V3}/backups/"), body.clone(), find)?;
         let uuid = text(&created, "uuid")?;
-        let done = self.wait_for(&format!("backup {uuid}"), &format!("{V3}/backups/{uuid}/"), |b| {
+        let what = format!("the backup of {} ({uuid}) to complete", service.prefix);
+        let done = self.wait_for(&what, &format!("{V3}/backups/{uuid}/"), |b| {
             b.get("state").and_then(Value::as_str).is_some_and(|s| s.eq_ignore_ascii_case("COMPLETED"))
         })?;
         if !succeeded(&done) {
@@ -686,13 +876,14 @@ impl Provider for DivioProvider {
         let body = json!({
             "backup": backup.uuid,
             "service_instance_restores": [{"service_instance_backup": backup.instance_backup, "service_instance": id.as_str()}],
-            "notes": format!("pgconverge: copy of {} into {id}", backup.of),
+            "notes": format!("pgconverge {} restore {id} from {}: copy of {}", self.run, backup.uuid, backup.of),
         });
-        let created = self.api.post(&format!("{V3}/backup-restores/"), body).map_err(api_err)?;
+        let find = |p: &Self| p.find_by_notes(&format!("{V3}/backup-restores/?backup={}", backup.uuid), &body);
+        let created =
+            self.create(&format!("the restore into {id}"), &format!("{V3}/backup-restores/"), body.clone(), find)?;
         let uuid = text(&created, "uuid")?;
-        let done = self.wait_for(&format!("restore {uuid}"), &format!("{V3}/backup-restores/{uuid}/"), |r| {
-            is_set(r, "finished")
-        })?;
+        let what = format!("the restore of {} into {id} ({uuid}) to finish", backup.of);
+        let done = self.wait_for(&what, &format!("{V3}/backup-restores/{uuid}/"), |r| is_set(r, "finished"))?;
         if !succeeded(&done) {
             return Err(failed(format!(
                 "restore {uuid} into {id} ended with success = {}",
@@ -741,32 +932,60 @@ impl Provider for DivioProvider {
 
     fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()> {
         let from = self.instance(id)?.service.prefix.clone();
-        let r = self.api.patch(&Self::instance_path(id), json!({"prefix": to.as_str()}));
+        self.moving = Some(Moving::These(vec![id.clone()]));
+        let path = Self::instance_path(id);
+        let r = self.change(
+            id,
+            || self.api.patch(&path, json!({"prefix": to.as_str()})),
+            |i| text(i, "prefix").is_ok_and(|p| p == to.as_str()),
+        );
         self.unconfirmed(r, env, Manual::Rename { from: from.as_str(), to: to.as_str() })
     }
 
     fn detach(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let prefix = self.instance(id)?.service.prefix.clone();
-        let r = self.api.post(&format!("{}detach/", Self::instance_path(id)), json!({}));
+        self.moving = Some(Moving::These(vec![id.clone()]));
+        let path = format!("{}detach/", Self::instance_path(id));
+        let r = self.change(
+            id,
+            || self.api.post(&path, json!({})),
+            |i| matches!(instance_status(i), Some(Seen::Is(Status::PendingDetachment | Status::Detached))),
+        );
         self.unconfirmed(r, env, Manual::Detach { prefix: prefix.as_str() })
     }
 
     fn deploy(&mut self, env: &EnvName) -> Result<()> {
         let env_uuid = self.env_uuid(env)?;
-        let running = self.api.list(&format!("{V3}/deployments/?environment={env_uuid}")).map_err(api_err)?;
+        let listing = format!("{V3}/deployments/?environment={env_uuid}");
+        let running = self.api.list(&listing).map_err(api_err)?;
         // A deployment already under way started before this apply's changes: it is waited
         // for, then a new one carries them.
+        let mut before: BTreeSet<String> = running.iter().filter_map(|d| text(d, "uuid").ok()).collect();
         if let Some(busy) = running.iter().find(|d| !is_set(d, "ended_at")) {
             let uuid = text(busy, "uuid")?;
-            tracing::info!(%env, deployment = %uuid, "waiting for the deployment already running");
             let path = format!("{V3}/deployments/{uuid}/");
-            self.wait_for(&format!("the running deployment {uuid}"), &path, |d| is_set(d, "ended_at"))?;
+            self.wait_for(&format!("the deployment already running ({uuid}) to end"), &path, |d| {
+                is_set(d, "ended_at")
+            })?;
+            before = self.api.list(&listing).map_err(api_err)?.iter().filter_map(|d| text(d, "uuid").ok()).collect();
         }
-        let created =
-            self.api.post(&format!("{V3}/deployments/"), json!({"environment": env_uuid})).map_err(api_err)?;
+        self.moving = Some(Moving::All);
+        // Any deployment that started after this one was asked for carries the changes
+        // made before it: one of them, found after a lost answer, is as good as this one.
+        let find = |p: &Self| -> Result<Option<Value>> {
+            let now = p.api.list(&listing).map_err(api_err)?;
+            Ok(now.into_iter().find(|d| text(d, "uuid").is_ok_and(|u| !before.contains(&u))))
+        };
+        let created = self.create(
+            &format!("the deployment of {env}"),
+            &format!("{V3}/deployments/"),
+            json!({"environment": env_uuid}),
+            find,
+        )?;
         let uuid = text(&created, "uuid")?;
         let path = format!("{V3}/deployments/{uuid}/");
-        let done = self.wait_for(&format!("deployment {uuid}"), &path, |d| is_set(d, "ended_at"))?;
+        let done =
+            self.wait_for(&format!("the deployment of {env} ({uuid}) to end"), &path, |d| is_set(d, "ended_at"))?;
         if !succeeded(&done) {
             return Err(failed(format!("deployment {uuid} of {env} failed; its log is in the Control Panel")));
         }
@@ -785,6 +1004,7 @@ impl Provider for DivioProvider {
 
     fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let prefix = self.instance(id)?.service.prefix.clone();
+        self.moving = Some(Moving::These(vec![id.clone()]));
         let r = self.api.delete(&Self::instance_path(id));
         self.unconfirmed(r, env, Manual::Delete { prefix: prefix.as_str() })
     }
