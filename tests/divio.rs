@@ -362,7 +362,11 @@ fn provisioning_that_takes_time_is_waited_for_and_said() {
 
 #[test]
 fn answers_lost_after_the_platform_acted_create_nothing_twice() {
-    for (name, lose) in [("divio-dropped", Lose::Drop), ("divio-502", Lose::BadGateway)] {
+    for (name, lose) in [
+        ("divio-dropped", Lose::Drop),
+        ("divio-502", Lose::BadGateway),
+        ("divio-502-unacted", Lose::BadGatewayBeforeActing),
+    ] {
         let (apply, shared) = converges_in_one_apply_creating_each_thing_once(name, None, |w| w.lose = Some(lose));
         let lost = lock(&shared).answers_lost;
         // Per environment: add, provision, backup, restore, three instance changes, deploy, delete.

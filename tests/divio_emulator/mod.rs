@@ -60,6 +60,9 @@ pub enum Lose {
     Drop,
     /// A proxy answers 502 Bad Gateway.
     BadGateway,
+    /// A proxy answers 502 Bad Gateway, and the platform never saw the request: the one
+    /// case where sending a create again is right.
+    BadGatewayBeforeActing,
 }
 
 #[derive(Clone, Debug)]
@@ -364,6 +367,15 @@ async fn handle(State(world): State<Shared>, method: Method, uri: Uri, headers: 
     tokio::time::sleep(delay).await;
     let key = format!("{method} {} {}", uri.path(), String::from_utf8_lossy(&body));
     let changes = method != Method::GET;
+    let bad_gateway = || (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response();
+    {
+        let mut w = lock(&world);
+        if changes && w.lose == Some(Lose::BadGatewayBeforeActing) && w.lost.insert(key.clone()) {
+            w.answers_lost += 1;
+            w.in_flight -= 1;
+            return bad_gateway();
+        }
+    }
     let response = respond(&world, method, uri, headers, body);
     let lose = {
         let mut w = lock(&world);
@@ -375,8 +387,8 @@ async fn handle(State(world): State<Shared>, method: Method, uri: Uri, headers: 
     match lose {
         // Ends the connection's task: the client sees the connection closed, no answer.
         Some(Lose::Drop) => std::panic::resume_unwind(Box::new("answer lost")),
-        Some(Lose::BadGateway) => (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response(),
-        None => response,
+        Some(Lose::BadGateway) => bad_gateway(),
+        Some(Lose::BadGatewayBeforeActing) | None => response,
     }
 }
 
