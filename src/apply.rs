@@ -355,15 +355,23 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// A lock under the provider's root, held for a whole apply. A lock whose holder is gone
-/// (its pid no longer runs) is taken over.
+/// A lock under the provider's root, held for a whole apply: an OS lock (`flock`) on
+/// `root/lock`, which the kernel releases when the process ends, however it ends, so a
+/// killed apply frees it at once and two applies that race for it cannot both win. The
+/// file names its holder, for the message another apply gets, and is removed on release.
 #[derive(Debug)]
 pub struct Lock {
     path: PathBuf,
+    /// Holds the lock until it is closed, after `drop` removed the path.
+    _file: std::fs::File,
 }
 
 impl Lock {
-    pub fn acquire(root: &Path) -> Result<Lock, ProviderError> {
+    /// Takes the lock, waiting up to `timeout` (zero: refuse at once) while another
+    /// apply holds it.
+    pub fn acquire(root: &Path, timeout: Duration) -> Result<Lock, ProviderError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let failed = |what: &str, e: std::io::Error| ProviderError::Failed(format!("cannot {what}: {e}"));
         if !root.exists() {
             // Made with its mode set explicitly, whatever the umask: others may pass
             // through (servers run as another user) but neither list nor write.
@@ -373,49 +381,176 @@ impl Lock {
                 .mode(0o711)
                 .create(root)
                 .and_then(|()| std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)))
-                .map_err(|e| ProviderError::Failed(format!("cannot create {}: {e}", root.display())))?;
+                .map_err(|e| failed(&format!("create {}", root.display()), e))?;
         }
         let path = root.join("lock");
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    let since = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
-                    use std::io::Write;
-                    writeln!(f, "{} {since}", std::process::id())
-                        .map_err(|e| ProviderError::Failed(format!("cannot write {}: {e}", path.display())))?;
-                    return Ok(Lock { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let mut f = text.split_whitespace();
-                    let pid: Option<u32> = f.next().and_then(|p| p.parse().ok());
-                    let since: Option<u64> = f.next().and_then(|s| s.parse().ok());
-                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-                    if alive {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0);
-                        let age = since.map(|s| format!(", for {} s", now.saturating_sub(s))).unwrap_or_default();
-                        return Err(ProviderError::Locked {
-                            holder: format!("pid {}{age} (lock file {})", pid.unwrap_or(0), path.display()),
-                        });
+        let deadline = Instant::now() + timeout;
+        loop {
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+                return Err(ProviderError::Failed(format!(
+                    "{} is not a plain file; remove it (pgconverge makes it anew)",
+                    path.display()
+                )));
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| failed(&format!("open {}", path.display()), e))?;
+            match file.try_lock() {
+                Ok(()) => {
+                    // A holder that released it between our open and our lock removed the
+                    // file: a lock on a file no longer at `path` locks nothing. Try again.
+                    let held = file.metadata().map_err(|e| failed(&format!("read {}", path.display()), e))?;
+                    let at_path = std::fs::symlink_metadata(&path).ok();
+                    if at_path.is_none_or(|m| (m.dev(), m.ino()) != (held.dev(), held.ino())) {
+                        continue;
                     }
-                    tracing::warn!(lock = %path.display(), "taking over the lock of an apply that is gone");
-                    let _ = std::fs::remove_file(&path);
+                    use std::io::{Seek, Write};
+                    file.set_len(0)
+                        .and_then(|()| file.seek(std::io::SeekFrom::Start(0)))
+                        .and_then(|_| file.write_all(holder().as_bytes()))
+                        .map_err(|e| failed(&format!("write {}", path.display()), e))?;
+                    return Ok(Lock { path, _file: file });
                 }
-                Err(e) => return Err(ProviderError::Failed(format!("cannot create {}: {e}", path.display()))),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let mut text = String::new();
+                    let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                    let who = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(", ");
+                    let who = if who.is_empty() { "an apply that has not said who it is".to_owned() } else { who };
+                    return Err(ProviderError::Locked { holder: format!("{who} (lock {})", path.display()) });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(failed(&format!("lock {}", path.display()), e)),
             }
         }
-        Err(ProviderError::Locked { holder: format!("another apply took {} meanwhile", path.display()) })
     }
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
+        // Removed while still held; the lock itself ends when the file is closed, next.
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Who holds the lock, as a second apply is told: pid, host, since when, and the CI job
+/// when there is one.
+fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let job = match (
+        std::env::var("GITHUB_SERVER_URL"),
+        std::env::var("GITHUB_REPOSITORY"),
+        std::env::var("GITHUB_RUN_ID"),
+    ) {
+        (Ok(server), Ok(repo), Ok(run)) => Some(format!("{server}/{repo}/actions/runs/{run}")),
+        (_, _, Ok(run)) => Some(format!("GitHub Actions run {run}")),
+        _ => std::env::var("CI_JOB_URL").ok(),
+    };
+    let mut text = format!(
+        "pid {}
+host {host}
+since {}
+",
+        std::process::id(),
+        utc(since)
+    );
+    if let Some(job) = job.filter(|j| !j.trim().is_empty()) {
+        text.push_str(&format!(
+            "job {}
+",
+            crate::model::printable(&job)
+        ));
+    }
+    text
+}
+
+/// Seconds since 1970 as `2026-12-02T14:05:00Z`.
+pub fn utc(secs: u64) -> String {
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // The civil date of a day count, by 400-year eras of 146,097 days starting in March.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pgconverge-lock-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn racers_for_a_stale_lock_never_both_win() {
+        let root = root("race");
+        for round in 0..50 {
+            std::fs::create_dir_all(&root).expect("root");
+            // Left by a holder that is gone, in the old format and the new.
+            let stale = if round % 2 == 0 { "4194305 0\n" } else { "pid 4194305\nhost gone\n" };
+            std::fs::write(root.join("lock"), stale).expect("stale lock");
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let done = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let racers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (root, start, done) = (root.clone(), start.clone(), done.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let lock = Lock::acquire(&root, Duration::ZERO);
+                        let won = lock.is_ok();
+                        done.wait(); // the winner holds it until everyone has tried
+                        drop(lock);
+                        won
+                    })
+                })
+                .collect();
+            let winners = racers.into_iter().map(|r| r.join().expect("racer")).filter(|w| *w).count();
+            assert_eq!(winners, 1, "round {round}");
+            assert!(!root.join("lock").exists(), "released: the file is gone");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_held_lock_names_its_holder_and_can_be_waited_for() {
+        let root = root("wait");
+        let held = Lock::acquire(&root, Duration::ZERO).expect("first");
+        let refused = Lock::acquire(&root, Duration::ZERO).expect_err("second");
+        let text = refused.to_string();
+        assert!(text.contains(&format!("pid {}", std::process::id())) && text.contains("since 20"), "{text}");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            drop(held);
+        });
+        let t = Instant::now();
+        let waited = Lock::acquire(&root, Duration::from_secs(30));
+        assert!(waited.is_ok(), "{waited:?}");
+        assert!(t.elapsed() >= Duration::from_millis(400), "it waited for the holder");
+        releaser.join().expect("releaser");
+        drop(waited);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn times_are_written_in_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_221_500), "2026-12-02T14:25:00Z");
     }
 }

@@ -84,6 +84,10 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         auto_approve: bool,
+        /// While another apply holds the lock, wait this long for it (`30s`, `5m`, `1h`)
+        /// instead of stopping at once.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+        lock_timeout: std::time::Duration,
     },
     /// Show the live services.
     Show {
@@ -162,7 +166,7 @@ impl Error {
             Error::Input { hint, .. } => Some(*hint),
             Error::Write { .. } | Error::Cancelled => None,
             Error::Provider(ProviderError::Locked { .. }) => {
-                Some("wait for it to finish; a lock whose process is gone is taken over")
+                Some("wait for it to finish, or pass --lock-timeout 5m to wait; the lock ends with its process, however it ends")
             }
             Error::Provider(_) => None,
             Error::NotATerminal => Some("review the plan, then run apply with --auto-approve (or apply a saved plan)"),
@@ -301,6 +305,23 @@ impl apply::Progress for StderrProgress {
     }
 }
 
+/// `30s`, `5m`, `1h`, `90` (seconds).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.find(|c: char| c.is_ascii_alphabetic()).map_or((text, "s"), |at| text.split_at(at));
+    let seconds = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("`{text}`: say how long in s, m or h (e.g. 30s, 5m)")),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("`{text}` is not a duration (e.g. 30s, 5m)"))?;
+    if !(value.is_finite() && value >= 0.0 && value * seconds <= 86_400.0) {
+        return Err(format!("`{text}`: between 0 and a day"));
+    }
+    Ok(std::time::Duration::from_secs_f64(value * seconds))
+}
+
 /// Runs one command, writing results to `out`.
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
     match cli.command {
@@ -349,18 +370,30 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let changes = report.plan.has_changes() || compose.is_some();
             Ok(if detailed_exitcode && changes { Outcome::ChangesPending } else { Outcome::Done })
         }
-        Command::Apply { target: Target { file, env }, plan: saved, auto_approve } => {
+        Command::Apply { target: Target { file, env }, plan: saved, auto_approve, lock_timeout } => {
             let config = config::load(&file)?;
             let only = env_names(&env)?;
             let saved: Option<Plan> = match &saved {
                 Some(path) => {
                     let p: Plan = read_json(path, "plan")?;
+                    let refuse = |message: String, hint| Error::Input { at: path.display().to_string(), message, hint };
                     if p.format_version != crate::model::FORMAT_VERSION {
-                        return Err(Error::Input {
-                            at: path.display().to_string(),
-                            message: format!("plan format_version {} is not supported", p.format_version),
-                            hint: "make the plan again with this version of pgconverge",
-                        });
+                        return Err(refuse(
+                            format!("plan format_version {} is not supported", p.format_version),
+                            "make the plan again with this version of pgconverge",
+                        ));
+                    }
+                    if !only.is_empty() {
+                        return Err(refuse(
+                            "--env cannot narrow a saved plan: it runs whole, as it was shown".into(),
+                            "make the plan for those environments: `pgconverge plan --env NAME --out FILE`",
+                        ));
+                    }
+                    if p.config != plan::config_digest(&config) {
+                        return Err(refuse(
+                            format!("the plan was made for another config than {} as it is now", file.display()),
+                            "make the plan again from this config: `pgconverge plan --out FILE`",
+                        ));
                     }
                     Some(p)
                 }
@@ -370,7 +403,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             if let AnyProvider::Local(local) = &provider {
                 local.check_root()?;
             }
-            let _lock = Lock::acquire(provider.root())?;
+            let _lock = Lock::acquire(provider.root(), lock_timeout)?;
             if let AnyProvider::Local(local) = &provider {
                 local.claim_root()?;
             }
@@ -382,14 +415,15 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             if let AnyProvider::Local(local) = &provider {
                 local.tidy_replication()?;
             }
-            let report = plan::plan(&config, &live, &only)?;
-            let plan = match saved {
+            // A saved plan is shown and run as it is, never a fresh one in its place.
+            let report = match saved {
                 Some(p) => {
                     apply::check_fresh(&p, &live)?;
-                    p
+                    plan::report_of(&config, &live, &p)?
                 }
-                None => report.plan.clone(),
+                None => plan::plan(&config, &live, &only)?,
             };
+            let plan = report.plan.clone();
             provider.check(&plan)?;
             let compose = compose_edit(&config, &file, &only)?;
             if !plan.has_changes() {

@@ -401,3 +401,91 @@ fn provisioning_that_outlasts_wait_minutes_is_named_and_the_next_apply_waits_for
     assert_eq!(w.log.iter().filter(|l| l.ends_with("/provision/")).count(), 1, "provision was asked for once");
     assert_eq!(w.creates("live"), [1, 1, 1, 1]);
 }
+
+#[test]
+fn a_saved_plan_is_shown_and_run_as_it_is_and_refused_under_another_config_or_with_env() {
+    let (shared, dir) = start(World::shop(&["test", "live"]), "divio-saved-plan", "", "");
+    let plan = run(&dir, &["plan", "--env", "test", "--out", "plan.json"]);
+    assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
+
+    let narrowed = run(&dir, &["apply", "--auto-approve", "--env", "live", "plan.json"]);
+    assert_eq!(narrowed.code, 1, "{}{}", narrowed.stdout, narrowed.stderr);
+    assert!(narrowed.stderr.contains("--env cannot narrow a saved plan"), "{}", narrowed.stderr);
+
+    let config = dir.join("pgconverge.yaml");
+    let original = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, original.replace("poll_seconds: 0.01", "poll_seconds: 0.02")).expect("config");
+    let other = run(&dir, &["apply", "--auto-approve", "plan.json"]);
+    assert_eq!(other.code, 1, "{}{}", other.stdout, other.stderr);
+    assert!(other.stderr.contains("the plan was made for another config"), "{}", other.stderr);
+    assert!(lock(&shared).log.iter().all(|l| l.starts_with("GET")), "nothing was asked of the API but to look");
+
+    std::fs::write(&config, original).expect("config");
+    let apply = run(&dir, &["apply", "--auto-approve", "plan.json"]);
+    assert_eq!(apply.code, 0, "{}{}", apply.stdout, apply.stderr);
+    let shown = (apply.stdout.contains("Environment test"), apply.stdout.contains("Environment live"));
+    assert_eq!(shown, (true, false), "shows the saved plan: {}", apply.stdout);
+    assert!(apply.stdout.contains("Apply complete: 11 actions"), "runs the saved plan: {}", apply.stdout);
+    assert_upgraded(&shared, "test");
+    assert_eq!(lock(&shared).creates("live"), [0, 0, 0, 0], "live was not in the saved plan");
+}
+
+/// Also a measurement: prints how long the second apply took to be refused, and to take
+/// over once the first was killed.
+#[test]
+fn a_second_apply_is_refused_naming_the_first_and_takes_over_at_once_when_it_is_killed() {
+    let mut world = World::shop(&["live"]);
+    world.provisioning = std::time::Duration::from_secs(30);
+    let (shared, dir) = start(world, "divio-two-runners", "", "");
+    only_live(&dir);
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args(["apply", "--auto-approve"])
+        .current_dir(&dir)
+        .envs([("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("GITHUB_RUN_ID", "4242")])
+        .env_remove("GITHUB_SERVER_URL")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("first apply");
+    // Read its progress until it waits for the provisioning: it holds the lock.
+    let mut stderr = first.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut all, mut buf) = (String::new(), [0u8; 4096]);
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if all.contains("provision +1") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the first apply reached the provisioning");
+
+    let t = std::time::Instant::now();
+    let second = run(&dir, &["apply", "--auto-approve"]);
+    let refused_in = t.elapsed();
+    assert_eq!(second.code, 1, "{}{}", second.stdout, second.stderr);
+    let pid = format!("another apply is running: pid {}, host ", first.id());
+    assert!(second.stderr.contains(&pid), "{}", second.stderr);
+    assert!(second.stderr.contains("job GitHub Actions run 4242"), "{}", second.stderr);
+
+    first.kill().expect("SIGKILL the first apply");
+    first.wait().expect("reap");
+    lock(&shared).provision_now();
+    let t = std::time::Instant::now();
+    let third = run(&dir, &["apply", "--auto-approve"]);
+    let took_over_in = t.elapsed();
+    assert_eq!(third.code, 0, "{}{}", third.stdout, third.stderr);
+    assert_upgraded(&shared, "live");
+    assert_eq!(lock(&shared).creates("live"), [1, 1, 1, 1], "nothing made twice");
+    eprintln!(
+        "a second apply was refused in {:.3} s; after SIGKILL, the next apply finished the upgrade in {:.2} s",
+        refused_in.as_secs_f64(),
+        took_over_in.as_secs_f64()
+    );
+}

@@ -315,19 +315,21 @@ fn upgrades_in_a_row_keep_every_row() {
 #[test]
 fn a_second_apply_is_refused_and_a_dead_lock_is_taken_over() {
     let dir = scratch("local_lock");
-    let _servers = Servers(dir.join(".pgconverge"));
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
     config(&dir, "  test:\n    postgres:\n      DEFAULT: 15\n");
-    std::fs::create_dir_all(dir.join(".pgconverge")).expect("root");
-    // A live holder: this test process.
-    std::fs::write(dir.join(".pgconverge/lock"), format!("{} 0\n", std::process::id())).expect("lock");
+    // A live holder: this test process, through the same lock apply takes.
+    let held = pgconverge::apply::Lock::acquire(&root, std::time::Duration::ZERO).expect("lock");
     let run = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains(&format!("another apply is running: pid {}", std::process::id())), "{}", run.stderr);
-    assert!(!dir.join(".pgconverge/state").exists(), "nothing was touched");
-    // A holder that is gone (pids never reach this high on Linux).
-    std::fs::write(dir.join(".pgconverge/lock"), "4194305 0\n").expect("lock");
+    assert!(run.stderr.contains("since 20") && run.stderr.contains("--lock-timeout"), "{}", run.stderr);
+    assert!(!root.join("state").exists(), "nothing was touched");
+    drop(held);
+    // What a holder that is gone left behind (the kernel ended its lock with it).
+    std::fs::write(root.join("lock"), "pid 4194305\nhost gone\n").expect("lock");
     apply(&dir);
-    assert!(!dir.join(".pgconverge/lock").exists(), "the lock is released");
+    assert!(!root.join("lock").exists(), "the lock is released");
 }
 
 #[test]

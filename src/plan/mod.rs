@@ -65,6 +65,10 @@ pub struct Plan {
     pub format_version: u32,
     /// Digest of the snapshot this plan was made from; a stale plan is refused.
     pub observed: String,
+    /// Digest of the config it was made for (`config_digest`); `apply PLAN` refuses it
+    /// under another. Empty in plans of versions before it was recorded.
+    #[serde(default)]
+    pub config: String,
     pub environments: Vec<EnvPlan>,
 }
 
@@ -134,6 +138,9 @@ pub enum PlanError {
     /// No sequence of allowed actions reaches the goal.
     #[error("environment {env}: no safe plan exists: {reason}")]
     NoPlan { env: EnvName, reason: String },
+    /// A saved plan has an action the rules refuse in the state it would run in.
+    #[error("environment {env}: the saved plan's action {number} is not allowed now: {reason} (checked before anything was done: nothing was touched)")]
+    Refused { env: EnvName, number: usize, reason: String },
 }
 
 /// Plans the environments of `config` (all, or those named in `only`) against `live`.
@@ -155,6 +162,7 @@ pub fn plan(config: &Config, live: &Live, only: &[EnvName]) -> Result<Report, Pl
     let plan = Plan {
         format_version: FORMAT_VERSION,
         observed: live.digest(),
+        config: config_digest(config),
         environments: environments
             .iter()
             .map(|e| EnvPlan { name: e.name.clone(), actions: e.steps.iter().map(|s| s.action.clone()).collect() })
@@ -162,6 +170,67 @@ pub fn plan(config: &Config, live: &Live, only: &[EnvName]) -> Result<Report, Pl
     };
     let rollout_warnings = rollout_warnings(config, &desired, live, &environments);
     Ok(Report { plan, environments, unmanaged_environments, rollout_warnings })
+}
+
+/// Digest of a config as pgconverge reads it (comments and layout do not count).
+pub fn config_digest(config: &Config) -> String {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(config).unwrap_or_default();
+    format!("sha256:{}", crate::model::hex(&sha2::Sha256::digest(&bytes)))
+}
+
+/// The report of a saved plan, made from `live`, so that what `apply PLAN` shows is what it
+/// runs: each action's reason, risk and place in the write outage come from the rules,
+/// replayed from the observed state. Refused where the rules refuse an action.
+pub fn report_of(config: &Config, live: &Live, saved: &Plan) -> Result<Report, PlanError> {
+    live.validate().map_err(PlanError::BadSnapshot)?;
+    let desired = config.desired();
+    let mut environments = Vec::new();
+    for env_plan in &saved.environments {
+        let d = desired
+            .iter()
+            .find(|d| d.name == env_plan.name)
+            .ok_or_else(|| PlanError::UnknownEnvironment(env_plan.name.to_string()))?;
+        let refused = |number: usize, reason: String| PlanError::Refused { env: d.name.clone(), number, reason };
+        let env_live = live.environments.get(&d.name).cloned().unwrap_or_default();
+        let mut p = Prediction::new(d, &env_live).map_err(|r| refused(0, r))?;
+        let start = p.state.clone();
+        let (mut steps, mut outage_actions) = (Vec::new(), 0);
+        for (i, action) in env_plan.actions.iter().enumerate() {
+            let refused = |r: String| refused(i + 1, r);
+            let op = p.op_of(action).map_err(refused)?;
+            let before = p.state.clone();
+            // An added service's name in the plan stands in for the id it will get.
+            let stand_in = match action {
+                Action::Add { service, .. } => Some(service.clone()),
+                _ => None,
+            };
+            p.advance(action, stand_in).map_err(refused)?;
+            let inside = search::step_outage(&p.ctx, &before, &p.state) == 1;
+            outage_actions += u32::from(inside);
+            steps.push(Step {
+                action: action.clone(),
+                reason: reason(&p.ctx, &before, &op),
+                risk: risk(&op),
+                in_outage: inside,
+            });
+        }
+        let unmanaged = start.svcs.iter().filter(|s| p.ctx.unmanaged(s)).map(|s| p.ctx.id(s.id)).collect();
+        environments.push(EnvReport {
+            name: d.name.clone(),
+            desired: d.clone(),
+            live: env_live,
+            steps,
+            unmanaged,
+            outage_actions,
+            // Whether it was the shortest was said when it was made; not known here.
+            proven_shortest: true,
+        });
+    }
+    let unmanaged_environments =
+        live.environments.keys().filter(|n| !desired.iter().any(|d| &d.name == *n)).cloned().collect();
+    let rollout_warnings = rollout_warnings(config, &desired, live, &environments);
+    Ok(Report { plan: saved.clone(), environments, unmanaged_environments, rollout_warnings })
 }
 
 /// An environment that would move a prefix to a major that an environment before it in

@@ -225,6 +225,13 @@ impl World {
         ]
     }
 
+    /// Every instance provisioning now is ready at once.
+    pub fn provision_now(&mut self) {
+        for i in self.instances.iter_mut().filter(|i| i.status == "PROVISIONING") {
+            i.ready_at = Some(Instant::now());
+        }
+    }
+
     /// Provisioning instances whose time has come are ready.
     fn refresh(&mut self) {
         let now = Instant::now();
@@ -402,11 +409,11 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
     if !headers.get("user-agent").and_then(|v| v.to_str().ok()).is_some_and(|u| u.starts_with("pgconverge/")) {
         return bad("no user agent");
     }
-    if w.rate_limit_every > 0 && w.requests % w.rate_limit_every == 0 {
+    if w.rate_limit_every > 0 && w.requests.is_multiple_of(w.rate_limit_every) {
         w.refused += 1;
         return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], "slow down").into_response();
     }
-    if w.unavailable_every > 0 && w.requests % w.unavailable_every == 0 {
+    if w.unavailable_every > 0 && w.requests.is_multiple_of(w.unavailable_every) {
         w.refused += 1;
         return (StatusCode::SERVICE_UNAVAILABLE, "<html>upstream down</html>").into_response();
     }
