@@ -412,7 +412,14 @@ impl Lock {
                     use std::io::{Seek, Write};
                     file.set_len(0)
                         .and_then(|()| file.seek(std::io::SeekFrom::Start(0)))
-                        .and_then(|_| file.write_all(holder().as_bytes()))
+                        .and_then(|_| {
+                            let since = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs());
+                            let mut lines = holder();
+                            lines.insert(2, format!("since {}", utc(since)));
+                            file.write_all(lines.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())
+                        })
                         .map_err(|e| failed(&format!("write {}", path.display()), e))?;
                     return Ok(Lock { path, _file: file });
                 }
@@ -439,11 +446,10 @@ impl Drop for Lock {
     }
 }
 
-/// Who holds the lock, as a second apply is told: pid, host, since when, and the CI job
-/// when there is one.
-fn holder() -> String {
+/// Who takes the lock, as a second apply is told: pid, host, and the CI job when there
+/// is one (each a `key value` pair; the time is added by where the lock lives).
+pub fn holder() -> Vec<String> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let job = match (
         std::env::var("GITHUB_SERVER_URL"),
         std::env::var("GITHUB_REPOSITORY"),
@@ -453,22 +459,27 @@ fn holder() -> String {
         (_, _, Ok(run)) => Some(format!("GitHub Actions run {run}")),
         _ => std::env::var("CI_JOB_URL").ok(),
     };
-    let mut text = format!(
-        "pid {}
-host {host}
-since {}
-",
-        std::process::id(),
-        utc(since)
-    );
+    let mut fields = vec![format!("pid {}", std::process::id()), format!("host {}", crate::model::printable(&host))];
     if let Some(job) = job.filter(|j| !j.trim().is_empty()) {
-        text.push_str(&format!(
-            "job {}
-",
-            crate::model::printable(&job)
-        ));
+        fields.push(format!("job {}", crate::model::printable(&job)));
     }
-    text
+    fields
+}
+
+/// The lock an apply holds: in a file under root, or in the state database.
+#[derive(Debug)]
+pub enum Held {
+    File(Lock),
+    Postgres(crate::state::PgLock),
+}
+
+/// Takes the state database's lock, as `Lock::acquire` takes the file's.
+pub fn lock_in(state: &crate::state::PgState, timeout: Duration) -> Result<Held, ProviderError> {
+    match state.lock(timeout, &holder().join(", ")) {
+        Ok(lock) => Ok(Held::Postgres(lock)),
+        Err(crate::state::LockRefused::Held(holder)) => Err(ProviderError::Locked { holder }),
+        Err(crate::state::LockRefused::Failed(why)) => Err(ProviderError::Failed(why)),
+    }
 }
 
 /// Seconds since 1970 as `2026-12-02T14:05:00Z`.

@@ -201,10 +201,27 @@ enum AnyProvider {
 
 impl AnyProvider {
     fn new(config: &Config, file: &Path) -> Result<AnyProvider, Error> {
-        Ok(match &config.provider.divio {
+        let mut provider = match &config.provider.divio {
             Some(divio) => AnyProvider::Divio(Box::new(DivioProvider::new(divio, file, config.desired())?)),
             None => AnyProvider::Local(LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?),
-        })
+        };
+        if let (AnyProvider::Divio(divio), Some(state)) = (&mut provider, &config.state) {
+            let state = provider_state(&state.postgres, divio.identity())?;
+            divio.keep_records_in(state)?;
+        }
+        Ok(provider)
+    }
+
+    /// What is applied, for the state database: one lock and one set of records each.
+    fn identity(&self) -> String {
+        match self {
+            AnyProvider::Local(p) => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                let root = std::fs::canonicalize(p.root()).unwrap_or_else(|_| p.root().to_path_buf());
+                format!("local {}:{}", host.trim(), root.display())
+            }
+            AnyProvider::Divio(p) => p.identity(),
+        }
     }
 
     fn get(&mut self) -> &mut dyn Provider {
@@ -238,6 +255,11 @@ impl AnyProvider {
             AnyProvider::Divio(_) => None,
         }
     }
+}
+
+/// The state database for `identity`, or why it cannot be used.
+fn provider_state(postgres: &config::PostgresState, identity: String) -> Result<crate::state::PgState, Error> {
+    crate::state::PgState::new(postgres, identity).map_err(|e| Error::Provider(ProviderError::Failed(e)))
 }
 
 /// Plans against the snapshot at `live`, or against what the provider observes.
@@ -403,7 +425,10 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             if let AnyProvider::Local(local) = &provider {
                 local.check_root()?;
             }
-            let _lock = Lock::acquire(provider.root(), lock_timeout)?;
+            let _lock = match &config.state {
+                Some(state) => apply::lock_in(&provider_state(&state.postgres, provider.identity())?, lock_timeout)?,
+                None => apply::Held::File(Lock::acquire(provider.root(), lock_timeout)?),
+            };
             if let AnyProvider::Local(local) = &provider {
                 local.claim_root()?;
             }

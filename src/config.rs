@@ -45,6 +45,29 @@ pub struct Config {
     /// major of an environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_dev: Option<LocalDevConfig>,
+    /// Where apply keeps its lock and the records of what the platform cannot show.
+    /// Default: files under the provider's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateConfig>,
+}
+
+/// Where apply's lock and records live.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// A PostgreSQL database shared by every runner that applies this config: the lock is
+    /// a session advisory lock there, and the records are rows of its `pgconverge` schema.
+    pub postgres: PostgresState,
+}
+
+/// A PostgreSQL database for apply's state.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresState {
+    /// The environment variable that holds its DSN (`postgres://…` or `key=value …`); the
+    /// DSN itself never goes in this file. Connect directly, never through a pooler: the
+    /// lock lives as long as the connection.
+    pub dsn_env: String,
 }
 
 /// Keeps the database image of a compose file on the major an environment runs.
@@ -592,6 +615,23 @@ fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml
 type Invalid = (Vec<String>, String, &'static str);
 
 fn validate(config: &Config) -> Result<(), Invalid> {
+    if let Some(state) = &config.state {
+        let name = &state.postgres.dsn_env;
+        let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err((
+                vec!["state".into(), "postgres".into(), "dsn_env".into()],
+                // Not echoed: someone may have put the DSN itself here.
+                if name.contains("://") || name.contains('=') {
+                    "this is a DSN, not the name of an environment variable; it must not be written here".into()
+                } else {
+                    "this is not the name of an environment variable".into()
+                },
+                "name the variable that holds the DSN, e.g. PGCONVERGE_STATE_DSN; never the DSN itself",
+            ));
+        }
+    }
     let names: Vec<&EnvName> = config.environments.0.iter().map(|(n, _)| n).collect();
     if names.is_empty() {
         return Err((

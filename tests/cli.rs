@@ -511,3 +511,29 @@ fn logical_plans_say_the_copy_is_outside_the_outage() {
         json.stdout
     );
 }
+
+#[test]
+fn the_state_database_is_named_by_a_variable_never_by_its_dsn() {
+    let dir = scratch("state_settings");
+    let write = |state: &str| {
+        let config = format!(
+            "version: 1\nprovider:\n  divio: {{application: app, zone: 'http://127.0.0.1:9'}}\n\
+             state:\n  postgres: {state}\nenvironments:\n  live: {{postgres: {{DEFAULT: 17}}}}\n"
+        );
+        std::fs::write(dir.join("pgconverge.yaml"), config).expect("write");
+    };
+    write("{dsn_env: 'postgres://st:s3cret@db/state'}");
+    let run = pgconverge(&["validate"], &dir);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("state.postgres.dsn_env") && run.stderr.contains(":5:"), "{}", run.stderr);
+    assert!(!run.stderr.contains("s3cret"), "the DSN is not echoed: {}", run.stderr);
+
+    write("{dsn_env: PGCONVERGE_STATE_DSN}");
+    let unset = pgconverge_with(&["plan"], &dir, &[("DIVIO_TOKEN", "t"), ("PGCONVERGE_STATE_DSN", "")]);
+    assert_eq!(unset.code, 1, "{}", unset.stderr);
+    assert!(unset.stderr.contains("the variable PGCONVERGE_STATE_DSN"), "{}", unset.stderr);
+    let bad =
+        pgconverge_with(&["plan"], &dir, &[("DIVIO_TOKEN", "t"), ("PGCONVERGE_STATE_DSN", "mysql://u:s3cret@h/db")]);
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert!(bad.stderr.contains("neither a postgres:// URI") && !bad.stderr.contains("s3cret"), "{}", bad.stderr);
+}

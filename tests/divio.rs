@@ -249,22 +249,43 @@ fn listings_are_followed_page_by_page() {
 
 #[test]
 fn a_crash_after_any_action_is_finished_by_the_next_apply_without_losing_a_write() {
-    for n in 1..=10 {
-        let (shared, dir) = start(World::shop(&["live"]), &format!("divio-crash-{n}"), "", "");
-        only_live(&dir);
-        let failpoint = format!("after:{n}=crash");
-        let crashed = pgconverge_with(
-            &["apply", "--auto-approve"],
-            &dir,
-            &[("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("PGCONVERGE_FAILPOINTS", &failpoint)],
-        );
-        assert_ne!(crashed.code, 0, "{failpoint}: {}{}", crashed.stdout, crashed.stderr);
-        let again = run(&dir, &["apply", "--auto-approve"]);
-        assert_eq!(again.code, 0, "{failpoint}: {}{}", again.stdout, again.stderr);
-        assert_upgraded(&shared, "live");
-        let backups = lock(&shared).log.iter().filter(|l| *l == "POST /apps/v3/backups/").count();
-        assert_eq!(backups, 1, "{failpoint}: a recorded copy is not made again");
-        assert!(!dir.join("maintenance").exists(), "{failpoint}: the fence is lifted in the end");
+    // Records in a file under root, the next apply in the same folder; then records in a
+    // state database, the next apply on a fresh runner that shares only the database.
+    let base = scratch("divio-crash");
+    let (_state_server, dsn) = state_database(&base);
+    for in_database in [false, true] {
+        for n in 1..=10 {
+            let name = format!("divio-crash/{}-{n}", if in_database { "db" } else { "file" });
+            let (shared, dir) = start(World::shop(&["live"]), &name, "", "");
+            only_live(&dir);
+            let next = if in_database {
+                let config = dir.join("pgconverge.yaml");
+                let text = std::fs::read_to_string(&config).expect("config")
+                    + "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n";
+                std::fs::write(&config, &text).expect("config");
+                let next = base.join(format!("next-{n}"));
+                std::fs::create_dir_all(&next).expect("next runner");
+                std::fs::write(next.join("pgconverge.yaml"), &text).expect("config");
+                next
+            } else {
+                dir.clone()
+            };
+            let failpoint = format!("after:{n}=crash");
+            let vars = [("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("PGCONVERGE_STATE_DSN", &dsn)];
+            let crashed = pgconverge_with(
+                &["apply", "--auto-approve"],
+                &dir,
+                &[vars[0], vars[1], vars[2], ("PGCONVERGE_FAILPOINTS", &failpoint)],
+            );
+            let what = format!("{failpoint}, records in the database: {in_database}");
+            assert_ne!(crashed.code, 0, "{what}: {}{}", crashed.stdout, crashed.stderr);
+            let again = pgconverge_with(&["apply", "--auto-approve"], &next, &vars);
+            assert_eq!(again.code, 0, "{what}: {}{}", again.stdout, again.stderr);
+            assert_upgraded(&shared, "live");
+            let backups = lock(&shared).log.iter().filter(|l| *l == "POST /apps/v3/backups/").count();
+            assert_eq!(backups, 1, "{what}: a recorded copy is not made again");
+            assert!(!dir.join("maintenance").exists(), "{what}: the fence is lifted in the end");
+        }
     }
 }
 
@@ -488,4 +509,139 @@ fn a_second_apply_is_refused_naming_the_first_and_takes_over_at_once_when_it_is_
         refused_in.as_secs_f64(),
         took_over_in.as_secs_f64()
     );
+}
+
+/// A PostgreSQL server for apply's state, as a team would give its CI runners: a role with
+/// a password over TCP. Stopped by the returned guard.
+fn state_database(dir: &Path) -> (common::Servers, String) {
+    use pgconverge::provider::local::{binaries, server};
+    common::ensure_postgres();
+    let root = dir.join("state-server");
+    let guard = common::Servers(root.clone());
+    let server = server::Server {
+        bin: binaries::find(15, &[]).or_else(|_| binaries::find(17, &[])).expect("binaries"),
+        data_dir: root.join("servers/state/data"),
+        socket_dir: root.join("servers/state/run"),
+        log_file: root.join("servers/state/server.log"),
+        port: server::free_port().expect("port"),
+        run_as: server::RunAs::for_user("postgres").expect("run_as"),
+    };
+    let _ = std::fs::create_dir_all(&root);
+    let _ = std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    server.init().expect("initdb");
+    server.start().expect("start");
+    server.sql("postgres", "CREATE ROLE state LOGIN PASSWORD 'st-pa55word'").expect("role");
+    server.sql("postgres", "CREATE DATABASE state OWNER state").expect("database");
+    (guard, format!("postgres://state:st-pa55word@127.0.0.1:{}/state", server.port))
+}
+
+/// Also a measurement: prints how long the second runner took to be refused, and to finish
+/// the upgrade once the first was killed.
+#[test]
+fn runners_that_share_only_a_state_database_apply_one_at_a_time_and_carry_on_after_a_kill() {
+    let base = scratch("divio-state-db");
+    let (_state_server, state_dsn) = state_database(&base);
+    let mut world = World::shop(&["live"]);
+    world.deployment_time = std::time::Duration::from_secs(30);
+    let (shared, first_dir) = start(world, "divio-state-db/runner-1", "", "");
+    only_live(&first_dir);
+    let config = std::fs::read_to_string(first_dir.join("pgconverge.yaml")).expect("config")
+        + "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n";
+    let runner = |n: u32| {
+        let dir = base.join(format!("runner-{n}"));
+        std::fs::create_dir_all(&dir).expect("runner dir");
+        std::fs::write(dir.join("pgconverge.yaml"), &config).expect("config");
+        dir
+    };
+    let (first_dir, second_dir, third_dir) = (runner(1), runner(2), runner(3));
+    let vars =
+        [("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("PGCONVERGE_STATE_DSN", state_dsn.as_str())];
+    let run_in = |dir: &Path, args: &[&str]| pgconverge_with(args, dir, &vars);
+    let psql = |sql: &str| common::psql(&state_dsn, sql);
+
+    let plan = run_in(&third_dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 2, "{}{}", plan.stdout, plan.stderr);
+    assert_eq!(psql("SELECT to_regnamespace('pgconverge') IS NULL").as_deref(), Ok("t"), "plan wrote nothing");
+
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args(["apply", "--auto-approve"])
+        .current_dir(&first_dir)
+        .envs(vars)
+        .env("GITHUB_RUN_ID", "4242")
+        .env_remove("GITHUB_SERVER_URL")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("first runner");
+    let mut stderr = first.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut all, mut buf) = (String::new(), [0u8; 4096]);
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if all.contains("] deploy") {
+                let _ = tx.send(());
+            }
+        }
+        all
+    });
+    let reached = rx.recv_timeout(std::time::Duration::from_secs(60));
+    if reached.is_err() {
+        let _ = first.kill();
+        panic!("the first runner never reached the deploy: {}", reader.join().unwrap_or_default());
+    }
+
+    let t = std::time::Instant::now();
+    let second = run_in(&second_dir, &["apply", "--auto-approve"]);
+    let refused_in = t.elapsed();
+    assert_eq!(second.code, 1, "{}{}", second.stdout, second.stderr);
+    assert!(
+        second.stderr.contains(&format!("another apply is running: pid {}, host ", first.id()))
+            && second.stderr.contains("job GitHub Actions run 4242")
+            && second.stderr.contains("the state database's lock"),
+        "{}",
+        second.stderr
+    );
+
+    first.kill().expect("SIGKILL the first runner");
+    first.wait().expect("reap");
+    let first_said = reader.join().unwrap_or_default();
+    {
+        let mut w = lock(&shared);
+        w.deployment_time = std::time::Duration::ZERO;
+        w.end_deployments_now();
+    }
+    let t = std::time::Instant::now();
+    let second = run_in(&second_dir, &["apply", "--auto-approve"]);
+    let took_over_in = t.elapsed();
+    assert_eq!(second.code, 0, "{}{}", second.stdout, second.stderr);
+    assert!(!second.stderr.contains("] backup"), "the copy the first made is not made again: {}", second.stderr);
+    assert_upgraded(&shared, "live");
+    assert_eq!(lock(&shared).creates("live")[..3], [1, 1, 1], "one instance, backup and restore in all");
+    assert!(!first_dir.join("maintenance").exists(), "the fence the first runner set is lifted by the second");
+
+    let third = run_in(&third_dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(third.code, 0, "a fresh runner sees nothing to do: {}{}", third.stdout, third.stderr);
+    for out in [&first_said, &second.stdout, &second.stderr, &third.stdout, &third.stderr] {
+        assert!(!out.contains("st-pa55word"), "the state database's password was shown: {out}");
+    }
+    for dir in [&second_dir, &third_dir] {
+        assert!(!dir.join(".pgconverge").join("divio-shop.json").exists(), "records live in the database");
+    }
+    eprintln!(
+        "a second runner was refused in {:.3} s; after SIGKILL of the first, it finished the upgrade in {:.2} s",
+        refused_in.as_secs_f64(),
+        took_over_in.as_secs_f64()
+    );
+
+    // A schema newer than this pgconverge knows is refused, not written to.
+    psql("UPDATE pgconverge.meta SET version = 2").expect("newer schema");
+    let refused = run_in(&third_dir, &["plan"]);
+    assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stderr.contains("schema is version 2, newer than this pgconverge knows"), "{}", refused.stderr);
 }

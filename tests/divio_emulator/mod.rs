@@ -112,6 +112,8 @@ pub struct World {
     pub job_time: std::time::Duration,
     /// Wall time an instance takes to provision.
     pub provisioning: std::time::Duration,
+    /// Wall time a deployment takes, when longer than `job_time`.
+    pub deployment_time: std::time::Duration,
     /// Loses the first answer to every request that changes something (`None`: never).
     pub lose: Option<Lose>,
     /// The requests whose answers were lost, and how many.
@@ -223,6 +225,13 @@ impl World {
             self.restores.values().filter(|r| ours(&r.target)).count(),
             self.deployments.iter().filter(|d| d.env == env && !d.started_by_test).count(),
         ]
+    }
+
+    /// Deployments running now end at their next poll, whatever time they were to take.
+    pub fn end_deployments_now(&mut self) {
+        for d in self.deployments.iter_mut().filter(|d| !d.job.done) {
+            d.job.ends_at = Instant::now();
+        }
     }
 
     /// Every instance provisioning now is ready at once.
@@ -575,7 +584,8 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
             }
             let uuid = w.id();
             w.seq += 1;
-            let (job, seq) = (w.job(), w.seq);
+            let (mut job, seq) = (w.job(), w.seq);
+            job.ends_at = job.ends_at.max(Instant::now() + w.deployment_time);
             w.deployments.push(Deployment {
                 uuid: uuid.clone(),
                 env,

@@ -38,6 +38,9 @@ use crate::plan::{Action, Plan};
 
 const V3: &str = "/apps/v3";
 
+/// The name of the records in the state database.
+const RECORDS: &str = "divio-records";
+
 /// A service instance as last observed.
 #[derive(Clone, Debug)]
 struct Instance {
@@ -116,6 +119,10 @@ pub struct DivioProvider {
     run: String,
     /// What the last action asked the platform to change, for `settle` to wait for.
     moving: Option<Moving>,
+    /// The API's base URL, for `identity`.
+    base: String,
+    /// Where the records live when not in a file under `root`: the state database.
+    state: Option<crate::state::PgState>,
 }
 
 fn failed(e: impl std::fmt::Display) -> ProviderError {
@@ -175,6 +182,7 @@ impl DivioProvider {
         let zone = config.zone.clone().unwrap_or_else(|| "divio.com".into());
         let base = base_url(&zone).map_err(failed)?;
         let api = Api::new(&base, &token(config, &zone)?).map_err(failed)?;
+        let identity_base = base.clone();
         let dir = config_path.parent().unwrap_or(Path::new(""));
         let root = dir.join(config.root.clone().unwrap_or_else(|| PathBuf::from(".pgconverge")));
         let mut p = DivioProvider {
@@ -198,6 +206,8 @@ impl DivioProvider {
             writable: false,
             run: run_id(),
             moving: None,
+            base: identity_base,
+            state: None,
         };
         p.records = p.read_records()?;
         Ok(p)
@@ -214,7 +224,26 @@ impl DivioProvider {
         self.root.join(format!("divio-{name}.json"))
     }
 
+    /// What is applied, for the state database: the application at its API.
+    pub fn identity(&self) -> String {
+        format!("divio {} {}", self.base, self.application)
+    }
+
+    /// Keeps the records in the state database from now on (and reads them from there).
+    pub fn keep_records_in(&mut self, state: crate::state::PgState) -> Result<()> {
+        self.state = Some(state);
+        self.records = self.read_records()?;
+        Ok(())
+    }
+
     fn read_records(&self) -> Result<Records> {
+        if let Some(state) = &self.state {
+            return match state.get(RECORDS).map_err(failed)? {
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| ProviderError::Inconsistent(format!("the state database's record {RECORDS}: {e}"))),
+                None => Ok(Records::default()),
+            };
+        }
         let path = self.records_path();
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
@@ -234,6 +263,10 @@ impl DivioProvider {
     fn write_records(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
+        }
+        if let Some(state) = &self.state {
+            let text = serde_json::to_string(&self.records).map_err(failed)?;
+            return state.put(RECORDS, &text).map_err(failed);
         }
         let path = self.records_path();
         let bytes = serde_json::to_vec_pretty(&self.records).map_err(failed)?;
