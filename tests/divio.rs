@@ -451,6 +451,47 @@ fn a_saved_plan_is_shown_and_run_as_it_is_and_refused_under_another_config_or_wi
     assert_eq!(lock(&shared).creates("live"), [0, 0, 0, 0], "live was not in the saved plan");
 }
 
+/// Starts `apply --auto-approve` in `dir` as CI job 4242 with `vars`, and returns once its
+/// progress shows `seen` (it then holds the lock), with what reads the rest of its stderr.
+fn apply_until(
+    dir: &Path,
+    vars: &[(&str, &str)],
+    seen: &'static str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+        .args(["apply", "--auto-approve"])
+        .current_dir(dir)
+        .envs(vars.iter().copied())
+        .env("GITHUB_RUN_ID", "4242")
+        .env_remove("GITHUB_SERVER_URL")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apply");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut all, mut buf) = (String::new(), [0u8; 4096]);
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if all.contains(seen) {
+                let _ = tx.send(());
+            }
+        }
+        all
+    });
+    if rx.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+        let _ = child.kill();
+        panic!("apply never showed {seen:?}: {}", reader.join().unwrap_or_default());
+    }
+    (child, reader)
+}
+
 /// Also a measurement: prints how long the second apply took to be refused, and to take
 /// over once the first was killed.
 #[test]
@@ -459,33 +500,9 @@ fn a_second_apply_is_refused_naming_the_first_and_takes_over_at_once_when_it_is_
     world.provisioning = std::time::Duration::from_secs(30);
     let (shared, dir) = start(world, "divio-two-runners", "", "");
     only_live(&dir);
-    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
-        .args(["apply", "--auto-approve"])
-        .current_dir(&dir)
-        .envs([("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("GITHUB_RUN_ID", "4242")])
-        .env_remove("GITHUB_SERVER_URL")
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("first apply");
-    // Read its progress until it waits for the provisioning: it holds the lock.
-    let mut stderr = first.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let (mut all, mut buf) = (String::new(), [0u8; 4096]);
-        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
-            if n == 0 {
-                break;
-            }
-            all.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if all.contains("provision +1") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the first apply reached the provisioning");
+    // Once it waits for the provisioning, it holds the lock.
+    let (mut first, _) =
+        apply_until(&dir, &[("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent")], "provision +1");
 
     let t = std::time::Instant::now();
     let second = run(&dir, &["apply", "--auto-approve"]);
@@ -563,38 +580,7 @@ fn runners_that_share_only_a_state_database_apply_one_at_a_time_and_carry_on_aft
     assert_eq!(plan.code, 2, "{}{}", plan.stdout, plan.stderr);
     assert_eq!(psql("SELECT to_regnamespace('pgconverge') IS NULL").as_deref(), Ok("t"), "plan wrote nothing");
 
-    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
-        .args(["apply", "--auto-approve"])
-        .current_dir(&first_dir)
-        .envs(vars)
-        .env("GITHUB_RUN_ID", "4242")
-        .env_remove("GITHUB_SERVER_URL")
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("first runner");
-    let mut stderr = first.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let (mut all, mut buf) = (String::new(), [0u8; 4096]);
-        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
-            if n == 0 {
-                break;
-            }
-            all.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if all.contains("] deploy") {
-                let _ = tx.send(());
-            }
-        }
-        all
-    });
-    let reached = rx.recv_timeout(std::time::Duration::from_secs(60));
-    if reached.is_err() {
-        let _ = first.kill();
-        panic!("the first runner never reached the deploy: {}", reader.join().unwrap_or_default());
-    }
+    let (mut first, reader) = apply_until(&first_dir, &vars, "] deploy");
 
     let t = std::time::Instant::now();
     let second = run_in(&second_dir, &["apply", "--auto-approve"]);
