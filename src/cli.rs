@@ -193,68 +193,17 @@ impl Error {
     }
 }
 
-/// The provider the config names.
-enum AnyProvider {
-    Local(LocalProvider),
-    Divio(Box<DivioProvider>),
-}
-
-impl AnyProvider {
-    fn new(config: &Config, file: &Path) -> Result<AnyProvider, Error> {
-        let mut provider = match &config.provider.divio {
-            Some(divio) => AnyProvider::Divio(Box::new(DivioProvider::new(divio, file, config.desired())?)),
-            None => AnyProvider::Local(LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?),
-        };
-        if let (AnyProvider::Divio(divio), Some(state)) = (&mut provider, &config.state) {
-            let state = provider_state(&state.postgres, divio.identity())?;
-            divio.keep_records_in(state)?;
-        }
-        Ok(provider)
+/// The provider the config names, with its records in the state database if it has one.
+fn provider_of(config: &Config, file: &Path) -> Result<Box<dyn Provider>, Error> {
+    let mut provider: Box<dyn Provider> = match &config.provider.divio {
+        Some(divio) => Box::new(DivioProvider::new(divio, file, config.desired())?),
+        None => Box::new(LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?),
+    };
+    if let Some(state) = &config.state {
+        let state = provider_state(&state.postgres, provider.identity())?;
+        provider.keep_records_in(state)?;
     }
-
-    /// What is applied, for the state database: one lock and one set of records each.
-    fn identity(&self) -> String {
-        match self {
-            AnyProvider::Local(p) => {
-                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-                let root = std::fs::canonicalize(p.root()).unwrap_or_else(|_| p.root().to_path_buf());
-                format!("local {}:{}", host.trim(), root.display())
-            }
-            AnyProvider::Divio(p) => p.identity(),
-        }
-    }
-
-    fn get(&mut self) -> &mut dyn Provider {
-        match self {
-            AnyProvider::Local(p) => p,
-            AnyProvider::Divio(p) => p.as_mut(),
-        }
-    }
-
-    fn root(&self) -> &Path {
-        match self {
-            AnyProvider::Local(p) => p.root(),
-            AnyProvider::Divio(p) => p.root(),
-        }
-    }
-
-    /// Refuses, before anything is touched, a plan this provider could not carry out: a
-    /// major whose binaries are missing, an action the API cannot do.
-    fn check(&self, plan: &Plan) -> Result<(), Error> {
-        match self {
-            AnyProvider::Local(p) => p.check_plan(plan)?,
-            AnyProvider::Divio(p) => p.check(plan)?,
-        }
-        Ok(())
-    }
-
-    /// The env file a local deploy writes; Divio has none.
-    fn env_file(&self, env: &EnvName) -> Option<PathBuf> {
-        match self {
-            AnyProvider::Local(p) => Some(p.env_file(env)),
-            AnyProvider::Divio(_) => None,
-        }
-    }
+    Ok(provider)
 }
 
 /// The state database for `identity`, or why it cannot be used.
@@ -263,12 +212,12 @@ fn provider_state(postgres: &config::PostgresState, identity: String) -> Result<
 }
 
 /// Plans against the snapshot at `live`, or against what the provider observes.
-fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, Option<AnyProvider>), Error> {
+fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, Option<Box<dyn Provider>>), Error> {
     match live {
         Some(path) => Ok((read_json::<Live>(path, "snapshot")?.settled(), None)),
         None => {
-            let mut p = AnyProvider::new(config, file)?;
-            let live = p.get().observe()?.settled();
+            let mut p = provider_of(config, file)?;
+            let live = p.observe()?.settled();
             Ok((live, Some(p)))
         }
     }
@@ -421,25 +370,15 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 }
                 None => None,
             };
-            let mut provider = AnyProvider::new(&config, &file)?;
-            if let AnyProvider::Local(local) = &provider {
-                local.check_root()?;
-            }
+            let mut provider = provider_of(&config, &file)?;
+            provider.preflight()?;
             let _lock = match &config.state {
                 Some(state) => apply::lock_in(&provider_state(&state.postgres, provider.identity())?, lock_timeout)?,
                 None => apply::Held::File(Lock::acquire(provider.root(), lock_timeout)?),
             };
-            if let AnyProvider::Local(local) = &provider {
-                local.claim_root()?;
-            }
-            match &mut provider {
-                AnyProvider::Local(local) => local.tidy()?,
-                AnyProvider::Divio(divio) => divio.allow_writes(),
-            }
-            let live = provider.get().observe()?.settled();
-            if let AnyProvider::Local(local) = &provider {
-                local.tidy_replication()?;
-            }
+            provider.recover()?;
+            let live = provider.observe()?.settled();
+            provider.recover_observed()?;
             // A saved plan is shown and run as it is, never a fresh one in its place.
             let report = match saved {
                 Some(p) => {
@@ -474,7 +413,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
             let started = std::time::Instant::now();
             let desired = config.desired();
-            let applied = apply::apply(provider.get(), &desired, &plan, &live, &mut StderrProgress::default())?;
+            let applied = apply::apply(provider.as_mut(), &desired, &plan, &live, &mut StderrProgress::default())?;
             writeln!(
                 out,
                 "Apply complete: {total} action{} in {:.1} s.",

@@ -4,8 +4,11 @@
 pub mod divio;
 pub mod local;
 
+use std::path::{Path, PathBuf};
+
 use crate::config::Verify;
 use crate::model::{EnvLive, EnvName, Live, Major, Prefix, ServiceId};
+use crate::plan::Plan;
 
 /// Why a provider could not observe or act.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +42,45 @@ impl ProviderError {
 
 pub type Result<T> = std::result::Result<T, ProviderError>;
 
-/// The live services and the operations of the action rules.
+/// The live services and the operations of the action rules, and what apply asks of a
+/// provider around them, in this order: `preflight`, then (with the lock held) `recover`,
+/// `observe`, `recover_observed`, `check`, and the actions, each followed by `settle`.
 pub trait Provider {
+    /// Where the lock and the provider's records live, unless a state database holds them.
+    fn root(&self) -> &Path;
+    /// What is applied, naming its lock and records in a state database.
+    fn identity(&self) -> String;
+    /// Keeps the provider's records in the state database from now on, and reads them
+    /// from there. Default: a provider whose records live beside what it runs keeps them
+    /// there.
+    fn keep_records_in(&mut self, state: crate::state::PgState) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
+    /// Before the lock: refuses what apply must not touch. Writes nothing.
+    fn preflight(&self) -> Result<()> {
+        Ok(())
+    }
+    /// With the lock held, before observing: takes possession of what apply writes and
+    /// removes what a crashed apply left behind. Only after it may the provider write its
+    /// records (`plan` and `show` never call it).
+    fn recover(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// With the lock held, after observing: leftovers that only the live state tells apart.
+    fn recover_observed(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Refuses, before anything is touched, a plan the provider could not carry out.
+    fn check(&self, plan: &Plan) -> Result<()> {
+        let _ = plan;
+        Ok(())
+    }
+    /// The env file a deploy writes for `env`, if the provider writes one.
+    fn env_file(&self, env: &EnvName) -> Option<PathBuf> {
+        let _ = env;
+        None
+    }
     /// The live state of every environment the provider knows.
     fn observe(&mut self) -> Result<Live>;
     /// Observes after an action whose prediction for `env` is `expected`. A provider whose

@@ -213,27 +213,10 @@ impl DivioProvider {
         Ok(p)
     }
 
-    /// Where the lock lives.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn records_path(&self) -> PathBuf {
         let name: String =
             self.application.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         self.root.join(format!("divio-{name}.json"))
-    }
-
-    /// What is applied, for the state database: the application at its API.
-    pub fn identity(&self) -> String {
-        format!("divio {} {}", self.base, self.application)
-    }
-
-    /// Keeps the records in the state database from now on (and reads them from there).
-    pub fn keep_records_in(&mut self, state: crate::state::PgState) -> Result<()> {
-        self.state = Some(state);
-        self.records = self.read_records()?;
-        Ok(())
     }
 
     fn read_records(&self) -> Result<Records> {
@@ -254,12 +237,6 @@ impl DivioProvider {
         }
     }
 
-    /// Lets the provider write its records: only `apply` does, under the lock, so that a
-    /// `plan` running beside it never writes back records older than the apply's.
-    pub fn allow_writes(&mut self) {
-        self.writable = true;
-    }
-
     fn write_records(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
@@ -272,46 +249,6 @@ impl DivioProvider {
         let bytes = serde_json::to_vec_pretty(&self.records).map_err(failed)?;
         crate::atomic::write_atomically(&path, &bytes, 0o644)
             .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))
-    }
-
-    /// Refuses, before anything is touched, a plan with actions the API cannot carry out:
-    /// a fence without `fence_command`, a verify without `verify_command`.
-    pub fn check(&self, plan: &Plan) -> Result<()> {
-        for env in &plan.environments {
-            if env.actions.iter().any(|a| matches!(a, Action::Replicate { .. } | Action::CatchUp { .. })) {
-                return Err(ProviderError::Refused(format!(
-                    "environment {}: Divio gives no access to the databases to replicate them; use \
-                     `upgrade.strategy: dump_restore` there",
-                    env.name
-                )));
-            }
-            let verifies = env.actions.iter().any(|a| matches!(a, Action::Verify { .. }));
-            if verifies && self.verify_command.is_none() {
-                return Err(ProviderError::Refused(format!(
-                    "environment {}: the plan verifies the copy, but Divio gives pgconverge no access to the \
-                     databases. Set provider.divio.verify_command, or accept the risk with `upgrade.verify: none`: \
-                     the copy is then put in use without being compared with its source",
-                    env.name
-                )));
-            }
-            let fences = env.actions.iter().any(|a| matches!(a, Action::Fence { .. } | Action::Unfence { .. }));
-            if fences && self.fence_command.is_none() {
-                let fence_writes = self.envs.iter().find(|d| d.name == env.name).is_none_or(|d| d.upgrade.fence_writes);
-                let accept = if fence_writes {
-                    "accept the risk with `upgrade.fence_writes: false`: as in Divio's own runbook, every write \
-                     between the backup and the deploy will then be lost"
-                } else {
-                    "with `upgrade.verify: none` as well, accept that the copy is neither fenced nor verified"
-                };
-                return Err(ProviderError::Refused(format!(
-                    "environment {}: the plan blocks writes (fence), which the Divio API cannot do. Set \
-                     provider.divio.fence_command and unfence_command (e.g. commands that turn maintenance mode \
-                     on and off), or {accept}",
-                    env.name
-                )));
-            }
-        }
-        Ok(())
     }
 
     fn app(&mut self) -> Result<String> {
@@ -641,6 +578,68 @@ fn is_set(v: &Value, key: &str) -> bool {
 }
 
 impl Provider for DivioProvider {
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The application at its API.
+    fn identity(&self) -> String {
+        format!("divio {} {}", self.base, self.application)
+    }
+
+    fn keep_records_in(&mut self, state: crate::state::PgState) -> Result<()> {
+        self.state = Some(state);
+        self.records = self.read_records()?;
+        Ok(())
+    }
+
+    /// Only apply writes the records, under the lock, so that a `plan` running beside it
+    /// never writes back records older than the apply's.
+    fn recover(&mut self) -> Result<()> {
+        self.writable = true;
+        Ok(())
+    }
+
+    /// Refuses, before anything is touched, a plan with actions the API cannot carry out:
+    /// a fence without `fence_command`, a verify without `verify_command`.
+    fn check(&self, plan: &Plan) -> Result<()> {
+        for env in &plan.environments {
+            if env.actions.iter().any(|a| matches!(a, Action::Replicate { .. } | Action::CatchUp { .. })) {
+                return Err(ProviderError::Refused(format!(
+                    "environment {}: Divio gives no access to the databases to replicate them; use \
+                     `upgrade.strategy: dump_restore` there",
+                    env.name
+                )));
+            }
+            let verifies = env.actions.iter().any(|a| matches!(a, Action::Verify { .. }));
+            if verifies && self.verify_command.is_none() {
+                return Err(ProviderError::Refused(format!(
+                    "environment {}: the plan verifies the copy, but Divio gives pgconverge no access to the \
+                     databases. Set provider.divio.verify_command, or accept the risk with `upgrade.verify: none`: \
+                     the copy is then put in use without being compared with its source",
+                    env.name
+                )));
+            }
+            let fences = env.actions.iter().any(|a| matches!(a, Action::Fence { .. } | Action::Unfence { .. }));
+            if fences && self.fence_command.is_none() {
+                let fence_writes = self.envs.iter().find(|d| d.name == env.name).is_none_or(|d| d.upgrade.fence_writes);
+                let accept = if fence_writes {
+                    "accept the risk with `upgrade.fence_writes: false`: as in Divio's own runbook, every write \
+                     between the backup and the deploy will then be lost"
+                } else {
+                    "with `upgrade.verify: none` as well, accept that the copy is neither fenced nor verified"
+                };
+                return Err(ProviderError::Refused(format!(
+                    "environment {}: the plan blocks writes (fence), which the Divio API cannot do. Set \
+                     provider.divio.fence_command and unfence_command (e.g. commands that turn maintenance mode \
+                     on and off), or {accept}",
+                    env.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn settle(&mut self, env: &EnvName, expected: &EnvLive) -> Result<Live> {
         let Some(moving) = self.moving.take() else { return self.observe() };
         let (wait, poll) = (self.wait, self.poll);

@@ -164,10 +164,6 @@ impl LocalProvider {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Makes sure `root` is pgconverge's own before apply writes, deletes or starts
     /// anything under it: made here (with `ROOT_MARKER` inside), or marked as such, owned
     /// by this user and writable by no one else. `/`, and a directory holding files of
@@ -245,7 +241,7 @@ impl LocalProvider {
     }
 
     /// The env file deploy writes for `env`.
-    pub fn env_file(&self, env: &EnvName) -> PathBuf {
+    pub fn env_file_path(&self, env: &EnvName) -> PathBuf {
         self.root.join(self.env_file.replace("{env}", env.as_str()))
     }
 
@@ -1356,6 +1352,46 @@ impl LocalProvider {
 }
 
 impl Provider for LocalProvider {
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// This machine and the root.
+    fn identity(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        // The same before and after root is first made: its parent resolved, its name kept.
+        let parent = self
+            .root
+            .parent()
+            .and_then(|p| std::fs::canonicalize(if p.as_os_str().is_empty() { Path::new(".") } else { p }).ok());
+        let root = match (parent, self.root.file_name()) {
+            (Some(parent), Some(name)) => parent.join(name),
+            _ => self.root.clone(),
+        };
+        format!("local {}:{}", host.trim(), root.display())
+    }
+
+    fn preflight(&self) -> Result<()> {
+        self.check_root()
+    }
+
+    fn recover(&mut self) -> Result<()> {
+        self.claim_root()?;
+        self.tidy()
+    }
+
+    fn recover_observed(&mut self) -> Result<()> {
+        self.tidy_replication()
+    }
+
+    fn check(&self, plan: &crate::plan::Plan) -> Result<()> {
+        self.check_plan(plan)
+    }
+
+    fn env_file(&self, env: &EnvName) -> Option<PathBuf> {
+        Some(self.env_file_path(env))
+    }
+
     fn observe(&mut self) -> Result<Live> {
         let mut live = Live { format_version: FORMAT_VERSION, environments: BTreeMap::new() };
         self.check_root()?;
@@ -1546,7 +1582,7 @@ impl Provider for LocalProvider {
             meta.loading = false;
             self.store(env, meta)?;
         }
-        let path = self.env_file(env);
+        let path = self.env_file_path(env);
         let text = lines.join("\n") + "\n";
         write_atomically(&path, text.as_bytes(), 0o600).map_err(|e| io_err("write", &path, e))?;
         crate::failpoint::hit("deploy:env_written").map_err(ProviderError::Failed)?;
