@@ -631,3 +631,41 @@ fn runners_that_share_only_a_state_database_apply_one_at_a_time_and_carry_on_aft
     assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
     assert!(refused.stderr.contains("schema is version 2, newer than this pgconverge knows"), "{}", refused.stderr);
 }
+
+#[test]
+fn applies_racing_for_a_stale_lock_file_never_both_win() {
+    for round in 0..5 {
+        let mut world = World::shop(&["live"]);
+        world.provisioning = std::time::Duration::from_secs(2);
+        let (shared, dir) = start(world, &format!("divio-race-{round}"), "", "");
+        only_live(&dir);
+        // What a killed apply of an older pgconverge left: a pid that no longer runs.
+        std::fs::create_dir_all(dir.join(".pgconverge")).expect("root");
+        std::fs::write(dir.join(".pgconverge/lock"), "4194305 0\n").expect("stale lock");
+        let racers: Vec<_> = (0..4)
+            .map(|_| {
+                std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
+                    .args(["apply", "--auto-approve"])
+                    .current_dir(&dir)
+                    .envs([("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("NO_COLOR", "1")])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("apply")
+            })
+            .collect();
+        let outs: Vec<_> = racers.into_iter().map(|r| r.wait_with_output().expect("wait")).collect();
+        let won: Vec<_> = outs.iter().filter(|o| o.status.success()).collect();
+        let refused = outs
+            .iter()
+            .filter(|o| {
+                o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("another apply is running")
+            })
+            .count();
+        let said: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect();
+        assert_eq!((won.len(), refused), (1, 3), "round {round}: {said:?}");
+        assert_upgraded(&shared, "live");
+        assert_eq!(lock(&shared).creates("live"), [1, 1, 1, 1], "round {round}");
+    }
+}
