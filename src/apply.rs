@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::{DesiredEnv, Verify};
+use crate::ledger::Kept;
 use crate::model::{EnvLive, Live};
 use crate::plan::{self, Action, Plan, Prediction};
 use crate::provider::{Provider, ProviderError};
@@ -117,12 +118,15 @@ pub struct Applied {
 }
 
 /// Carries out `plan` (made from `live`) environment by environment.
+/// `ledger`: where the rules' facts about data are kept for a provider that cannot see
+/// them (`crate::ledger`); written around every action.
 pub fn apply(
     provider: &mut dyn Provider,
     desired: &[DesiredEnv],
     plan: &Plan,
     live: &Live,
     progress: &mut dyn Progress,
+    mut ledger: Option<&mut Kept>,
 ) -> Result<Applied, ApplyError> {
     replay(desired, plan, live)?;
     let mut done = Vec::new();
@@ -188,6 +192,32 @@ pub fn apply(
             };
             tripped(format!("before:{number}"), &done)?;
             let t = Instant::now();
+            let keep =
+                |ledger: &mut Option<&mut Kept>, change: &dyn Fn(&mut crate::ledger::Ledger), done: &Vec<String>| {
+                    match ledger.as_deref_mut().map(|k| k.update(change)) {
+                        Some(Err(e)) => Err(ApplyError::Action {
+                            env: env.clone(),
+                            number,
+                            action: label.clone(),
+                            source: ProviderError::Failed(format!("cannot record what the action changes: {e}")),
+                            done: done.clone(),
+                        }),
+                        _ => Ok(()),
+                    }
+                };
+            // Claim nothing across the action that it may undo or not yet have done (a
+            // restore already streamed with its backup has nothing left to do).
+            if ledger.is_some() && !restored_with_backup {
+                let mut after = prediction.clone();
+                let stand_in = match action {
+                    Action::Add { service, .. } => Some(service.clone()),
+                    _ => None,
+                };
+                let now = prediction.expected();
+                if let Ok(after) = after.advance(action, stand_in) {
+                    keep(&mut ledger, &|l| l.weaken(&d.name, &now, &after), &done)?;
+                }
+            }
             // An action cut short by a signal is reported as the stop it is: what is fenced
             // is what the rules said before it, since a failed action changes nothing the
             // next plan relies on.
@@ -217,6 +247,8 @@ pub fn apply(
             } else {
                 run(provider, d, &prediction, action, &env_plan.actions[i..]).map_err(|source| failed(source, &done))?
             };
+            // Done, not yet seen done nor recorded: where a crash leaves the ledger behind.
+            tripped(format!("acted:{number}"), &done)?;
             let was_blocked = prediction.writes_blocked();
             let expected = prediction.advance(action, new_id).map_err(|r| refused(r, &done))?;
             // The action is done when the live state shows it, which on a platform that
@@ -226,6 +258,12 @@ pub fn apply(
             } else {
                 Some(provider.settle(&d.name, &expected).map_err(|source| failed(Ok(source), &done))?)
             };
+            // Seen done: what it made true. A backup streamed into its restore did both.
+            let made = match next.filter(|_| restored_with_backup) {
+                Some(restore) => prediction.clone().advance(restore, None).unwrap_or_else(|_| expected.clone()),
+                None => expected.clone(),
+            };
+            keep(&mut ledger, &|l| l.record(&d.name, &made), &done)?;
             match (was_blocked, prediction.writes_blocked()) {
                 (false, true) => blocked_since = Some(t),
                 (true, false) => outage += blocked_since.take().map_or(Duration::ZERO, |s| s.elapsed()),
@@ -234,7 +272,10 @@ pub fn apply(
             progress.finished(&env, number, total, action, t.elapsed().as_secs_f64(), detail);
             done.push(format!("{env}: {label}"));
             tripped(format!("after:{number}"), &done)?;
-            let Some(observed) = observed else { continue };
+            let Some(mut observed) = observed else { continue };
+            if let Some(kept) = ledger.as_deref() {
+                kept.ledger.merge(&mut observed);
+            }
             let now = observed.environments.get(&env_plan.name).cloned().unwrap_or_default();
             let differences = plan::differences(&expected, &now);
             if !differences.is_empty() {

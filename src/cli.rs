@@ -206,6 +206,44 @@ fn provider_of(config: &Config, file: &Path) -> Result<Box<dyn Provider>, Error>
     Ok(provider)
 }
 
+/// The core's ledger for a provider that cannot see data: in the state database when the
+/// config names one, else in `root/ledger.json`.
+fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<Option<crate::ledger::Kept>, Error> {
+    use crate::ledger::{Kept, Ledger};
+    if provider.sees_data() {
+        return Ok(None);
+    }
+    let unreadable = |e: String| Error::Provider(ProviderError::Inconsistent(e));
+    match &config.state {
+        Some(state) => {
+            let db = provider_state(&state.postgres, provider.identity())?;
+            let ledger = match db.get("ledger").map_err(unreadable)? {
+                Some(text) => {
+                    serde_json::from_str(&text).map_err(|e| unreadable(format!("the state database's ledger: {e}")))?
+                }
+                None => Ledger::default(),
+            };
+            let save = move |l: &Ledger| db.put("ledger", &serde_json::to_string(l).map_err(|e| e.to_string())?);
+            Ok(Some(Kept::new(ledger, Box::new(save))))
+        }
+        None => {
+            let path = provider.root().join("ledger.json");
+            let ledger = match std::fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .map_err(|e| unreadable(format!("{}: {e}; remove it to start afresh", path.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::default(),
+                Err(e) => return Err(unreadable(format!("cannot read {}: {e}", path.display()))),
+            };
+            let save = move |l: &Ledger| {
+                let bytes = serde_json::to_vec_pretty(l).map_err(|e| e.to_string())?;
+                crate::atomic::write_atomically(&path, &bytes, 0o644)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            };
+            Ok(Some(Kept::new(ledger, Box::new(save))))
+        }
+    }
+}
+
 /// The state database for `identity`, or why it cannot be used.
 fn provider_state(postgres: &config::PostgresState, identity: String) -> Result<crate::state::PgState, Error> {
     crate::state::PgState::new(postgres, identity).map_err(|e| Error::Provider(ProviderError::Failed(e)))
@@ -217,7 +255,11 @@ fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, O
         Some(path) => Ok((read_json::<Live>(path, "snapshot")?.settled(), None)),
         None => {
             let mut p = provider_of(config, file)?;
-            let live = p.observe()?.settled();
+            let mut live = p.observe()?;
+            if let Some(kept) = ledger_of(config, p.as_ref())? {
+                kept.ledger.merge(&mut live);
+            }
+            let live = live.settled();
             Ok((live, Some(p)))
         }
     }
@@ -377,7 +419,13 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 None => apply::Held::File(Lock::acquire(provider.root(), lock_timeout)?),
             };
             provider.recover()?;
-            let live = provider.observe()?.settled();
+            let mut ledger = ledger_of(&config, provider.as_ref())?;
+            let mut live = provider.observe()?;
+            if let Some(kept) = ledger.as_mut() {
+                kept.update(|l| l.prune(&live)).map_err(|e| Error::Provider(ProviderError::Failed(e)))?;
+                kept.ledger.merge(&mut live);
+            }
+            let live = live.settled();
             provider.recover_observed()?;
             // A saved plan is shown and run as it is, never a fresh one in its place.
             let report = match saved {
@@ -413,7 +461,14 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
             let started = std::time::Instant::now();
             let desired = config.desired();
-            let applied = apply::apply(provider.as_mut(), &desired, &plan, &live, &mut StderrProgress::default())?;
+            let applied = apply::apply(
+                provider.as_mut(),
+                &desired,
+                &plan,
+                &live,
+                &mut StderrProgress::default(),
+                ledger.as_mut(),
+            )?;
             writeln!(
                 out,
                 "Apply complete: {total} action{} in {:.1} s.",

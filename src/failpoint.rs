@@ -6,7 +6,8 @@
 //! behind), `error` makes the step fail. Unset, a failpoint costs one environment lookup.
 //! They are compiled into every build, so the binary the tests break is the one users run.
 
-/// Places inside actions, besides `before:N` and `after:N` around the Nth action.
+/// Places inside actions, besides `before:N` and `after:N` around the Nth action and
+/// `acted:N` between its work and the record of it (`crate::ledger`).
 pub const INSIDE: &[&str] = &[
     "provision:started",
     "backup:dumped",

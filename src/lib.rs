@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod failpoint;
 pub mod interrupt;
+pub mod ledger;
 pub mod localdev;
 pub mod model;
 pub mod plan;

@@ -290,6 +290,32 @@ fn a_crash_after_any_action_is_finished_by_the_next_apply_without_losing_a_write
 }
 
 #[test]
+fn a_crash_between_an_action_and_its_record_is_finished_safely_by_the_next_apply() {
+    for n in 1..=10 {
+        let (shared, dir) = start(World::shop(&["live"]), &format!("divio-acted-{n}"), "", "");
+        only_live(&dir);
+        let failpoint = format!("acted:{n}=crash");
+        let vars = [("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent")];
+        let crashed = pgconverge_with(
+            &["apply", "--auto-approve"],
+            &dir,
+            &[vars[0], vars[1], ("PGCONVERGE_FAILPOINTS", &failpoint)],
+        );
+        assert_ne!(crashed.code, 0, "{failpoint}: {}{}", crashed.stdout, crashed.stderr);
+        let again = run(&dir, &["apply", "--auto-approve"]);
+        assert_eq!(again.code, 0, "{failpoint}: {}{}", again.stdout, again.stderr);
+        assert_upgraded(&shared, "live");
+        // A copy whose making was not recorded is never trusted: it is made again.
+        let backups = lock(&shared).log.iter().filter(|l| *l == "POST /apps/v3/backups/").count();
+        assert!((1..=2).contains(&backups), "{failpoint}: {backups} backups");
+        if n == 4 {
+            assert_eq!(backups, 2, "{failpoint}: the streamed copy was not recorded, so it is made again");
+        }
+        assert!(!dir.join("maintenance").exists(), "{failpoint}: the fence is lifted in the end");
+    }
+}
+
+#[test]
 fn environments_are_observed_a_few_at_a_time() {
     let envs = ["e1", "e2", "e3", "e4", "e5", "e6", "e7", "e8"];
     let mut world = World::shop(&envs);

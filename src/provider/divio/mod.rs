@@ -10,12 +10,13 @@
 //! it is proven not carried out: after a lost answer, the provider looks for what it would
 //! have created first (`create`, `change`).
 //!
-//! The API shows neither write fences nor where a service's data came from. The provider
-//! keeps its own records of both (the fences its `fence_command` set; the restores it
-//! made and what each service held when last seen attached) under `root`, beside the
-//! lock, and reads them only while the service they name exists; without them a service
+//! The API shows neither write fences nor where a service's data came from. The fences
+//! its `fence_command` set are this provider's records (under `root`, or in the state
+//! database), read only while the service they name exists. What each service holds is
+//! not its business: it reports only what the application can see (`sees_data` is
+//! false) and the core's ledger (`crate::ledger`) keeps the rest; without it a service
 //! that is not visible holds no known data, and the next plan copies again rather than
-//! trust a copy it cannot see.
+//! trust a copy it cannot vouch for.
 
 mod api;
 pub mod decide;
@@ -58,7 +59,6 @@ struct Backup {
     uuid: String,
     instance_backup: String,
     of: Prefix,
-    complete: bool,
 }
 
 /// What the API cannot show, as this provider recorded it.
@@ -66,8 +66,6 @@ struct Backup {
 struct Records {
     #[serde(default)]
     fences: Vec<Fence>,
-    #[serde(default)]
-    holds: Vec<Holds>,
 }
 
 /// A fence set by `fence_command`; `lifted` once a deploy moved the application off the
@@ -79,16 +77,6 @@ struct Fence {
     prefix: Prefix,
     #[serde(default)]
     lifted: bool,
-}
-
-/// What a service holds: recorded when a restore into it succeeds, and whenever it is
-/// seen visible (the application's own data), so that it is still known once the service
-/// is detached and the API can no longer tell.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Holds {
-    env: EnvName,
-    service: ServiceId,
-    data: Data,
 }
 
 /// The services of one application, through its API; see the module's text.
@@ -578,6 +566,11 @@ fn is_set(v: &Value, key: &str) -> bool {
 }
 
 impl Provider for DivioProvider {
+    /// The API shows no copy's making: the core's ledger keeps it.
+    fn sees_data(&self) -> bool {
+        false
+    }
+
     fn root(&self) -> &Path {
         &self.root
     }
@@ -731,21 +724,15 @@ impl Provider for DivioProvider {
             let mut services = Vec::new();
             for ((mut s, region, seen, word), bound) in found.into_iter().zip(bound) {
                 s.fenced = self.records.fences.iter().any(|f| &f.env == env && f.service == s.id);
-                let known = self.records.holds.iter().find(|c| &c.env == env && c.service == s.id);
-                s.data = match (known, bound) {
-                    (Some(c), _) => Some(c.data.clone()),
-                    // The retired original stays the application's database until a deploy;
-                    // a new service it can see holds a copy this provider did not make.
-                    (None, Some((of, retired))) if s.status.visible() => {
+                // What the application can see, read from its prefix: the retired original
+                // stays its database until a deploy; a new service it can see holds a copy
+                // (whose making, if pgconverge's, the core's ledger knows better).
+                s.data = match bound {
+                    Some((of, retired)) if s.status.visible() => {
                         Some(Data { of, complete: retired, restored_from: None, verified: false, streaming: false })
                     }
                     _ => None,
                 };
-                if known.is_none() && s.status.visible() {
-                    if let Some(data) = s.effective_data() {
-                        self.records.holds.push(Holds { env: env.clone(), service: s.id.clone(), data });
-                    }
-                }
                 self.instances
                     .insert(s.id.clone(), Instance { env: env.clone(), region, service: s.clone(), seen, word });
                 services.push(s);
@@ -755,7 +742,6 @@ impl Provider for DivioProvider {
         let before = self.records.clone();
         let exists = |env: &EnvName, id: &ServiceId| self.instances.get(id).is_some_and(|i| &i.env == env);
         self.records.fences.retain(|f| exists(&f.env, &f.service));
-        self.records.holds.retain(|c| exists(&c.env, &c.service));
         if self.records != before {
             self.write_records()?;
         }
@@ -845,15 +831,6 @@ impl Provider for DivioProvider {
         let prefix = self.instance(id)?.service.prefix.clone();
         self.run_fence_command(false, env, id, &prefix)?;
         self.records.fences.retain(|f| !(&f.env == env && &f.service == id));
-        // Writes may now reach it: what was copied from it is no longer whole.
-        if self.instance(id)?.service.status.visible() {
-            for c in self.records.holds.iter_mut().filter(|c| c.data.restored_from.as_ref() == Some(id)) {
-                c.data.complete = false;
-            }
-            if let Some(b) = self.backups.get_mut(id) {
-                b.complete = false;
-            }
-        }
         self.write_records()
     }
 
@@ -894,12 +871,11 @@ impl Provider for DivioProvider {
             }
         }
         let (instance_backup, size) = found.ok_or_else(|| failed(format!("backup {uuid} holds no backup of {id}")))?;
-        let complete = data.complete && (service.fenced || !service.status.visible());
-        self.backups.insert(id.clone(), Backup { uuid, instance_backup, of: data.of, complete });
+        self.backups.insert(id.clone(), Backup { uuid, instance_backup, of: data.of });
         Ok(size)
     }
 
-    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
+    fn restore(&mut self, _env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
         let backup = self
             .backups
             .get(from)
@@ -922,16 +898,6 @@ impl Provider for DivioProvider {
                 done.get("success").unwrap_or(&Value::Null)
             )));
         }
-        let data = Data {
-            of: backup.of.clone(),
-            complete: backup.complete,
-            restored_from: Some(from.clone()),
-            verified: false,
-            streaming: false,
-        };
-        self.records.holds.retain(|c| !(&c.env == env && &c.service == id));
-        self.records.holds.push(Holds { env: env.clone(), service: id.clone(), data });
-        self.write_records()?;
         let size =
             self.api.get(&format!("{V3}/service-instance-backups/{}/", backup.instance_backup)).map_err(api_err)?;
         Ok(size.get("size").and_then(Value::as_u64).unwrap_or(0))
@@ -956,10 +922,7 @@ impl Provider for DivioProvider {
                 ("PGCONVERGE_AGAINST_PREFIX", source.as_str()),
                 ("PGCONVERGE_VERIFY", how.as_str()),
             ],
-        )?;
-        let copy = self.records.holds.iter_mut().find(|c| &c.env == env && &c.service == id);
-        copy.ok_or_else(|| failed(format!("{id} holds no copy this provider made")))?.data.verified = true;
-        self.write_records()
+        )
     }
 
     fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()> {

@@ -1,0 +1,191 @@
+//! What the rules know of a service's data that a provider cannot see: which dataset a
+//! copy holds, whether it is complete, verified or still streaming. Apply writes it from
+//! the rules' own predicted effects, so the bookkeeping exists once, here; the snapshot
+//! the rules plan from is what the provider observed with the ledger's facts filled in
+//! (`merge`).
+//!
+//! Crash safety: before an action, apply records for each service the weaker of what is
+//! known now and what the action will make true (`weaken`), and only after the action is
+//! seen done does it record the prediction (`record`). A crash between the two leaves
+//! nothing claimed that the action may have undone (an unfence makes copies incomplete
+//! before it runs) and nothing claimed that it may not have done (a restore's copy is
+//! recorded only once it is there), so the next apply copies again rather than trust a
+//! copy it cannot vouch for.
+//!
+//! Only providers that cannot see data for themselves use it (`Provider::sees_data`);
+//! the local provider records data beside its servers, where its own failure paths keep
+//! it true.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Data, EnvLive, EnvName, Live, ServiceId};
+
+/// The recorded data of services, per environment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    #[serde(default)]
+    pub entries: Vec<Entry>,
+}
+
+/// What one service holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub env: EnvName,
+    pub service: ServiceId,
+    pub data: Data,
+}
+
+impl Ledger {
+    /// Fills in the data of every observed service the ledger knows; a service it does not
+    /// know keeps what the provider reported.
+    pub fn merge(&self, live: &mut Live) {
+        for (env, services) in &mut live.environments {
+            for s in &mut services.services {
+                if let Some(e) = self.entries.iter().find(|e| &e.env == env && e.service == s.id) {
+                    s.data = Some(e.data.clone());
+                }
+            }
+        }
+    }
+
+    /// Records the data the rules predict for `env`'s services (its other entries go).
+    pub fn record(&mut self, env: &EnvName, expected: &EnvLive) {
+        self.entries.retain(|e| &e.env != env);
+        for s in &expected.services {
+            if let Some(data) = s.effective_data() {
+                self.entries.push(Entry { env: env.clone(), service: s.id.clone(), data });
+            }
+        }
+    }
+
+    /// Before an action that takes `env` from `before` to `after`: records for each service
+    /// only what holds in both, so that a crash inside the action claims nothing it may
+    /// have undone or not yet done.
+    pub fn weaken(&mut self, env: &EnvName, before: &EnvLive, after: &EnvLive) {
+        let mut weaker = EnvLive::default();
+        for b in &before.services {
+            let Some(a) = after.services.iter().find(|a| a.id == b.id) else { continue };
+            let data = match (b.effective_data(), a.effective_data()) {
+                (Some(b), Some(a)) if b.of == a.of && b.restored_from == a.restored_from => Some(Data {
+                    of: b.of,
+                    complete: b.complete && a.complete,
+                    restored_from: b.restored_from,
+                    verified: b.verified && a.verified,
+                    // Streaming and whole are both claims: keep only what both sides make.
+                    streaming: b.streaming && a.streaming,
+                }),
+                _ => None,
+            };
+            let mut s = b.clone();
+            s.data = data;
+            weaker.services.push(s);
+        }
+        self.record(env, &weaker);
+    }
+
+    /// Drops the entries of services that no longer exist.
+    pub fn prune(&mut self, live: &Live) {
+        self.entries
+            .retain(|e| live.environments.get(&e.env).is_some_and(|l| l.services.iter().any(|s| s.id == e.service)));
+    }
+}
+
+/// Writes a ledger where it is kept.
+pub type Save = Box<dyn Fn(&Ledger) -> Result<(), String>>;
+
+/// A ledger and where it is kept: a file under root, or the state database.
+pub struct Kept {
+    pub ledger: Ledger,
+    save: Save,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept").field("ledger", &self.ledger).finish_non_exhaustive()
+    }
+}
+
+impl Kept {
+    pub fn new(ledger: Ledger, save: Save) -> Kept {
+        Kept { ledger, save }
+    }
+
+    /// Changes the ledger and saves it, when `change` changed it.
+    pub fn update(&mut self, change: impl FnOnce(&mut Ledger)) -> Result<(), String> {
+        let before = self.ledger.clone();
+        change(&mut self.ledger);
+        if self.ledger == before {
+            return Ok(());
+        }
+        (self.save)(&self.ledger)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Major, Prefix, Service, Status};
+
+    fn svc(id: &str, status: Status, data: Option<Data>) -> Service {
+        Service {
+            id: ServiceId::observed(id).expect("id"),
+            version: Major::new(17).expect("major"),
+            prefix: Prefix::parse("NEW").expect("prefix"),
+            status,
+            fenced: false,
+            data,
+        }
+    }
+
+    fn copy(complete: bool, verified: bool) -> Option<Data> {
+        Some(Data {
+            of: Prefix::parse("DEFAULT").expect("prefix"),
+            complete,
+            restored_from: Some(ServiceId::observed("old").expect("id")),
+            verified,
+            streaming: false,
+        })
+    }
+
+    #[test]
+    fn before_an_action_only_what_holds_on_both_sides_is_recorded() {
+        let env = EnvName::parse("live").expect("env");
+        let entry = |l: &Ledger| l.entries.first().map(|e| (e.data.complete, e.data.verified));
+        let cases = [
+            // A restore: nothing before, a copy after → nothing until it is seen done.
+            (None, copy(true, false), None),
+            // A verify: not verified before → not verified until it is seen done.
+            (copy(true, false), copy(true, true), Some((true, false))),
+            // An unfence: complete before, not after → incomplete before it runs.
+            (copy(true, true), copy(false, true), Some((false, true))),
+        ];
+        for (i, (before, after, want)) in cases.into_iter().enumerate() {
+            let mut ledger = Ledger::default();
+            let before = EnvLive { services: vec![svc("n", Status::Provisioned, before)] };
+            let after = EnvLive { services: vec![svc("n", Status::Provisioned, after)] };
+            ledger.weaken(&env, &before, &after);
+            assert_eq!(entry(&ledger), want, "case {i}");
+            ledger.record(&env, &after);
+            assert!(ledger.entries.len() == 1, "case {i}: recorded after");
+        }
+    }
+
+    #[test]
+    fn merge_fills_in_what_it_knows_and_prune_drops_the_gone() {
+        let env = EnvName::parse("live").expect("env");
+        let mut ledger = Ledger::default();
+        ledger.record(&env, &EnvLive { services: vec![svc("n", Status::Provisioned, copy(true, true))] });
+        let mut live = Live::empty();
+        live.environments.insert(
+            env.clone(),
+            EnvLive { services: vec![svc("n", Status::Provisioned, None), svc("x", Status::Provisioned, None)] },
+        );
+        ledger.merge(&mut live);
+        let services = &live.environments[&env].services;
+        assert_eq!(services[0].data, copy(true, true));
+        assert_eq!(services[1].data, None, "unknown to the ledger: as observed");
+        live.environments.insert(env.clone(), EnvLive::default());
+        ledger.prune(&live);
+        assert!(ledger.entries.is_empty());
+    }
+}
