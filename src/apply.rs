@@ -245,7 +245,14 @@ pub fn apply(
                 restored_with_backup = true;
                 (None, Some(format!("{} dumped, streamed into {target}", human_bytes(bytes))))
             } else {
-                run(provider, d, &prediction, action, &env_plan.actions[i..]).map_err(|source| failed(source, &done))?
+                let ran = run(provider, d, &prediction, action, &env_plan.actions[i..]);
+                if let (Err(Ok(_)), Action::Verify { service, .. }) = (&ran, action) {
+                    // The copy differs from its source: the next apply copies afresh.
+                    if let Ok(id) = prediction.resolve(service) {
+                        keep(&mut ledger, &|l| l.distrust(&d.name, &id), &done)?;
+                    }
+                }
+                ran.map_err(|source| failed(source, &done))?
             };
             // Done, not yet seen done nor recorded: where a crash leaves the ledger behind.
             tripped(format!("acted:{number}"), &done)?;

@@ -12,9 +12,8 @@
 //! recorded only once it is there), so the next apply copies again rather than trust a
 //! copy it cannot vouch for.
 //!
-//! Only providers that cannot see data for themselves use it (`Provider::sees_data`);
-//! the local provider records data beside its servers, where its own failure paths keep
-//! it true.
+//! Every provider's snapshot goes through it (`Provider::sees_data` is false for both):
+//! what a provider records of copies for its own use is not what the rules plan from.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,13 +35,17 @@ pub struct Entry {
 }
 
 impl Ledger {
-    /// Fills in the data of every observed service the ledger knows; a service it does not
-    /// know keeps what the provider reported.
+    /// The ledger's data for every observed service: what it recorded, or, for a service
+    /// it does not know, nothing unless the application can see the service (whose data
+    /// the provider reads off its prefix). A copy the ledger does not vouch for holds no
+    /// known data, whatever else says so.
     pub fn merge(&self, live: &mut Live) {
         for (env, services) in &mut live.environments {
             for s in &mut services.services {
-                if let Some(e) = self.entries.iter().find(|e| &e.env == env && e.service == s.id) {
-                    s.data = Some(e.data.clone());
+                match self.entries.iter().find(|e| &e.env == env && e.service == s.id) {
+                    Some(e) => s.data = Some(e.data.clone()),
+                    None if !s.status.visible() => s.data = None,
+                    None => {}
                 }
             }
         }
@@ -81,6 +84,14 @@ impl Ledger {
             weaker.services.push(s);
         }
         self.record(env, &weaker);
+    }
+
+    /// A copy found to differ from its source (a failed verify): no longer complete.
+    pub fn distrust(&mut self, env: &EnvName, service: &ServiceId) {
+        for e in self.entries.iter_mut().filter(|e| &e.env == env && &e.service == service) {
+            e.data.complete = false;
+            e.data.verified = false;
+        }
     }
 
     /// Drops the entries of services that no longer exist.
@@ -178,12 +189,19 @@ mod tests {
         let mut live = Live::empty();
         live.environments.insert(
             env.clone(),
-            EnvLive { services: vec![svc("n", Status::Provisioned, None), svc("x", Status::Provisioned, None)] },
+            EnvLive {
+                services: vec![
+                    svc("n", Status::Provisioned, None),
+                    svc("x", Status::Provisioned, copy(true, true)),
+                    svc("v", Status::Attached, copy(true, false)),
+                ],
+            },
         );
         ledger.merge(&mut live);
         let services = &live.environments[&env].services;
         assert_eq!(services[0].data, copy(true, true));
-        assert_eq!(services[1].data, None, "unknown to the ledger: as observed");
+        assert_eq!(services[1].data, None, "a copy the ledger does not vouch for holds no known data");
+        assert_eq!(services[2].data, copy(true, false), "what the application sees is as observed");
         live.environments.insert(env.clone(), EnvLive::default());
         ledger.prune(&live);
         assert!(ledger.entries.is_empty());

@@ -252,7 +252,7 @@ fn a_crash_after_any_action_is_finished_by_the_next_apply_without_losing_a_write
     // Records in a file under root, the next apply in the same folder; then records in a
     // state database, the next apply on a fresh runner that shares only the database.
     let base = scratch("divio-crash");
-    let (_state_server, dsn) = state_database(&base);
+    let (_state_server, dsn) = common::state_database(&base);
     for in_database in [false, true] {
         for n in 1..=10 {
             let name = format!("divio-crash/{}-{n}", if in_database { "db" } else { "file" });
@@ -554,36 +554,12 @@ fn a_second_apply_is_refused_naming_the_first_and_takes_over_at_once_when_it_is_
     );
 }
 
-/// A PostgreSQL server for apply's state, as a team would give its CI runners: a role with
-/// a password over TCP. Stopped by the returned guard.
-fn state_database(dir: &Path) -> (common::Servers, String) {
-    use pgconverge::provider::local::{binaries, server};
-    common::ensure_postgres();
-    let root = dir.join("state-server");
-    let guard = common::Servers(root.clone());
-    let server = server::Server {
-        bin: binaries::find(15, &[]).or_else(|_| binaries::find(17, &[])).expect("binaries"),
-        data_dir: root.join("servers/state/data"),
-        socket_dir: root.join("servers/state/run"),
-        log_file: root.join("servers/state/server.log"),
-        port: server::free_port().expect("port"),
-        run_as: server::RunAs::for_user("postgres").expect("run_as"),
-    };
-    let _ = std::fs::create_dir_all(&root);
-    let _ = std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755));
-    server.init().expect("initdb");
-    server.start().expect("start");
-    server.sql("postgres", "CREATE ROLE state LOGIN PASSWORD 'st-pa55word'").expect("role");
-    server.sql("postgres", "CREATE DATABASE state OWNER state").expect("database");
-    (guard, format!("postgres://state:st-pa55word@127.0.0.1:{}/state", server.port))
-}
-
 /// Also a measurement: prints how long the second runner took to be refused, and to finish
 /// the upgrade once the first was killed.
 #[test]
 fn runners_that_share_only_a_state_database_apply_one_at_a_time_and_carry_on_after_a_kill() {
     let base = scratch("divio-state-db");
-    let (_state_server, state_dsn) = state_database(&base);
+    let (_state_server, state_dsn) = common::state_database(&base);
     let mut world = World::shop(&["live"]);
     world.deployment_time = std::time::Duration::from_secs(30);
     let (shared, first_dir) = start(world, "divio-state-db/runner-1", "", "");

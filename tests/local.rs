@@ -529,3 +529,34 @@ fn a_read_only_root_is_a_clear_error() {
         "17"
     );
 }
+
+/// With a state database, the lock and the ledger live there: an upgrade converges, the
+/// ledger's row names the copy, and a held lock refuses a second apply.
+#[test]
+fn a_local_upgrade_keeps_its_lock_and_ledger_in_a_state_database() {
+    let dir = scratch("local_state_db");
+    let _servers = Servers(dir.join(".pgconverge"));
+    let (_state_server, state_dsn) = common::state_database(&dir);
+    let state = "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n";
+    let write = |major: u32| {
+        let text = format!("version: 1\n{state}environments:\n  test:\n    postgres:\n      DEFAULT: {major}\n");
+        std::fs::write(dir.join("pgconverge.yaml"), text).expect("config");
+    };
+    ensure_postgres();
+    let vars = [("PGCONVERGE_STATE_DSN", state_dsn.as_str())];
+    write(15);
+    let first = pgconverge_with(&["apply", "--auto-approve"], &dir, &vars);
+    assert_eq!(first.code, 0, "{}{}", first.stdout, first.stderr);
+    psql(&dsn(&dir, "DATABASE_URL"), "CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 100)")
+        .expect("load");
+    write(17);
+    let upgrade = pgconverge_with(&["apply", "--auto-approve"], &dir, &vars);
+    assert_eq!(upgrade.code, 0, "{}{}", upgrade.stdout, upgrade.stderr);
+    assert_eq!(rows_and_major(&dsn(&dir, "DATABASE_URL")), "100|17");
+    let ledger = psql(&state_dsn, "SELECT value FROM pgconverge.records WHERE name = 'ledger'").expect("ledger row");
+    assert!(ledger.contains("\"complete\":true") && ledger.contains("\"verified\":true"), "{ledger}");
+    assert!(!dir.join(".pgconverge/ledger.json").exists(), "the ledger is in the database");
+    assert!(!dir.join(".pgconverge/lock").exists(), "so is the lock");
+    let again = pgconverge_with(&["plan", "--detailed-exitcode"], &dir, &vars);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+}

@@ -162,3 +162,27 @@ pub fn terminate(pid: u32) {
     let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("run kill");
     assert!(status.success(), "kill -TERM {pid}");
 }
+
+/// A PostgreSQL server for apply's state, as a team would give its CI runners: a role with
+/// a password over TCP. Stopped by the returned guard.
+pub fn state_database(dir: &Path) -> (Servers, String) {
+    use pgconverge::provider::local::{binaries, server};
+    ensure_postgres();
+    let root = dir.join("state-server");
+    let guard = Servers(root.clone());
+    let server = server::Server {
+        bin: binaries::find(15, &[]).or_else(|_| binaries::find(17, &[])).expect("binaries"),
+        data_dir: root.join("servers/state/data"),
+        socket_dir: root.join("servers/state/run"),
+        log_file: root.join("servers/state/server.log"),
+        port: server::free_port().expect("port"),
+        run_as: server::RunAs::for_user("postgres").expect("run_as"),
+    };
+    let _ = std::fs::create_dir_all(&root);
+    let _ = std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    server.init().expect("initdb");
+    server.start().expect("start");
+    server.sql("postgres", "CREATE ROLE state LOGIN PASSWORD 'st-pa55word'").expect("role");
+    server.sql("postgres", "CREATE DATABASE state OWNER state").expect("database");
+    (guard, format!("postgres://state:st-pa55word@127.0.0.1:{}/state", server.port))
+}

@@ -566,11 +566,6 @@ fn is_set(v: &Value, key: &str) -> bool {
 }
 
 impl Provider for DivioProvider {
-    /// The API shows no copy's making: the core's ledger keeps it.
-    fn sees_data(&self) -> bool {
-        false
-    }
-
     fn root(&self) -> &Path {
         &self.root
     }
