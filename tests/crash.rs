@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{ensure_postgres, env_file, pgconverge, pgconverge_with, psql, scratch, Servers};
+use common::{ensure_postgres, env_file, pgconverge_with, psql, scratch, Servers};
 
 const ROWS: u32 = 2000;
 
@@ -17,10 +17,17 @@ fn failpoints() -> Vec<String> {
     names
 }
 
-fn write_config(dir: &Path, major: u32) {
+/// Between each action's work and the ledger's record of it: the next apply must not
+/// trust what the ledger does not vouch for, and must cope with what the action left.
+fn acted() -> Vec<String> {
+    (1..=11).map(|n| format!("acted:{n}")).collect()
+}
+
+fn write_config(dir: &Path, major: u32, state: bool) {
+    let state = if state { "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n" } else { "" };
     std::fs::write(
         dir.join("pgconverge.yaml"),
-        format!("version: 1\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"),
+        format!("version: 1\n{state}environments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"),
     )
     .expect("config");
 }
@@ -56,21 +63,32 @@ fn running_servers(root: &Path) -> usize {
 }
 
 fn trip_each(mode: &str) {
+    trip(mode, &failpoints(), None);
+}
+
+/// Trips each of `names` in turn as `mode`; with `state`, apply's lock and ledger live in
+/// that database (its DSN).
+fn trip(mode: &str, names: &[String], state: Option<&str>) {
     ensure_postgres();
     let mut tripped = 0;
-    for name in failpoints() {
-        let dir = scratch(&format!("crash_{mode}_{}", name.replace(':', "_")));
+    let vars: Vec<(&str, &str)> = state.map(|dsn| ("PGCONVERGE_STATE_DSN", dsn)).into_iter().collect();
+    let pgconverge = |args: &[&str], dir: &Path| pgconverge_with(args, dir, &vars);
+    for name in names {
+        let where_ = if state.is_some() { "db" } else { "file" };
+        let dir = scratch(&format!("crash_{mode}_{where_}_{}", name.replace(':', "_")));
         let root = dir.join(".pgconverge");
         let _servers = Servers(root.clone());
-        write_config(&dir, 15);
+        write_config(&dir, 15, state.is_some());
         assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
         let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
         psql(&url, &format!("CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, {ROWS}) g"))
             .expect("load");
-        write_config(&dir, 17);
+        write_config(&dir, 17, state.is_some());
 
         let spec = format!("{name}={mode}");
-        let broken = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", &spec)]);
+        let mut armed = vars.clone();
+        armed.push(("PGCONVERGE_FAILPOINTS", &spec));
+        let broken = pgconverge_with(&["apply", "--auto-approve"], &dir, &armed);
         let want = if mode == "crash" { 137 } else { 1 };
         assert_eq!(broken.code, want, "{spec}: {}{}", broken.stdout, broken.stderr);
         tripped += 1;
@@ -88,7 +106,7 @@ fn trip_each(mode: &str) {
         assert_eq!(running_servers(&root), 1, "{spec}: orphan server processes");
         assert_eq!(leftovers(&root), Vec::<String>::new(), "{spec}: files left behind");
     }
-    assert_eq!(tripped, failpoints().len());
+    assert_eq!(tripped, names.len());
     eprintln!("{mode}: {tripped} failpoints tripped, {} rows checked after each", ROWS);
 }
 
@@ -100,4 +118,18 @@ fn crash_at_every_failpoint_then_apply_again() {
 #[test]
 fn error_at_every_failpoint_then_apply_again() {
     trip_each("error");
+}
+
+#[test]
+fn crash_between_each_action_and_its_record_then_apply_again() {
+    trip("crash", &acted(), None);
+}
+
+#[test]
+fn crash_at_every_failpoint_with_the_ledger_in_a_state_database_then_apply_again() {
+    let base = scratch("crash_state_db");
+    let (_state_server, dsn) = common::state_database(&base);
+    let mut names = failpoints();
+    names.extend(acted());
+    trip("crash", &names, Some(&dsn));
 }
