@@ -206,8 +206,9 @@ fn provider_of(config: &Config, file: &Path) -> Result<Box<dyn Provider>, Error>
     Ok(provider)
 }
 
-/// The core's ledger for a provider that cannot see data: in the state database when the
-/// config names one, else in `root/ledger.json`.
+/// The core's ledger (`crate::ledger`), unless the provider's own word on data is what the
+/// rules plan from: in the state database when the config names one, else in
+/// `root/ledger.json`.
 fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<Option<crate::ledger::Kept>, Error> {
     use crate::ledger::{Kept, Ledger};
     if provider.sees_data() {
