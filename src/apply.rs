@@ -118,15 +118,15 @@ pub struct Applied {
 }
 
 /// Carries out `plan` (made from `live`) environment by environment.
-/// `ledger`: where the rules' facts about data are kept for a provider that cannot see
-/// them (`crate::ledger`); written around every action.
+/// `ledger`: where the rules' facts about copies are kept (`crate::ledger`); written
+/// around every action.
 pub fn apply(
     provider: &mut dyn Provider,
     desired: &[DesiredEnv],
     plan: &Plan,
     live: &Live,
     progress: &mut dyn Progress,
-    mut ledger: Option<&mut Kept>,
+    ledger: &mut Kept,
 ) -> Result<Applied, ApplyError> {
     replay(desired, plan, live)?;
     let mut done = Vec::new();
@@ -192,30 +192,21 @@ pub fn apply(
             };
             tripped(format!("before:{number}"), &done)?;
             let t = Instant::now();
-            let keep =
-                |ledger: &mut Option<&mut Kept>, change: &dyn Fn(&mut crate::ledger::Ledger), done: &Vec<String>| {
-                    match ledger.as_deref_mut().map(|k| k.update(change)) {
-                        Some(Err(e)) => Err(ApplyError::Action {
-                            env: env.clone(),
-                            number,
-                            action: label.clone(),
-                            source: ProviderError::Failed(format!("cannot record what the action changes: {e}")),
-                            done: done.clone(),
-                        }),
-                        _ => Ok(()),
-                    }
-                };
+            let keep = |ledger: &mut Kept, change: &dyn Fn(&mut crate::ledger::Ledger), done: &Vec<String>| {
+                ledger.update(change).map_err(|e| ApplyError::Action {
+                    env: env.clone(),
+                    number,
+                    action: label.clone(),
+                    source: ProviderError::Failed(format!("cannot record what the action changes: {e}")),
+                    done: done.clone(),
+                })
+            };
             // Claim nothing across the action that it may undo or not yet have done (a
             // restore already streamed with its backup has nothing left to do).
-            if ledger.is_some() && !restored_with_backup {
-                let mut after = prediction.clone();
-                let stand_in = match action {
-                    Action::Add { service, .. } => Some(service.clone()),
-                    _ => None,
-                };
+            if !restored_with_backup {
                 let now = prediction.expected();
-                if let Ok(after) = after.advance(action, stand_in) {
-                    keep(&mut ledger, &|l| l.weaken(&d.name, &now, &after), &done)?;
+                if let Ok(after) = prediction.clone().advance(action, action.stand_in()) {
+                    keep(ledger, &|l| l.weaken(&d.name, &now, &after), &done)?;
                 }
             }
             // An action cut short by a signal is reported as the stop it is: what is fenced
@@ -249,7 +240,7 @@ pub fn apply(
                 if let (Err(Ok(_)), Action::Verify { service, .. }) = (&ran, action) {
                     // The copy differs from its source: the next apply copies afresh.
                     if let Ok(id) = prediction.resolve(service) {
-                        keep(&mut ledger, &|l| l.distrust(&d.name, &id), &done)?;
+                        keep(ledger, &|l| l.distrust(&d.name, &id), &done)?;
                     }
                 }
                 ran.map_err(|source| failed(source, &done))?
@@ -270,7 +261,7 @@ pub fn apply(
                 Some(restore) => prediction.clone().advance(restore, None).unwrap_or_else(|_| expected.clone()),
                 None => expected.clone(),
             };
-            keep(&mut ledger, &|l| l.record(&d.name, &made), &done)?;
+            keep(ledger, &|l| l.record(&d.name, &made), &done)?;
             match (was_blocked, prediction.writes_blocked()) {
                 (false, true) => blocked_since = Some(t),
                 (true, false) => outage += blocked_since.take().map_or(Duration::ZERO, |s| s.elapsed()),
@@ -280,9 +271,7 @@ pub fn apply(
             done.push(format!("{env}: {label}"));
             tripped(format!("after:{number}"), &done)?;
             let Some(mut observed) = observed else { continue };
-            if let Some(kept) = ledger.as_deref() {
-                kept.ledger.merge(&mut observed);
-            }
+            ledger.ledger.merge(&mut observed);
             let now = observed.environments.get(&env_plan.name).cloned().unwrap_or_default();
             let differences = plan::differences(&expected, &now);
             if !differences.is_empty() {
@@ -316,13 +305,7 @@ fn replay(desired: &[DesiredEnv], plan: &Plan, live: &Live) -> Result<(), ApplyE
         let start = live.environments.get(&env_plan.name).cloned().unwrap_or_default();
         let mut prediction = Prediction::new(d, &start).map_err(|r| refused(0, "-".into(), r))?;
         for (i, action) in env_plan.actions.iter().enumerate() {
-            // An added service gets its real id only when it is added; its name in the
-            // plan stands in for it here.
-            let stand_in = match action {
-                Action::Add { service, .. } => Some(service.clone()),
-                _ => None,
-            };
-            prediction.advance(action, stand_in).map_err(|r| refused(i + 1, action_summary(action), r))?;
+            prediction.advance(action, action.stand_in()).map_err(|r| refused(i + 1, action_summary(action), r))?;
         }
     }
     Ok(())
@@ -497,7 +480,7 @@ impl Drop for Lock {
 /// Who takes the lock, as a second apply is told: pid, host, and the CI job when there
 /// is one (each a `key value` pair; the time is added by where the lock lives).
 pub fn holder() -> Vec<String> {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let host = crate::state::hostname();
     let job = match (
         std::env::var("GITHUB_SERVER_URL"),
         std::env::var("GITHUB_REPOSITORY"),

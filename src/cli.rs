@@ -206,14 +206,10 @@ fn provider_of(config: &Config, file: &Path) -> Result<Box<dyn Provider>, Error>
     Ok(provider)
 }
 
-/// The core's ledger (`crate::ledger`), unless the provider's own word on data is what the
-/// rules plan from: in the state database when the config names one, else in
-/// `root/ledger.json`.
-fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<Option<crate::ledger::Kept>, Error> {
+/// The core's ledger (`crate::ledger`): in the state database when the config names one,
+/// else in `root/ledger.json`.
+fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<crate::ledger::Kept, Error> {
     use crate::ledger::{Kept, Ledger};
-    if provider.sees_data() {
-        return Ok(None);
-    }
     let unreadable = |e: String| Error::Provider(ProviderError::Inconsistent(e));
     match &config.state {
         Some(state) => {
@@ -225,7 +221,7 @@ fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<Option<crate::l
                 None => Ledger::default(),
             };
             let save = move |l: &Ledger| db.put("ledger", &serde_json::to_string(l).map_err(|e| e.to_string())?);
-            Ok(Some(Kept::new(ledger, Box::new(save))))
+            Ok(Kept::new(ledger, Box::new(save)))
         }
         None => {
             let path = provider.root().join("ledger.json");
@@ -240,7 +236,7 @@ fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<Option<crate::l
                 crate::atomic::write_atomically(&path, &bytes, 0o644)
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))
             };
-            Ok(Some(Kept::new(ledger, Box::new(save))))
+            Ok(Kept::new(ledger, Box::new(save)))
         }
     }
 }
@@ -257,9 +253,7 @@ fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, O
         None => {
             let mut p = provider_of(config, file)?;
             let mut live = p.observe()?;
-            if let Some(kept) = ledger_of(config, p.as_ref())? {
-                kept.ledger.merge(&mut live);
-            }
+            ledger_of(config, p.as_ref())?.ledger.merge(&mut live);
             let live = live.settled();
             Ok((live, Some(p)))
         }
@@ -422,10 +416,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             provider.recover()?;
             let mut ledger = ledger_of(&config, provider.as_ref())?;
             let mut live = provider.observe()?;
-            if let Some(kept) = ledger.as_mut() {
-                kept.update(|l| l.prune(&live)).map_err(|e| Error::Provider(ProviderError::Failed(e)))?;
-                kept.ledger.merge(&mut live);
-            }
+            ledger.update(|l| l.prune(&live)).map_err(|e| Error::Provider(ProviderError::Failed(e)))?;
+            ledger.ledger.merge(&mut live);
             let live = live.settled();
             provider.recover_observed()?;
             // A saved plan is shown and run as it is, never a fresh one in its place.
@@ -462,14 +454,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
             let started = std::time::Instant::now();
             let desired = config.desired();
-            let applied = apply::apply(
-                provider.as_mut(),
-                &desired,
-                &plan,
-                &live,
-                &mut StderrProgress::default(),
-                ledger.as_mut(),
-            )?;
+            let applied =
+                apply::apply(provider.as_mut(), &desired, &plan, &live, &mut StderrProgress::default(), &mut ledger)?;
             writeln!(
                 out,
                 "Apply complete: {total} action{} in {:.1} s.",

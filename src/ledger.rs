@@ -12,8 +12,8 @@
 //! recorded only once it is there), so the next apply copies again rather than trust a
 //! copy it cannot vouch for.
 //!
-//! Every provider's snapshot goes through it (`Provider::sees_data` is false for both):
-//! what a provider records of copies for its own use is not what the rules plan from.
+//! Every provider's snapshot goes through it: what a provider records of copies for its
+//! own use is not what the rules plan from.
 
 use serde::{Deserialize, Serialize};
 

@@ -78,18 +78,10 @@ impl PgState {
 
     /// Runs `sql` (through stdin) with psql variables; returns its output.
     fn run(&self, vars: &[(&str, &str)], sql: &str) -> Result<String, String> {
-        let mut child = self
-            .command(vars)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("the state database: cannot run psql: {e}"))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(sql.as_bytes()).map_err(|e| format!("the state database: psql: {e}"))?;
-        }
-        let out = child.wait_with_output().map_err(|e| format!("the state database: psql: {e}"))?;
+        let mut c = self.command(vars);
+        c.arg("-f").arg("-");
+        let out =
+            crate::provider::local::server::output_fed(c, sql).map_err(|e| format!("the state database: psql: {e}"))?;
         if !out.status.success() {
             let said = String::from_utf8_lossy(&out.stderr);
             return Err(format!("the state database: {}", crate::model::printable(said.trim())));
@@ -260,6 +252,11 @@ impl Drop for PgLock {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// This machine's name, for a lock's holder and a local root's identity.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
 /// A `psql` of any major this machine has (the newest), for the state database.

@@ -477,13 +477,20 @@ fn a_saved_plan_is_shown_and_run_as_it_is_and_refused_under_another_config_or_wi
     assert_eq!(lock(&shared).creates("live"), [0, 0, 0, 0], "live was not in the saved plan");
 }
 
+/// An apply running in the background, killed if the test ends first (an assertion
+/// failed), so that nothing outlives the test.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `apply --auto-approve` in `dir` as CI job 4242 with `vars`, and returns once its
 /// progress shows `seen` (it then holds the lock), with what reads the rest of its stderr.
-fn apply_until(
-    dir: &Path,
-    vars: &[(&str, &str)],
-    seen: &'static str,
-) -> (std::process::Child, std::thread::JoinHandle<String>) {
+fn apply_until(dir: &Path, vars: &[(&str, &str)], seen: &'static str) -> (Running, std::thread::JoinHandle<String>) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgconverge"))
         .args(["apply", "--auto-approve"])
         .current_dir(dir)
@@ -515,7 +522,7 @@ fn apply_until(
         let _ = child.kill();
         panic!("apply never showed {seen:?}: {}", reader.join().unwrap_or_default());
     }
-    (child, reader)
+    (Running(child), reader)
 }
 
 /// Also a measurement: prints how long the second apply took to be refused, and to take
@@ -534,12 +541,12 @@ fn a_second_apply_is_refused_naming_the_first_and_takes_over_at_once_when_it_is_
     let second = run(&dir, &["apply", "--auto-approve"]);
     let refused_in = t.elapsed();
     assert_eq!(second.code, 1, "{}{}", second.stdout, second.stderr);
-    let pid = format!("another apply is running: pid {}, host ", first.id());
+    let pid = format!("another apply is running: pid {}, host ", first.0.id());
     assert!(second.stderr.contains(&pid), "{}", second.stderr);
     assert!(second.stderr.contains("job GitHub Actions run 4242"), "{}", second.stderr);
 
-    first.kill().expect("SIGKILL the first apply");
-    first.wait().expect("reap");
+    first.0.kill().expect("SIGKILL the first apply");
+    first.0.wait().expect("reap");
     lock(&shared).provision_now();
     let t = std::time::Instant::now();
     let third = run(&dir, &["apply", "--auto-approve"]);
@@ -589,15 +596,15 @@ fn runners_that_share_only_a_state_database_apply_one_at_a_time_and_carry_on_aft
     let refused_in = t.elapsed();
     assert_eq!(second.code, 1, "{}{}", second.stdout, second.stderr);
     assert!(
-        second.stderr.contains(&format!("another apply is running: pid {}, host ", first.id()))
+        second.stderr.contains(&format!("another apply is running: pid {}, host ", first.0.id()))
             && second.stderr.contains("job GitHub Actions run 4242")
             && second.stderr.contains("the state database's lock"),
         "{}",
         second.stderr
     );
 
-    first.kill().expect("SIGKILL the first runner");
-    first.wait().expect("reap");
+    first.0.kill().expect("SIGKILL the first runner");
+    first.0.wait().expect("reap");
     let first_said = reader.join().unwrap_or_default();
     {
         let mut w = lock(&shared);

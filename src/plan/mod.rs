@@ -31,6 +31,16 @@ pub enum Action {
 }
 
 impl Action {
+    /// For an add, the name the added service has in the plan (`+1`), which stands in for
+    /// the id it gets only when it is added: what a replay of the plan passes to
+    /// `Prediction::advance`.
+    pub fn stand_in(&self) -> Option<ServiceId> {
+        match self {
+            Action::Add { service, .. } => Some(service.clone()),
+            _ => None,
+        }
+    }
+
     pub fn op_name(&self) -> &'static str {
         match self {
             Action::Add { .. } => "add",
@@ -200,12 +210,7 @@ pub fn report_of(config: &Config, live: &Live, saved: &Plan) -> Result<Report, P
             let refused = |r: String| refused(i + 1, r);
             let op = p.op_of(action).map_err(refused)?;
             let before = p.state.clone();
-            // An added service's name in the plan stands in for the id it will get.
-            let stand_in = match action {
-                Action::Add { service, .. } => Some(service.clone()),
-                _ => None,
-            };
-            p.advance(action, stand_in).map_err(refused)?;
+            p.advance(action, action.stand_in()).map_err(refused)?;
             let inside = search::step_outage(&p.ctx, &before, &p.state) == 1;
             outage_actions += u32::from(inside);
             steps.push(Step {

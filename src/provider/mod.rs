@@ -50,13 +50,6 @@ pub trait Provider {
     fn root(&self) -> &Path;
     /// What is applied, naming its lock and records in a state database.
     fn identity(&self) -> String;
-    /// Whether observe's word on each copy's data (which dataset, complete, verified) is
-    /// what the rules plan from. False: the core's ledger (`crate::ledger`), which apply
-    /// writes from the rules' own predictions, is, and observe is heard only on what the
-    /// application can see.
-    fn sees_data(&self) -> bool {
-        false
-    }
     /// Keeps the provider's records in the state database from now on, and reads them
     /// from there. Default: a provider whose records live beside what it runs keeps them
     /// there.

@@ -13,8 +13,8 @@
 //! The API shows neither write fences nor where a service's data came from. The fences
 //! its `fence_command` set are this provider's records (under `root`, or in the state
 //! database), read only while the service they name exists. What each service holds is
-//! not its business: it reports only what the application can see (`sees_data` is
-//! false) and the core's ledger (`crate::ledger`) keeps the rest; without it a service
+//! not its business: it reports only what the application can see, and the core's
+//! ledger (`crate::ledger`) keeps the rest; without it a service
 //! that is not visible holds no known data, and the next plan copies again rather than
 //! trust a copy it cannot vouch for.
 

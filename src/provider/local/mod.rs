@@ -1358,7 +1358,7 @@ impl Provider for LocalProvider {
 
     /// This machine and the root.
     fn identity(&self) -> String {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = crate::state::hostname();
         // The same before and after root is first made: its parent resolved, its name kept.
         let parent = self
             .root
@@ -1368,7 +1368,7 @@ impl Provider for LocalProvider {
             (Some(parent), Some(name)) => parent.join(name),
             _ => self.root.clone(),
         };
-        format!("local {}:{}", host.trim(), root.display())
+        format!("local {}:{}", host, root.display())
     }
 
     fn preflight(&self) -> Result<()> {

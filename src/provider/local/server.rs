@@ -240,23 +240,15 @@ impl Server {
         if !check_private_dir(&self.socket_dir, self.owner())? {
             return Err(format!("the socket directory {} is gone", self.socket_dir.display()));
         }
-        let mut child = Command::new(self.bin.program("psql"))
-            .current_dir("/")
+        let mut c = Command::new(self.bin.program("psql"));
+        c.current_dir("/")
             .env("PGCONNECT_TIMEOUT", "10")
             .env("PGOPTIONS", SESSION_OPTIONS)
             .arg("-h")
             .arg(&self.socket_dir)
             .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", db])
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("psql: cannot run: {e}"))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            std::io::Write::write_all(&mut stdin, sql.as_bytes()).map_err(|e| format!("psql: {e}"))?;
-        }
-        let out = child.wait_with_output().map_err(|e| format!("psql: {e}"))?;
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"]);
+        let out = output_fed(c, sql).map_err(|e| format!("psql: {e}"))?;
         if !out.status.success() {
             let text = String::from_utf8_lossy(&out.stderr);
             return Err(format!("psql failed ({}): {}", out.status, last_lines(&text, 6)));
@@ -303,4 +295,14 @@ pub fn free_port() -> Result<u16, String> {
 pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Runs `c` with `input` on its stdin (never on its command line, where other users of
+/// the machine could read it) and collects its output.
+pub fn output_fed(mut c: Command, input: &str) -> std::io::Result<std::process::Output> {
+    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, input.as_bytes())?;
+    }
+    child.wait_with_output()
 }
