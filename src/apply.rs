@@ -3,6 +3,7 @@
 //! It keeps no journal: the live state is the only truth, and a run that stops halfway
 //! is finished by planning afresh and applying again.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use crate::config::{DesiredEnv, Verify};
 use crate::ledger::Kept;
 use crate::model::{EnvLive, Live};
 use crate::plan::{self, Action, Plan, Prediction};
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{Backup, Provider, ProviderError};
 use crate::render::action_summary;
 
 /// Why an apply stopped. Every variant carries what ran before it.
@@ -159,6 +160,8 @@ pub fn apply(
         // A backup followed by a restore of it runs as one streamed step; the restore's
         // turn then only reports it.
         let mut restored_with_backup = false;
+        // The latest backup of each service taken so far, for the restores that follow.
+        let mut backups = BTreeMap::new();
         for (i, action) in env_plan.actions.iter().enumerate() {
             let number = i + 1;
             let label = action_summary(action);
@@ -227,16 +230,18 @@ pub fn apply(
                 next.filter(|n| streams(&prediction, action, n))
             {
                 let verify = verified_later(&env_plan.actions[i..], target, d);
-                let bytes = (|| {
+                let backup = (|| {
                     let (from, target) =
                         (prediction.resolve(from).map_err(Err)?, prediction.resolve(target).map_err(Err)?);
                     provider.backup_and_restore(&d.name, &from, &target, verify).map_err(Ok)
                 })()
                 .map_err(|source| failed(source, &done))?;
                 restored_with_backup = true;
-                (None, Some(format!("{} dumped, streamed into {target}", human_bytes(bytes))))
+                let detail = format!("{} dumped, streamed into {target}", human_bytes(backup.bytes));
+                backups.insert(backup.of.clone(), backup);
+                (None, Some(detail))
             } else {
-                let ran = run(provider, d, &prediction, action, &env_plan.actions[i..]);
+                let ran = run(provider, d, &prediction, action, &env_plan.actions[i..], &mut backups);
                 if let (Err(Ok(_)), Action::Verify { service, .. }) = (&ran, action) {
                     // The copy differs from its source: the next apply copies afresh.
                     if let Ok(id) = prediction.resolve(service) {
@@ -334,12 +339,15 @@ type Ran = (Option<crate::model::ServiceId>, Option<String>);
 
 /// Calls the provider for one action. `Err(Err(_))`: the plan names something unknown;
 /// `Err(Ok(_))`: the provider failed.
+/// `backups`: the latest backup of each service taken in this run, which a backup adds to
+/// and a restore takes from.
 fn run(
     p: &mut dyn Provider,
     d: &DesiredEnv,
     prediction: &Prediction,
     action: &Action,
     rest: &[Action],
+    backups: &mut BTreeMap<crate::model::ServiceId, Backup>,
 ) -> Result<Ran, Result<ProviderError, String>> {
     let env = &d.name;
     let id = |s: &crate::model::ServiceId| prediction.resolve(s).map_err(Err);
@@ -349,10 +357,15 @@ fn run(
             return p.add(env, prefix, *version).map(|id| (Some(id), None)).map_err(Ok)
         }
         Action::Backup { service } => {
-            return p.backup(env, &id(service)?).map(|b| (None, moved(b, "dumped"))).map_err(Ok);
+            let backup = p.backup(env, &id(service)?).map_err(Ok)?;
+            let bytes = backup.bytes;
+            backups.insert(backup.of.clone(), backup);
+            return Ok((None, moved(bytes, "dumped")));
         }
         Action::Restore { service, from } => {
-            return p.restore(env, &id(service)?, &id(from)?).map(|b| (None, moved(b, "restored"))).map_err(Ok);
+            let from = id(from)?;
+            let backup = backups.get(&from).ok_or_else(|| Err(format!("no backup of {from} was taken in this run")))?;
+            return p.restore(env, &id(service)?, backup).map(|b| (None, moved(b, "restored"))).map_err(Ok);
         }
         Action::Replicate { service, from } => {
             return p.replicate(env, &id(service)?, &id(from)?).map(|b| (None, moved(b, "copied"))).map_err(Ok);

@@ -66,21 +66,29 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
 
     config(17);
     // Kill when apply reaches each phase in turn (plus a little, to land inside the next
-    // step): new server provisioned, old one fenced, copy restored, old one retired.
+    // step): new server provisioned, old one fenced, copy restored (as the ledger records
+    // it), old one retired. The provider's records, then the ledger's entries.
     let services = || -> Vec<serde_json::Value> {
-        std::fs::read_dir(root.join("state/test"))
+        let mut found: Vec<serde_json::Value> = std::fs::read_dir(root.join("state/test"))
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
             .filter_map(|t| serde_json::from_str(&t).ok())
-            .collect()
+            .collect();
+        let ledger = std::fs::read_to_string(root.join("ledger.json")).ok();
+        let ledger: serde_json::Value = ledger.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        found.extend(ledger["entries"].as_array().into_iter().flatten().cloned());
+        found
     };
     type Phase = (&'static str, u64, fn(&[serde_json::Value]) -> bool);
     let phases: [Phase; 4] = [
         ("new server provisioned", 0, |s| s.iter().any(|v| v["prefix"] == "NEW" && v["status"] == "provisioned")),
         ("old server fenced", 30, |s| s.iter().any(|v| v["fenced"] == true)),
-        ("copy restored", 0, |s| s.iter().any(|v| v["prefix"] == "NEW" && !v["data"].is_null())),
+        ("copy restored", 0, |s| {
+            let new = s.iter().find(|v| v["prefix"] == "NEW").map(|v| &v["id"]);
+            s.iter().any(|e| Some(&e["service"]) == new && !e["data"]["restored_from"].is_null())
+        }),
         ("old server retired", 0, |s| s.iter().any(|v| v["prefix"] == "OLD")),
     ];
     for (phase, extra, reached) in phases {
@@ -100,9 +108,11 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
         {
             std::thread::sleep(Duration::from_millis(5));
         }
+        let was_reached = reached(&services());
         std::thread::sleep(Duration::from_millis(extra));
         let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
         let status = child.wait().expect("wait");
+        assert!(was_reached, "apply never reached '{phase}' before it was killed");
         eprintln!("{phase}: apply {}", if status.success() { "had finished" } else { "killed" });
         assert!(!status.success(), "apply finished before the kill at '{phase}'");
     }

@@ -42,6 +42,21 @@ impl ProviderError {
 
 pub type Result<T> = std::result::Result<T, ProviderError>;
 
+/// A backup as the provider that took it finds it again. `backup` returns one and
+/// `restore` takes it: apply keeps it from the one to the other, and the rules restore
+/// only from a backup taken earlier in the same plan (`plan::rules::Svc::backup`), so a
+/// backup never outlives the apply that took it as far as the rules are concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backup {
+    /// The service it is a backup of.
+    pub of: ServiceId,
+    /// Where the provider keeps it (a path, an id on the platform); only the provider that
+    /// made it reads it.
+    pub handle: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
 /// The live services and the operations of the action rules, and what apply asks of a
 /// provider around them, in this order: `preflight`, then (with the lock held) `recover`,
 /// `observe`, `recover_observed`, `check`, and the actions, each followed by `settle`.
@@ -96,20 +111,25 @@ pub trait Provider {
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
     fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
-    /// Returns the size of the backup in bytes.
-    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64>;
-    /// Returns the size of the backup restored, in bytes.
-    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64>;
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<Backup>;
+    /// Replaces what `id` holds with `backup`; returns the size restored, in bytes.
+    fn restore(&mut self, env: &EnvName, id: &ServiceId, backup: &Backup) -> Result<u64>;
     /// `backup from` then `restore id from`, as one step: a provider that can stream the
     /// dump into the restore while it writes the backup overrides this. `verify` says how
     /// a later `verify id against from` will compare them, so that the provider may take
-    /// fingerprints while it is at it. Returns the size of the backup in bytes. After a
-    /// failure either, both or neither may have happened, as after the two one by one.
-    fn backup_and_restore(&mut self, env: &EnvName, from: &ServiceId, id: &ServiceId, verify: Verify) -> Result<u64> {
+    /// fingerprints while it is at it. After a failure either, both or neither may have
+    /// happened, as after the two one by one.
+    fn backup_and_restore(
+        &mut self,
+        env: &EnvName,
+        from: &ServiceId,
+        id: &ServiceId,
+        verify: Verify,
+    ) -> Result<Backup> {
         let _ = verify;
-        let bytes = self.backup(env, from)?;
-        self.restore(env, id, from)?;
-        Ok(bytes)
+        let backup = self.backup(env, from)?;
+        self.restore(env, id, &backup)?;
+        Ok(backup)
     }
     /// Logical strategy: copies the schema of `from` into `id`, subscribes `id` to every
     /// change of `from`, and returns once the initial copy is done (its size in bytes);

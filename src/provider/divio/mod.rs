@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 pub use decide::*;
 
 use self::api::{Api, ApiError};
-use super::{Provider, ProviderError, Result};
+use super::{Backup, Provider, ProviderError, Result};
 use crate::config::{DesiredEnv, DivioConfig, Verify};
 use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
 use crate::plan::{Action, Plan};
@@ -51,14 +51,6 @@ struct Instance {
     /// Its status as the provider reads it, and as the API spells it.
     seen: Seen,
     word: String,
-}
-
-/// A backup taken in this run, for the restore that follows it.
-#[derive(Clone, Debug)]
-struct Backup {
-    uuid: String,
-    instance_backup: String,
-    of: Prefix,
 }
 
 /// What the API cannot show, as this provider recorded it.
@@ -97,7 +89,6 @@ pub struct DivioProvider {
     catalogue: BTreeMap<String, (Option<u32>, String)>,
     regions_listed: BTreeSet<String>,
     instances: BTreeMap<ServiceId, Instance>,
-    backups: BTreeMap<ServiceId, Backup>,
     records: Records,
     /// The environment variables are read once per run, for `warn_undeployed`.
     vars_read: bool,
@@ -188,7 +179,6 @@ impl DivioProvider {
             catalogue: BTreeMap::new(),
             regions_listed: BTreeSet::new(),
             instances: BTreeMap::new(),
-            backups: BTreeMap::new(),
             records: Records::default(),
             vars_read: false,
             writable: false,
@@ -829,9 +819,10 @@ impl Provider for DivioProvider {
         self.write_records()
     }
 
-    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
+    /// The handle is the backup's uuid and its part for `id`'s instance, which a restore
+    /// names: `<backup>/<service-instance-backup>`.
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<Backup> {
         let service = self.instance(id)?.service.clone();
-        let data = service.effective_data().ok_or_else(|| failed(format!("{id} holds no data to back up")))?;
         let body = json!({
             "environment": self.env_uuid(env)?,
             "services": [id.as_str()],
@@ -866,26 +857,23 @@ impl Provider for DivioProvider {
             }
         }
         let (instance_backup, size) = found.ok_or_else(|| failed(format!("backup {uuid} holds no backup of {id}")))?;
-        self.backups.insert(id.clone(), Backup { uuid, instance_backup, of: data.of });
-        Ok(size)
+        Ok(Backup { of: id.clone(), handle: format!("{uuid}/{instance_backup}"), bytes: size })
     }
 
-    fn restore(&mut self, _env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
-        let backup = self
-            .backups
-            .get(from)
-            .cloned()
-            .ok_or_else(|| failed(format!("no backup of {from} was taken in this run")))?;
+    fn restore(&mut self, _env: &EnvName, id: &ServiceId, backup: &Backup) -> Result<u64> {
+        let Some((backup_uuid, instance_backup)) = backup.handle.split_once('/') else {
+            return Err(failed(format!("{} is not a backup this provider took", backup.handle)));
+        };
         let body = json!({
-            "backup": backup.uuid,
-            "service_instance_restores": [{"service_instance_backup": backup.instance_backup, "service_instance": id.as_str()}],
-            "notes": format!("pgconverge {} restore {id} from {}: copy of {}", self.run, backup.uuid, backup.of),
+            "backup": backup_uuid,
+            "service_instance_restores": [{"service_instance_backup": instance_backup, "service_instance": id.as_str()}],
+            "notes": format!("pgconverge {} restore {id} from {backup_uuid}: copy of {}", self.run, backup.of),
         });
-        let find = |p: &Self| p.find_by_notes(&format!("{V3}/backup-restores/?backup={}", backup.uuid), &body);
+        let find = |p: &Self| p.find_by_notes(&format!("{V3}/backup-restores/?backup={backup_uuid}"), &body);
         let created =
             self.create(&format!("the restore into {id}"), &format!("{V3}/backup-restores/"), body.clone(), find)?;
         let uuid = text(&created, "uuid")?;
-        let what = format!("the restore of {} into {id} ({uuid}) to finish", backup.of);
+        let what = format!("the restore of {}'s backup into {id} ({uuid}) to finish", backup.of);
         let done = self.wait_for(&what, &format!("{V3}/backup-restores/{uuid}/"), |r| is_set(r, "finished"))?;
         if !succeeded(&done) {
             return Err(failed(format!(
@@ -893,8 +881,7 @@ impl Provider for DivioProvider {
                 done.get("success").unwrap_or(&Value::Null)
             )));
         }
-        let size =
-            self.api.get(&format!("{V3}/service-instance-backups/{}/", backup.instance_backup)).map_err(api_err)?;
+        let size = self.api.get(&format!("{V3}/service-instance-backups/{instance_backup}/")).map_err(api_err)?;
         Ok(size.get("size").and_then(Value::as_u64).unwrap_or(0))
     }
 

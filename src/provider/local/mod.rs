@@ -10,9 +10,10 @@
 //! root/lock                      held by the apply in progress
 //! ```
 //!
-//! The metadata files are the provider's memory of what the rules cannot see on a server
-//! (prefix, status, lineage); `observe` checks them against the servers and starts any
-//! server that is down.
+//! The metadata files are the provider's memory of what a server cannot show (prefix,
+//! status, the replication it set up); `observe` checks them against the servers and
+//! starts any server that is down. What a copy holds (which dataset, complete, verified)
+//! is the core's ledger's to know (`crate::ledger`), not this provider's.
 
 pub mod binaries;
 pub mod fingerprint;
@@ -29,10 +30,10 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Provider, ProviderError, Result};
+use super::{Backup, Provider, ProviderError, Result};
 use crate::atomic::write_atomically;
 use crate::config::{LocalConfig, Verify};
-use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
+use crate::model::{EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
 use server::{RunAs, Server};
 
 /// The file that marks a directory as a pgconverge root.
@@ -55,12 +56,17 @@ const LOAD_SETTINGS: [(&str, &str); 2] = [("max_wal_size", "64GB"), ("checkpoint
 pub const APP_ROLE: &str = "app";
 pub const APP_DB: &str = "app";
 
-/// A service as the local provider records it.
+/// A service as the local provider records it. Its `service.data` is always `None`: a
+/// record written before the ledger may hold one, which is read and ignored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Meta {
     #[serde(flatten)]
     service: Service,
+    /// The service whose changes a subscription on this server receives, from `replicate`
+    /// until the catch-up ends it: what `tidy_replication` keeps and `delete` drops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    streaming_from: Option<ServiceId>,
     /// The server's TCP port, once provisioned.
     port: Option<u16>,
     /// The application database is as provisioning made it: empty, never restored into.
@@ -75,13 +81,11 @@ struct Meta {
     socket_dir: Option<PathBuf>,
 }
 
-/// A backup on disk.
+/// A backup on disk, named by the path of its manifest (the `Backup`'s handle). What data
+/// it holds and whether it is complete are the rules' to know.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Manifest {
     service: ServiceId,
-    dataset: Prefix,
-    complete: bool,
     source_version: Major,
     dump: PathBuf,
     roles: PathBuf,
@@ -321,7 +325,9 @@ impl LocalProvider {
     }
 
     fn load(&self, env: &EnvName, id: &ServiceId) -> Result<Meta> {
-        read_record(&self.meta_path(env, id))
+        let mut meta: Meta = read_record(&self.meta_path(env, id))?;
+        meta.service.data = None;
+        Ok(meta)
     }
 
     fn store(&self, env: &EnvName, meta: &Meta) -> Result<()> {
@@ -495,16 +501,24 @@ impl LocalProvider {
         Err(ProviderError::Failed(last))
     }
 
-    fn latest_backup(&self, id: &ServiceId) -> Result<Manifest> {
-        let dir = self.root.join("backups").join(id.as_str());
-        let mut manifests: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect())
-            .unwrap_or_default();
-        manifests.sort();
-        let path = manifests
-            .pop()
-            .ok_or_else(|| ProviderError::Inconsistent(format!("no backup of {id} in {}", dir.display())))?;
-        read_record(&path)
+    /// The manifest a backup's handle names, which must be one of this root's backups of
+    /// the service the backup is of.
+    fn manifest(&self, backup: &Backup) -> Result<Manifest> {
+        let path = PathBuf::from(&backup.handle);
+        let dir = self.root.join("backups").join(backup.of.as_str());
+        if path.parent() != Some(dir.as_path()) || path.extension().is_none_or(|e| e != "json") {
+            return Err(ProviderError::Inconsistent(format!(
+                "{} is not a backup of {} under {}",
+                backup.handle,
+                backup.of,
+                dir.display()
+            )));
+        }
+        let manifest: Manifest = read_record(&path)?;
+        if manifest.service != backup.of {
+            return Err(ProviderError::Inconsistent(format!("{} is a backup of {}", backup.handle, manifest.service)));
+        }
+        Ok(manifest)
     }
 
     /// Removes what a crash can leave behind: servers and data that no record names
@@ -553,20 +567,6 @@ impl LocalProvider {
         Ok(())
     }
 
-    fn mark_backups_incomplete(&self, id: &ServiceId) -> Result<()> {
-        let dir = self.root.join("backups").join(id.as_str());
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
-        for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")) {
-            let mut m: Manifest = read_record(&path)?;
-            if m.complete {
-                m.complete = false;
-                let text = serde_json::to_vec_pretty(&m).map_err(failed)?;
-                write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))?;
-            }
-        }
-        Ok(())
-    }
-
     /// The newest major among an environment's services: its pg_dump reads them all.
     fn newest_binaries(&self, env: &EnvName) -> Result<binaries::Binaries> {
         let newest = self.metas(env)?.iter().map(|m| m.service.version.get()).max().unwrap_or(0);
@@ -575,9 +575,6 @@ impl LocalProvider {
 
     /// Names the files of a new backup of `meta`'s service and dumps its roles.
     fn start_backup(&self, env: &EnvName, meta: &Meta, server: &Server) -> Result<BackupFiles> {
-        if meta.service.effective_data().is_none() {
-            return Err(ProviderError::Failed(format!("{} holds no data", meta.service.id)));
-        }
         let bin = self.newest_binaries(env)?;
         let dir = self.subdir("backups", Some(meta.service.id.as_str()))?;
         let stamp = now_ms();
@@ -627,13 +624,8 @@ impl LocalProvider {
         for e in envs.flatten() {
             let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) else { continue };
             let metas = self.metas(&env)?;
-            let streaming: Vec<(String, ServiceId)> = metas
-                .iter()
-                .filter_map(|m| {
-                    let d = m.service.data.as_ref().filter(|d| d.streaming)?;
-                    Some((logical::name(&m.service.id), d.restored_from.clone()?))
-                })
-                .collect();
+            let streaming: Vec<(String, ServiceId)> =
+                metas.iter().filter_map(|m| Some((logical::name(&m.service.id), m.streaming_from.clone()?))).collect();
             for meta in metas.iter().filter(|m| m.service.status != Status::New) {
                 let server = self.server(meta)?;
                 if !server.is_running() {
@@ -666,8 +658,7 @@ impl LocalProvider {
     }
 
     /// Makes a dumped backup durable and visible: sync, rename, manifest.
-    fn finish_backup(&self, meta: &Meta, files: BackupFiles) -> Result<Manifest> {
-        let data = meta.service.effective_data().ok_or_else(|| failed("the service holds no data"))?;
+    fn finish_backup(&self, meta: &Meta, files: BackupFiles) -> Result<(Backup, Manifest)> {
         // Dumps hold the data and the roles' password hashes: for root's eyes only.
         for f in [&files.partial, &files.roles, &files.database] {
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("protect", f, e))?;
@@ -676,11 +667,8 @@ impl LocalProvider {
         crate::failpoint::hit("backup:dumped").map_err(ProviderError::Failed)?;
         std::fs::rename(&files.partial, &files.dump).map_err(|e| io_err("rename", &files.partial, e))?;
         let bytes = std::fs::metadata(&files.dump).map(|m| m.len()).unwrap_or(0);
-        let quiet = meta.service.fenced || !meta.service.status.visible();
         let manifest = Manifest {
             service: meta.service.id.clone(),
-            dataset: data.of,
-            complete: data.complete && quiet,
             source_version: meta.service.version,
             dump: files.dump,
             roles: files.roles,
@@ -691,7 +679,9 @@ impl LocalProvider {
         let text = serde_json::to_vec_pretty(&manifest).map_err(failed)?;
         tracing::info!(service = %meta.service.id, bytes, "backup taken");
         write_atomically(&files.manifest, &text, 0o644).map_err(|e| io_err("write", &files.manifest, e))?;
-        Ok(manifest)
+        let backup =
+            Backup { of: meta.service.id.clone(), handle: files.manifest.to_string_lossy().into_owned(), bytes };
+        Ok((backup, manifest))
     }
 
     /// Empties the application database of `id`'s server and restores the roles of a
@@ -725,18 +715,10 @@ impl LocalProvider {
         create_restorer(server)
     }
 
-    /// Records a restore that completed: statistics first, so that the application's
-    /// first queries on the copy are planned as well as on the source. With `verify`, the
-    /// copy's fingerprint is taken at the same time, on the other core.
-    fn finish_restore(
-        &mut self,
-        env: &EnvName,
-        id: &ServiceId,
-        from: &ServiceId,
-        server: &Server,
-        manifest: &Manifest,
-        verify: Verify,
-    ) -> Result<()> {
+    /// Ends a restore: statistics, so that the application's first queries on the copy
+    /// are planned as well as on the source. With `verify`, the copy's fingerprint is
+    /// taken at the same time, on the other core.
+    fn finish_restore(&mut self, id: &ServiceId, server: &Server, verify: Verify) -> Result<()> {
         let started = std::time::Instant::now();
         let (analyzed, copy_fp) = std::thread::scope(|s| {
             let fp = (verify != Verify::None).then(|| s.spawn(|| fingerprint::take(server, APP_DB, verify)));
@@ -746,15 +728,6 @@ impl LocalProvider {
         analyzed.map_err(ProviderError::Failed)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), "copy analyzed");
         crate::failpoint::hit("restore:restored").map_err(ProviderError::Failed)?;
-        self.update(env, id, |m| {
-            m.service.data = Some(Data {
-                of: manifest.dataset.clone(),
-                complete: manifest.complete,
-                restored_from: Some(from.clone()),
-                verified: false,
-                streaming: false,
-            })
-        })?;
         if let Some(fp) = copy_fp {
             self.fingerprints.insert(id.clone(), (verify, fp));
         }
@@ -762,27 +735,15 @@ impl LocalProvider {
     }
 
     /// The catch-up proper: waits until the copy has every change up to the source's
-    /// WAL position now, checks the schemas still agree, sets the sequences, records the
-    /// copy as caught up and ends the replication.
-    fn finish_catch_up(
-        &self,
-        env: &EnvName,
-        id: &ServiceId,
-        source: &Server,
-        target: &Server,
-        complete: bool,
-    ) -> Result<()> {
+    /// WAL position now, checks the schemas still agree, sets the sequences and ends the
+    /// replication.
+    fn finish_catch_up(&self, env: &EnvName, id: &ServiceId, source: &Server, target: &Server) -> Result<()> {
         let name = logical::name(id);
         // A copy is whole only when every change up to the fence is in it; anything less
         // is dropped (nothing is lost: the source keeps the data) and copied afresh.
         let give_up = |why: String| -> ProviderError {
             let _ = logical::drop_replication(Some(source), Some(target), &name);
-            let _ = self.update(env, id, |m| {
-                if let Some(d) = m.service.data.as_mut() {
-                    d.streaming = false;
-                    d.complete = false;
-                }
-            });
+            let _ = self.update(env, id, |m| m.streaming_from = None);
             ProviderError::Failed(format!(
                 "{why}; the upgrade stopped with nothing lost, and the next apply copies afresh"
             ))
@@ -821,12 +782,7 @@ impl LocalProvider {
         restore_database(target, &database)?;
         let _ = std::fs::remove_file(&database);
         tracing::info!(service = %id, lsn = %lsn, ms = waited.as_millis() as u64, sequences, "copy caught up");
-        self.update(env, id, |m| {
-            if let Some(d) = m.service.data.as_mut() {
-                d.streaming = false;
-                d.complete = complete;
-            }
-        })?;
+        self.update(env, id, |m| m.streaming_from = None)?;
         crate::failpoint::hit("catch_up:recorded").map_err(ProviderError::Failed)?;
         logical::drop_replication(Some(source), Some(target), &name).map_err(ProviderError::Failed)
     }
@@ -1123,7 +1079,7 @@ fn redact(message: &str, password: &str) -> String {
 
 /// The copy steps proper; `Provider`'s methods add what a full disk explains.
 impl LocalProvider {
-    fn backup_now(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
+    fn backup_now(&mut self, env: &EnvName, id: &ServiceId) -> Result<Backup> {
         let (meta, server) = self.running_server(env, id)?;
         let files = self.start_backup(env, &meta, &server)?;
         let mut c = Command::new(files.bin.program("pg_dump"));
@@ -1134,12 +1090,11 @@ impl LocalProvider {
             .arg(&files.partial);
         private_file(&files.partial)?;
         self.run_client(c, "pg_dump")?;
-        let manifest = self.finish_backup(&meta, files)?;
-        Ok(manifest.bytes)
+        Ok(self.finish_backup(&meta, files)?.0)
     }
 
-    fn restore_now(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
-        let manifest = self.latest_backup(from)?;
+    fn restore_now(&mut self, env: &EnvName, id: &ServiceId, backup: &Backup) -> Result<u64> {
+        let manifest = self.manifest(backup)?;
         let (_, server) = self.running_server(env, id)?;
         self.prepare_restore(env, id, &server, &manifest.roles)?;
         let mut c = restore_command(&server);
@@ -1150,7 +1105,7 @@ impl LocalProvider {
             restore_database(&server, database)?;
         }
         self.fingerprints.remove(id);
-        self.finish_restore(env, id, from, &server, &manifest, Verify::None)?;
+        self.finish_restore(id, &server, Verify::None)?;
         Ok(manifest.bytes)
     }
 
@@ -1160,7 +1115,7 @@ impl LocalProvider {
         from: &ServiceId,
         id: &ServiceId,
         verify: Verify,
-    ) -> Result<u64> {
+    ) -> Result<Backup> {
         self.fingerprints.remove(id);
         let (meta, source) = self.running_server(env, from)?;
         let (_, target) = self.running_server(env, id)?;
@@ -1186,7 +1141,7 @@ impl LocalProvider {
         }
         // The dump is whole even when the restore failed: keep it, so that the next apply
         // only has to restore.
-        let manifest = self.finish_backup(&meta, files)?;
+        let (backup, manifest) = self.finish_backup(&meta, files)?;
         if let Some(e) = streamed.consumer_error {
             return Err(ProviderError::Failed(e));
         }
@@ -1198,15 +1153,14 @@ impl LocalProvider {
             self.fingerprints.insert(from.clone(), (verify, fp));
         }
         crate::failpoint::hit("copy:backed_up").map_err(ProviderError::Failed)?;
-        self.finish_restore(env, id, from, &target, &manifest, verify)?;
-        Ok(manifest.bytes)
+        self.finish_restore(id, &target, verify)?;
+        Ok(backup)
     }
 
     fn replicate_now(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
         self.fingerprints.remove(id);
-        let (meta, source) = self.running_server(env, from)?;
+        let (_, source) = self.running_server(env, from)?;
         let (_, target) = self.running_server(env, id)?;
-        let data = meta.service.effective_data().ok_or_else(|| failed(format!("{from} holds no data")))?;
         let name = logical::name(id);
         let objects =
             source.sql(APP_DB, "SELECT count(*) FROM pg_largeobject_metadata").map_err(ProviderError::Failed)?;
@@ -1229,10 +1183,9 @@ impl LocalProvider {
             source.stop().map_err(ProviderError::Failed)?;
             source.start().map_err(ProviderError::Failed)?;
         }
-        // Whatever the copy held before is about to be replaced: until the initial copy of
-        // every table is done it holds nothing, and a crash meanwhile leaves a copy that
-        // the next apply makes afresh (its subscription is dropped by tidy_replication).
-        self.update(env, id, |m| m.service.data = None)?;
+        // Until the initial copy of every table is done the copy is not streaming, and a
+        // crash meanwhile leaves a subscription that tidy_replication drops.
+        self.update(env, id, |m| m.streaming_from = None)?;
         logical::drop_replication(Some(&source), Some(&target), &name).map_err(ProviderError::Failed)?;
         // The schema first (replication carries rows only), then every row.
         let bin = self.newest_binaries(env)?;
@@ -1265,15 +1218,7 @@ impl LocalProvider {
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
         // Only now is the copy streaming: every table holds its initial copy, and what
         // follows is the stream of changes the catch-up waits for.
-        self.update(env, id, |m| {
-            m.service.data = Some(Data {
-                of: data.of.clone(),
-                complete: false,
-                restored_from: Some(from.clone()),
-                verified: false,
-                streaming: true,
-            })
-        })?;
+        self.update(env, id, |m| m.streaming_from = Some(from.clone()))?;
         crate::failpoint::hit("replicate:streaming").map_err(ProviderError::Failed)?;
         // Statistics for the application's first queries, and the hint bits of every copied
         // row set now: the first read after a copy sets them, and with data checksums logs
@@ -1294,20 +1239,18 @@ impl LocalProvider {
     fn catch_up_now(&mut self, env: &EnvName, id: &ServiceId, verify: Verify) -> Result<()> {
         self.fingerprints.remove(id);
         let meta = self.load(env, id)?;
-        let Some(from) = meta.service.data.as_ref().filter(|d| d.streaming).and_then(|d| d.restored_from.clone())
-        else {
+        let Some(from) = meta.streaming_from else {
             return Err(ProviderError::Inconsistent(format!("{id} is not streaming a copy")));
         };
-        let (source_meta, source) = self.running_server(env, &from)?;
+        let (_, source) = self.running_server(env, &from)?;
         let (_, target) = self.running_server(env, id)?;
-        let complete = source_meta.service.effective_data().is_some_and(|d| d.complete);
         // The source is quiet from the fence on: its fingerprint for the verify that
         // follows is taken while the copy catches up, and the copy's as soon as it has
         // stopped changing, so that verify itself only compares.
         let fingerprint_source = verify != Verify::None && !self.fingerprints.contains_key(&from);
         let (copy_fp, source_fp) = std::thread::scope(|s| {
             let fp = fingerprint_source.then(|| s.spawn(|| timed_fingerprint(&source, verify, "source")));
-            let copy_fp = self.finish_catch_up(env, id, &source, &target, complete).and_then(|()| {
+            let copy_fp = self.finish_catch_up(env, id, &source, &target).and_then(|()| {
                 (verify != Verify::None)
                     .then(|| timed_fingerprint(&target, verify, "copy").map_err(ProviderError::Failed))
                     .transpose()
@@ -1442,7 +1385,9 @@ impl Provider for LocalProvider {
         let id = ServiceId::observed(&format!("pg{version}-{}", random_hex(4)?)).map_err(failed)?;
         let service =
             Service { id: id.clone(), version, prefix: prefix.clone(), status: Status::New, fenced: false, data: None };
-        self.store(env, &Meta { service, port: None, untouched: false, loading: false, socket_dir: None })?;
+        let meta =
+            Meta { service, streaming_from: None, port: None, untouched: false, loading: false, socket_dir: None };
+        self.store(env, &meta)?;
         Ok(id)
     }
 
@@ -1467,34 +1412,28 @@ impl Provider for LocalProvider {
 
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         self.fingerprints.remove(id);
-        let (meta, server) = self.running_server(env, id)?;
+        let (_, server) = self.running_server(env, id)?;
         server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
-        self.update(env, id, |m| m.service.fenced = false)?;
-        if meta.service.status.visible() {
-            // Writes can land again: its backups and the copies taken from it are no
-            // longer complete.
-            self.mark_backups_incomplete(id)?;
-            for mut other in self.metas(env)? {
-                if let Some(d) = other.service.data.as_mut().filter(|d| d.restored_from.as_ref() == Some(id)) {
-                    d.complete = false;
-                    self.store(env, &other)?;
-                }
-            }
-        }
-        Ok(())
+        self.update(env, id, |m| m.service.fenced = false)
     }
 
-    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<u64> {
+    fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<Backup> {
         let result = self.backup_now(env, id);
         result.map_err(|e| self.disk_full(e))
     }
 
-    fn restore(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
-        let result = self.restore_now(env, id, from);
+    fn restore(&mut self, env: &EnvName, id: &ServiceId, backup: &Backup) -> Result<u64> {
+        let result = self.restore_now(env, id, backup);
         result.map_err(|e| self.disk_full(e))
     }
 
-    fn backup_and_restore(&mut self, env: &EnvName, from: &ServiceId, id: &ServiceId, verify: Verify) -> Result<u64> {
+    fn backup_and_restore(
+        &mut self,
+        env: &EnvName,
+        from: &ServiceId,
+        id: &ServiceId,
+        verify: Verify,
+    ) -> Result<Backup> {
         let result = self.backup_and_restore_now(env, from, id, verify);
         result.map_err(|e| self.disk_full(e))
     }
@@ -1526,12 +1465,6 @@ impl Provider for LocalProvider {
         let (a, b) = (a.map_err(ProviderError::Failed)?, b.map_err(ProviderError::Failed)?);
         let diff = fingerprint::differences(&a, &b);
         if !diff.is_empty() {
-            // A copy known to differ is no copy: the next plan makes a fresh one.
-            self.update(env, id, |m| {
-                if let Some(d) = m.service.data.as_mut() {
-                    d.complete = false;
-                }
-            })?;
             let shown: Vec<String> = diff.iter().take(20).cloned().collect();
             return Err(ProviderError::Failed(format!(
                 "the copy {id} differs from its source {against} ({} difference{}): {}{}",
@@ -1542,11 +1475,7 @@ impl Provider for LocalProvider {
             )));
         }
         tracing::info!(service = %id, against = %against, objects = a.len(), "copy verified");
-        self.update(env, id, |m| {
-            if let Some(d) = m.service.data.as_mut() {
-                d.verified = true;
-            }
-        })
+        Ok(())
     }
 
     fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()> {
@@ -1600,18 +1529,7 @@ impl Provider for LocalProvider {
         }
         for mut meta in metas {
             match meta.service.status {
-                Status::New | Status::Provisioned => {
-                    meta.service.status = Status::Attached;
-                    if meta.service.data.is_none() {
-                        meta.service.data = meta.service.effective_data().or(Some(Data {
-                            of: meta.service.prefix.clone(),
-                            complete: true,
-                            restored_from: None,
-                            verified: false,
-                            streaming: false,
-                        }));
-                    }
-                }
+                Status::New | Status::Provisioned => meta.service.status = Status::Attached,
                 Status::PendingDetachment => meta.service.status = Status::Detached,
                 Status::Attached | Status::Detached => continue,
             }
@@ -1623,9 +1541,9 @@ impl Provider for LocalProvider {
     fn delete(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         self.fingerprints.remove(id);
         let meta = self.load(env, id)?;
-        if let Some(from) = meta.service.data.as_ref().filter(|d| d.streaming).and_then(|d| d.restored_from.clone()) {
+        if let Some(from) = &meta.streaming_from {
             // Its subscription goes first, and the slot it holds on the source with it.
-            let source = self.load(env, &from).ok().and_then(|m| self.server(&m).ok()).filter(Server::is_running);
+            let source = self.load(env, from).ok().and_then(|m| self.server(&m).ok()).filter(Server::is_running);
             let target = self.server(&meta).ok().filter(Server::is_running);
             logical::drop_replication(source.as_ref(), target.as_ref(), &logical::name(id))
                 .map_err(ProviderError::Failed)?;
@@ -1679,6 +1597,40 @@ ALTER ROLE app SET work_mem TO '1MB';
                 "REVOKE CONNECT,TEMPORARY ON DATABASE app FROM PUBLIC;",
             ]
         );
+    }
+
+    #[test]
+    fn a_restore_takes_only_a_backup_of_its_own_root_and_service() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LocalConfig { root: Some(dir.path().join("root")), ..Default::default() };
+        let p = LocalProvider::new(&config, &dir.path().join("pgconverge.yaml")).expect("provider");
+        let (a, b) =
+            (ServiceId::observed("pg15-00000001").expect("id"), ServiceId::observed("pg17-00000002").expect("id"));
+        let backups = p.root.join("backups").join(a.as_str());
+        std::fs::create_dir_all(&backups).expect("mkdir");
+        let manifest = |of: &ServiceId| Manifest {
+            service: of.clone(),
+            source_version: Major::new(15).expect("major"),
+            dump: backups.join("1.dump"),
+            roles: backups.join("1.roles.sql"),
+            database: None,
+            bytes: 7,
+            taken_at_ms: 1,
+        };
+        std::fs::write(backups.join("1.json"), serde_json::to_vec(&manifest(&a)).expect("json")).expect("write");
+        std::fs::write(backups.join("2.json"), serde_json::to_vec(&manifest(&b)).expect("json")).expect("write");
+        let handle = |name: &str| backups.join(name).to_string_lossy().into_owned();
+        let backup = |of: &ServiceId, handle: String| Backup { of: of.clone(), handle, bytes: 7 };
+        assert_eq!(p.manifest(&backup(&a, handle("1.json"))).expect("its own backup").bytes, 7);
+        let refused = [
+            backup(&b, handle("1.json")),                                   // not under b's backups
+            backup(&a, handle("2.json")),                                   // a manifest of another service
+            backup(&a, handle("1.dump")),                                   // not a manifest
+            backup(&a, dir.path().join("1.json").to_string_lossy().into()), // outside root
+        ];
+        for (i, b) in refused.iter().enumerate() {
+            assert!(matches!(p.manifest(b), Err(ProviderError::Inconsistent(_))), "case {i}");
+        }
     }
 
     #[test]
