@@ -1,4 +1,4 @@
-//! The words of DESIGN.md as types: prefixes, majors, environment names, service ids, and
+//! The words of the contracts (`docs/contracts.md`) as types: prefixes, majors, environment names, service ids, and
 //! the live-state snapshot (format 1) that `show --format json` prints and `plan --live`
 //! reads. The same types serialize both ways, so a snapshot round-trips unchanged.
 
@@ -265,7 +265,7 @@ impl<'de> Deserialize<'de> for ServiceId {
     }
 }
 
-/// Where a service is in its life (DESIGN.md, "Live state snapshot").
+/// Where a service is in its life (`docs/contracts.md`, "Live-state snapshot").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {

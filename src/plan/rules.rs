@@ -1,8 +1,8 @@
 //! The action rules, in one place: what each op requires and what it does, on a compact
 //! state the search can hash cheaply. Nothing else in the crate decides whether an action
-//! is allowed. `RULES.md` beside this file states them in words.
+//! is allowed. `docs/rules.md` states them in words.
 //!
-//! Refinements of DESIGN.md's table, each on the side of never losing data:
+//! Refinements of the founding table (`docs/rules.md`), each on the side of never losing data:
 //! - restore, like delete, may not drop the last copy of a dataset: restoring over a
 //!   service's data needs another visible copy of that data;
 //! - verify needs a complete copy: a copy taken while its source still took writes can
@@ -168,7 +168,7 @@ pub struct Ctx {
 /// The state a search aims for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Goal {
-    /// DESIGN.md's goal: every declared prefix held at its declared version.
+    /// The goal (`docs/rules.md`): every declared prefix held at its declared version.
     Declared,
     /// The same, whatever the versions: each declared dataset attached under its own
     /// prefix and nothing else left to tidy. A waypoint for the fallback search
@@ -386,7 +386,7 @@ impl Ctx {
         })
     }
 
-    /// Prefixes carry meaning (DESIGN.md): may `s` sit under its prefix with its data?
+    /// Prefixes carry meaning (`docs/rules.md`): may `s` sit under its prefix with its data?
     pub fn prefix_meaning_holds(&self, s: &Svc) -> bool {
         let of = s.data.map(|d| d.of);
         match self.roles[s.prefix as usize] {
@@ -442,7 +442,7 @@ impl Ctx {
         })
     }
 
-    /// The goal of DESIGN.md for one environment.
+    /// The goal (`docs/rules.md`) for one environment.
     pub fn is_goal(&self, st: &State) -> bool {
         for &(p, v) in &self.declared {
             let mut under = st.svcs.iter().filter(|s| s.prefix == p);
@@ -468,7 +468,7 @@ impl Ctx {
             && (d.verified || self.verify == Verify::None || d.restored_from.is_none())
     }
 
-    /// Checks an op's precondition against DESIGN.md's table.
+    /// Checks an op's precondition (`docs/rules.md`'s table).
     pub fn check(&self, st: &State, op: &Op) -> Result<(), Refusal> {
         let get = |id: Id| match st.svcs.iter().find(|s| s.id == id) {
             Some(s) if self.unmanaged(s) => {

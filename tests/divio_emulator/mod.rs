@@ -1,4 +1,4 @@
-//! An in-process emulator of the Divio Control Panel API as `shared/divio-api.md` documents
+//! An in-process emulator of the Divio Control Panel API as `docs/divio-api.md` documents
 //! it, for the Divio provider's tests: token check, pagination through absolute `next`
 //! links with small pages, service instances with the documented statuses and
 //! transitions, backups, restores and deployments that take several polls, and 429s now

@@ -1,5 +1,5 @@
 //! The Divio provider: the services of an application's environments, driven through the
-//! Control Panel API (`shared/divio-api.md`). Add, backup, restore and deploy use endpoints
+//! Control Panel API (`docs/divio-api.md`). Add, backup, restore and deploy use endpoints
 //! that Divio's own client uses; provision, detach, rename and delete use the API's REST
 //! convention, and when the API answers 404 or 405 to one of them apply stops with the
 //! Control Panel step that does it by hand.
