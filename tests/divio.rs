@@ -4,14 +4,14 @@
 mod common;
 mod divio_emulator;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{pgconverge_with, scratch, Run};
+use common::{pgconverge_with, scratch, Run, Scratch};
 use divio_emulator::{lock, serve, Lose, Shared, World, PG17};
 
 /// A project directory with a config for the emulator at `base`; `extra` goes under
 /// `provider.divio`, `upgrade` under `upgrade`.
-fn project(name: &str, base: &str, extra: &str, upgrade: &str) -> PathBuf {
+fn project(name: &str, base: &str, extra: &str, upgrade: &str) -> Scratch {
     let dir = scratch(name);
     let fence = dir.join("maintenance");
     let config = format!(
@@ -40,7 +40,7 @@ fn run(dir: &Path, args: &[&str]) -> Run {
     pgconverge_with(args, dir, &[("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent")])
 }
 
-fn start(world: World, dir_name: &str, extra: &str, upgrade: &str) -> (Shared, PathBuf) {
+fn start(world: World, dir_name: &str, extra: &str, upgrade: &str) -> (Shared, Scratch) {
     let (shared, base) = serve(world);
     let dir = project(dir_name, &base, extra, upgrade);
     lock(&shared).fence_file = Some(dir.join("maintenance"));
@@ -268,7 +268,7 @@ fn a_crash_after_any_action_is_finished_by_the_next_apply_without_losing_a_write
                 std::fs::write(next.join("pgconverge.yaml"), &text).expect("config");
                 next
             } else {
-                dir.clone()
+                dir.to_path_buf()
             };
             let failpoint = format!("after:{n}=crash");
             let vars = [("DIVIO_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent"), ("PGCONVERGE_STATE_DSN", &dsn)];

@@ -29,7 +29,7 @@ fn url(dir: &Path) -> String {
 /// An environment applied at PostgreSQL 15 with `sql` loaded through the application's
 /// DSN, its config (`config_for` a major) then asking for 17; and the guard that stops
 /// its servers.
-fn loaded_on_15(name: &str, config_for: impl Fn(u32) -> String, sql: &str) -> (std::path::PathBuf, Servers) {
+fn loaded_on_15(name: &str, config_for: impl Fn(u32) -> String, sql: &str) -> (common::Scratch, Servers) {
     let dir = scratch(name);
     let servers = Servers(dir.join(".pgconverge"));
     config(&dir, &config_for(15));

@@ -24,7 +24,7 @@ fn config_verifying(dir: &Path, major: u32, verify: &str) {
 }
 
 /// A PostgreSQL 15 environment holding `sql`'s data, its config already asking for 17.
-fn loaded(name: &str, sql: &str) -> (std::path::PathBuf, Servers) {
+fn loaded(name: &str, sql: &str) -> (common::Scratch, Servers) {
     let dir = scratch(name);
     let servers = Servers(dir.join(".pgconverge"));
     config(&dir, 15);
@@ -193,7 +193,7 @@ const BIG: &str = "
     INSERT INTO small SELECT generate_series(1, 10);";
 
 /// PostgreSQL 15 holding `BIG`, its config asking for 17 with `verify: none`.
-fn big_unverified(name: &str) -> (std::path::PathBuf, Servers) {
+fn big_unverified(name: &str) -> (common::Scratch, Servers) {
     let dir = scratch(name);
     let servers = Servers(dir.join(".pgconverge"));
     config_verifying(&dir, 15, "none");

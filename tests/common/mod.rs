@@ -57,17 +57,33 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A fresh directory, removed first if a run left it. It lives under the system's
-/// temporary directory, not the checkout: the servers' OS user must be able to reach it,
-/// wherever the checkout is.
-pub fn scratch(name: &str) -> PathBuf {
-    let base = std::env::temp_dir().join("pgconverge-tests");
-    std::fs::create_dir_all(&base).expect("scratch base");
-    let _ = std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o755));
-    let dir = base.join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+/// A fresh directory of its own, removed when the test ends, pass or fail. It lives
+/// under the system's temporary directory, not the checkout (the servers' OS user must be
+/// able to reach it, wherever the checkout is), with a random name, so that two runs of
+/// the same test at once never share one. Declare it before the `Servers` guard of the
+/// servers inside it, so that they are stopped before it is removed.
+pub fn scratch(name: &str) -> Scratch {
+    let name = name.replace('/', "-");
+    let dir = tempfile::Builder::new().prefix(&format!("pgconverge-{name}-")).tempdir().expect("scratch dir");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("scratch mode");
+    Scratch(dir)
+}
+
+/// A test's directory; see `scratch`.
+#[derive(Debug)]
+pub struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
 }
 
 /// Stops every server under a local provider root, so a test leaves nothing running.
