@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{DesiredEnv, Verify};
 use crate::ledger::Kept;
-use crate::model::{EnvLive, Live};
+use crate::model::{human_bytes, EnvLive, Live};
 use crate::plan::{self, Action, Plan, Prediction};
 use crate::provider::{Backup, Provider, ProviderError};
-use crate::render::action_summary;
 
 /// Why an apply stopped. Every variant carries what ran before it.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +163,7 @@ pub fn apply(
         let mut backups = BTreeMap::new();
         for (i, action) in env_plan.actions.iter().enumerate() {
             let number = i + 1;
-            let label = action_summary(action);
+            let label = action.to_string();
             let refused = |reason: String, done: &Vec<String>| ApplyError::Refused {
                 env: env.clone(),
                 number,
@@ -310,7 +309,7 @@ fn replay(desired: &[DesiredEnv], plan: &Plan, live: &Live) -> Result<(), ApplyE
         let start = live.environments.get(&env_plan.name).cloned().unwrap_or_default();
         let mut prediction = Prediction::new(d, &start).map_err(|r| refused(0, "-".into(), r))?;
         for (i, action) in env_plan.actions.iter().enumerate() {
-            prediction.advance(action, action.stand_in()).map_err(|r| refused(i + 1, action_summary(action), r))?;
+            prediction.advance(action, action.stand_in()).map_err(|r| refused(i + 1, action.to_string(), r))?;
         }
     }
     Ok(())
@@ -381,22 +380,6 @@ fn run(
         Action::Delete { service } => p.delete(env, &id(service)?),
     };
     r.map(|()| (None, None)).map_err(Ok)
-}
-
-/// `12.3 MB`.
-pub fn human_bytes(bytes: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1000.0 && unit + 1 < units.len() {
-        value /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", units[unit])
-    }
 }
 
 /// A lock under the provider's root, held for a whole apply: an OS lock (`flock`) on

@@ -13,7 +13,7 @@ use crate::plan::{self, Plan, PlanError};
 use crate::provider::divio::DivioProvider;
 use crate::provider::local::LocalProvider;
 use crate::provider::{Provider, ProviderError};
-use crate::render::{self, Format};
+use crate::render;
 
 /// Snapshots and saved plans larger than this are refused: a thousand environments of
 /// a dozen services each stay far below it.
@@ -112,6 +112,15 @@ pub enum Command {
     Man,
 }
 
+/// Output format of `plan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Markdown,
+    Json,
+}
+
+/// Output format of `show`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ShowFormat {
     Text,
@@ -272,7 +281,7 @@ struct StderrProgress {
 
 impl apply::Progress for StderrProgress {
     fn started(&mut self, env: &str, number: usize, total: usize, action: &plan::Action) {
-        let label = format!("[{env} {number}/{total}] {}", render::action_summary(action));
+        let label = format!("[{env} {number}/{total}] {}", action);
         let bar = indicatif::ProgressBar::new_spinner();
         let broken = self.broken.clone();
         broken.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -304,7 +313,7 @@ impl apply::Progress for StderrProgress {
         crate::progress::set_sink(None);
         let detail = detail.map(|d| format!(", {d}")).unwrap_or_default();
         let done = format!("done ({seconds:.1} s{detail})");
-        let label = format!("[{env} {number}/{total}] {}", render::action_summary(action));
+        let label = format!("[{env} {number}/{total}] {}", action);
         match self.bar.take() {
             Some(bar) if !bar.is_hidden() => bar.finish_with_message(format!("{label} … {done}")),
             _ if self.broken.load(std::sync::atomic::Ordering::Relaxed) => eprintln!("{label} … {done}"),

@@ -789,7 +789,7 @@ fn validate_divio(divio: &DivioConfig) -> Result<(), Invalid> {
         ));
     }
     if let Some(zone) = &divio.zone {
-        crate::provider::divio::base_url(zone).map_err(|m| (at("zone"), m, "e.g. `divio.com`"))?;
+        divio_base_url(zone).map_err(|m| (at("zone"), m, "e.g. `divio.com`"))?;
     }
     if divio.fence_command.is_some() != divio.unfence_command.is_some() {
         return Err((
@@ -883,5 +883,34 @@ pub fn report(e: &ConfigError) -> String {
     match e.hint() {
         Some(h) => format!("error: {e}\n  hint: {h}"),
         None => format!("error: {e}"),
+    }
+}
+
+/// The Divio API's base URL for a zone: `divio.com` → `https://api.divio.com`; a full
+/// `http(s)://` URL (an emulator's, in tests) is used as it is, without a trailing `/`.
+pub fn divio_base_url(zone: &str) -> Result<String, String> {
+    let zone = zone.trim();
+    if zone.starts_with("https://") || zone.starts_with("http://") {
+        return Ok(zone.trim_end_matches('/').to_owned());
+    }
+    let valid = !zone.is_empty()
+        && zone.split('.').all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if valid {
+        Ok(format!("https://api.{zone}"))
+    } else {
+        Err(format!("`{zone}` is neither a zone (e.g. divio.com) nor an http(s) URL"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::divio_base_url;
+
+    #[test]
+    fn divio_zones_and_urls() {
+        assert_eq!(divio_base_url("divio.com").as_deref(), Ok("https://api.divio.com"));
+        assert_eq!(divio_base_url("http://127.0.0.1:8080/").as_deref(), Ok("http://127.0.0.1:8080"));
+        assert!(divio_base_url("divio .com").is_err() && divio_base_url("").is_err());
+        assert!(divio_base_url("a..b").is_err());
     }
 }

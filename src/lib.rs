@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod atomic;
+pub mod binaries;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
@@ -13,6 +14,7 @@ pub mod ledger;
 pub mod localdev;
 pub mod model;
 pub mod plan;
+pub mod process;
 pub mod progress;
 pub mod provider;
 pub mod render;

@@ -500,7 +500,6 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Cuts hostile input down to a size that is safe to echo in an error.
 /// A message safe to print on a terminal: control characters other than newline and tab
 /// (escape sequences among them, from a name or a program's output) shown escaped.
 pub fn printable(text: &str) -> String {
@@ -515,6 +514,7 @@ pub fn printable(text: &str) -> String {
     out
 }
 
+/// Cuts hostile input down to a size that is safe to echo in an error.
 pub(crate) fn shorten(s: &str) -> String {
     const MAX: usize = 40;
     if s.chars().count() <= MAX {
@@ -522,6 +522,22 @@ pub(crate) fn shorten(s: &str) -> String {
     }
     let head: String = s.chars().take(MAX).collect();
     format!("{}…", head.escape_debug())
+}
+
+/// `12.3 MB`.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
 }
 
 #[cfg(test)]

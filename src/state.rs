@@ -80,8 +80,7 @@ impl PgState {
     fn run(&self, vars: &[(&str, &str)], sql: &str) -> Result<String, String> {
         let mut c = self.command(vars);
         c.arg("-f").arg("-");
-        let out =
-            crate::provider::local::server::output_fed(c, sql).map_err(|e| format!("the state database: psql: {e}"))?;
+        let out = crate::process::output_fed(c, sql).map_err(|e| format!("the state database: psql: {e}"))?;
         if !out.status.success() {
             let said = String::from_utf8_lossy(&out.stderr);
             return Err(format!("the state database: {}", crate::model::printable(said.trim())));
@@ -261,15 +260,13 @@ pub fn hostname() -> String {
 
 /// A `psql` of any major this machine has (the newest), for the state database.
 fn psql() -> Result<PathBuf, String> {
-    (12..=18)
-        .rev()
-        .find_map(|major| crate::provider::local::binaries::find(major, &[]).ok())
-        .map(|b| b.program("psql"))
-        .ok_or_else(|| {
+    (12..=18).rev().find_map(|major| crate::binaries::find(major, &[]).ok()).map(|b| b.program("psql")).ok_or_else(
+        || {
             "state.postgres needs psql: install a PostgreSQL client (e.g. apt-get install postgresql-client) or \
              run scripts/fetch-postgres 17"
                 .to_owned()
-        })
+        },
+    )
 }
 
 /// libpq's environment variables for a DSN: a URI (`postgres://user:pw@host:port/db?k=v`)

@@ -30,6 +30,27 @@ pub enum Action {
     Delete { service: ServiceId },
 }
 
+/// The compact form of an action, for people: `rename svc-1 → OLD`.
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Add { service, prefix, version } => write!(f, "add {service} as {prefix} (PostgreSQL {version})"),
+            Action::Provision { service } => write!(f, "provision {service}"),
+            Action::Fence { service } => write!(f, "fence {service}"),
+            Action::Unfence { service } => write!(f, "unfence {service}"),
+            Action::Backup { service } => write!(f, "backup {service}"),
+            Action::Restore { service, from } => write!(f, "restore {service} from {from}"),
+            Action::Replicate { service, from } => write!(f, "replicate {service} from {from}"),
+            Action::CatchUp { service } => write!(f, "catch up {service}"),
+            Action::Verify { service, against } => write!(f, "verify {service} against {against}"),
+            Action::Rename { service, to } => write!(f, "rename {service} → {to}"),
+            Action::Detach { service } => write!(f, "detach {service}"),
+            Action::Deploy => write!(f, "deploy"),
+            Action::Delete { service } => write!(f, "delete {service}"),
+        }
+    }
+}
+
 impl Action {
     /// For an add, the name the added service has in the plan (`+1`), which stands in for
     /// the id it gets only when it is added: what a replay of the plan passes to

@@ -44,7 +44,7 @@ fn runbook_is_eleven_actions_with_six_inside_the_outage() {
 }
 
 fn short(report: &EnvReport) -> Vec<String> {
-    report.steps.iter().map(|s| crate::render::action_summary(&s.action)).collect()
+    report.steps.iter().map(|s| s.action.to_string()).collect()
 }
 
 const OLD_ATTACHED: &str = r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"}"#;

@@ -4,7 +4,7 @@ use std::io::{self, Write};
 
 use similar::ChangeTag;
 
-use super::{action_summary, diff, risk_label, version_changes};
+use super::{diff, risk_label, version_changes};
 use crate::plan::{Action, EnvReport, Report, Risk};
 
 pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
@@ -64,7 +64,7 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
         for (i, step) in env.steps.iter().enumerate() {
             let flag = step.risk.map(|r| format!(" **{}**", risk_label(r))).unwrap_or_default();
             let outage = if step.in_outage { " ⏸" } else { "" };
-            writeln!(out, "{}. `{}`{outage} — {}{flag}", i + 1, action_summary(&step.action), step.reason)?;
+            writeln!(out, "{}. `{}`{outage} — {}{flag}", i + 1, step.action, step.reason)?;
         }
         if env.outage_actions > 0 {
             writeln!(out)?;

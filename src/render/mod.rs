@@ -9,33 +9,6 @@ use crate::config::DesiredEnv;
 use crate::model::{EnvLive, Status};
 use crate::plan::{Action, EnvReport, Risk};
 
-/// Output format of `plan` and `show`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Markdown,
-    Json,
-}
-
-/// The compact form of an action: `rename svc-1 → OLD`.
-pub fn action_summary(a: &Action) -> String {
-    match a {
-        Action::Add { service, prefix, version } => format!("add {service} as {prefix} (PostgreSQL {version})"),
-        Action::Provision { service } => format!("provision {service}"),
-        Action::Fence { service } => format!("fence {service}"),
-        Action::Unfence { service } => format!("unfence {service}"),
-        Action::Backup { service } => format!("backup {service}"),
-        Action::Restore { service, from } => format!("restore {service} from {from}"),
-        Action::Replicate { service, from } => format!("replicate {service} from {from}"),
-        Action::CatchUp { service } => format!("catch up {service}"),
-        Action::Verify { service, against } => format!("verify {service} against {against}"),
-        Action::Rename { service, to } => format!("rename {service} → {to}"),
-        Action::Detach { service } => format!("detach {service}"),
-        Action::Deploy => "deploy".into(),
-        Action::Delete { service } => format!("delete {service}"),
-    }
-}
-
 pub fn risk_label(r: Risk) -> &'static str {
     match r {
         Risk::BlocksWrites => "blocks writes",

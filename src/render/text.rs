@@ -4,7 +4,7 @@ use std::io::{self, Write};
 
 use similar::ChangeTag;
 
-use super::{action_summary, diff, risk_label};
+use super::{diff, risk_label};
 use crate::model::Live;
 use crate::plan::Report;
 
@@ -45,7 +45,7 @@ pub fn plan(out: &mut impl Write, report: &Report, color: bool) -> io::Result<()
             writeln!(out)?;
             let n = env.steps.len();
             let width = n.to_string().len();
-            let summary = env.steps.iter().map(|s| action_summary(&s.action)).collect::<Vec<_>>();
+            let summary = env.steps.iter().map(|s| s.action.to_string()).collect::<Vec<_>>();
             let col = summary.iter().map(|s| s.chars().count()).max().unwrap_or(0);
             for (i, (step, what)) in env.steps.iter().zip(&summary).enumerate() {
                 let pad = " ".repeat(col - what.chars().count());

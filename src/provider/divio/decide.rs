@@ -63,22 +63,6 @@ pub fn postgres_major(identifier: &str, name: &str) -> Option<u32> {
     })
 }
 
-/// The API's base URL for a zone: `divio.com` → `https://api.divio.com`; a full
-/// `http(s)://` URL (an emulator's, in tests) is used as it is, without a trailing `/`.
-pub fn base_url(zone: &str) -> Result<String, String> {
-    let zone = zone.trim();
-    if zone.starts_with("https://") || zone.starts_with("http://") {
-        return Ok(zone.trim_end_matches('/').to_owned());
-    }
-    let valid = !zone.is_empty()
-        && zone.split('.').all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
-    if valid {
-        Ok(format!("https://api.{zone}"))
-    } else {
-        Err(format!("`{zone}` is neither a zone (e.g. divio.com) nor an http(s) URL"))
-    }
-}
-
 /// The host whose `~/.netrc` entry holds the token for a zone, as divio-cli stores it.
 pub fn netrc_host(zone: &str) -> String {
     format!("control.{}", zone.trim())
@@ -329,10 +313,7 @@ mod tests {
     }
 
     #[test]
-    fn zones_and_urls() {
-        assert_eq!(base_url("divio.com").as_deref(), Ok("https://api.divio.com"));
-        assert_eq!(base_url("http://127.0.0.1:8080/").as_deref(), Ok("http://127.0.0.1:8080"));
-        assert!(base_url("divio .com").is_err() && base_url("").is_err() && base_url("a..b").is_err());
+    fn netrc_hosts_of_zones() {
         assert_eq!(netrc_host("divio.com"), "control.divio.com");
     }
 

@@ -159,7 +159,7 @@ impl DivioProvider {
     /// `envs`: the environments the config declares; only those are observed.
     pub fn new(config: &DivioConfig, config_path: &Path, envs: Vec<DesiredEnv>) -> Result<Self> {
         let zone = config.zone.clone().unwrap_or_else(|| "divio.com".into());
-        let base = base_url(&zone).map_err(failed)?;
+        let base = crate::config::divio_base_url(&zone).map_err(failed)?;
         let api = Api::new(&base, &token(config, &zone)?).map_err(failed)?;
         let identity_base = base.clone();
         let dir = config_path.parent().unwrap_or(Path::new(""));
@@ -332,7 +332,7 @@ impl DivioProvider {
             tracing::info!(command = what, output = %said, "command output");
         }
         if !out.status.success() {
-            let last = super::local::server::last_lines(&said, 5);
+            let last = crate::process::last_lines(&said, 5);
             return Err(failed(format!(
                 "{what} failed ({}){}",
                 out.status,

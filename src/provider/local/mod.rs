@@ -15,7 +15,7 @@
 //! starts any server that is down. What a copy holds (which dataset, complete, verified)
 //! is the core's ledger's to know (`crate::ledger`), not this provider's.
 
-pub mod binaries;
+pub use crate::binaries;
 pub mod fingerprint;
 mod logical;
 mod private;
@@ -300,10 +300,10 @@ impl LocalProvider {
                     return Err(ProviderError::Refused(format!(
                         "environment {}: copying {source}'s database ({}) needs about {} free on the disk that holds {} ({COPY_SPACE_FACTOR} × the database: the new server's data, the WAL written while it is loaded, and the kept dump), and it has {}; free some space or point provider.local.root at a larger disk",
                         env_plan.name,
-                        crate::apply::human_bytes(size),
-                        crate::apply::human_bytes(needed),
+                        crate::model::human_bytes(size),
+                        crate::model::human_bytes(needed),
                         self.root.display(),
-                        crate::apply::human_bytes(free)
+                        crate::model::human_bytes(free)
                     )));
                 }
                 let owned = superuser_owned(&server)?;
@@ -798,7 +798,7 @@ impl LocalProvider {
             return Err(ProviderError::Failed(format!(
                 "{what} failed ({}): {}",
                 out.status,
-                server::last_lines(&text, 5)
+                crate::process::last_lines(&text, 5)
             )));
         }
         Ok(())
@@ -1288,7 +1288,7 @@ impl LocalProvider {
         ProviderError::Failed(format!(
             "{message}; the disk that holds {} is full ({} free){}: free some space, then run `pgconverge apply` again",
             self.root.display(),
-            free.map_or_else(|| "unknown".into(), crate::apply::human_bytes),
+            free.map_or_else(|| "unknown".into(), crate::model::human_bytes),
             seen.first().map(|l| format!(", the server said: {l}")).unwrap_or_default()
         ))
     }

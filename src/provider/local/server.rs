@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use super::binaries::Binaries;
+use crate::process::{last_lines, output_fed};
 
 /// The OS identity server processes run as; `None` means "as this process".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,20 +290,4 @@ fn alive(pid: i32) -> bool {
 pub fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
     l.local_addr().map(|a| a.port()).map_err(|e| format!("cannot find a free port: {e}"))
-}
-
-/// The last `n` non-empty lines of a program's messages, on one line.
-pub fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-/// Runs `c` with `input` on its stdin (never on its command line, where other users of
-/// the machine could read it) and collects its output.
-pub fn output_fed(mut c: Command, input: &str) -> std::io::Result<std::process::Output> {
-    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        std::io::Write::write_all(&mut stdin, input.as_bytes())?;
-    }
-    child.wait_with_output()
 }

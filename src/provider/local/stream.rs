@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 
-use super::server::last_lines;
+use crate::process::last_lines;
 
 const CHUNK: usize = 256 * 1024;
 const STDERR_LIMIT: usize = 64 * 1024;
