@@ -12,6 +12,14 @@ const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema'
 /// `kind:name` → value, for every object compared.
 pub type Fingerprint = BTreeMap<String, String>;
 
+/// `take`, with the time it took logged; `what` names the server for the log.
+pub fn timed(server: &Server, db: &str, how: Verify, what: &str) -> Result<Fingerprint, String> {
+    let t = std::time::Instant::now();
+    let fp = take(server, db, how);
+    tracing::debug!(what, seconds = t.elapsed().as_secs_f64(), "fingerprint taken");
+    fp
+}
+
 /// Takes the fingerprint of database `db`, in one session: every value comes back as a
 /// `key|value` line, and psql's `\gexec` runs one statement per table (each free to use
 /// parallel workers), so a fingerprint costs one program start, not one per query.

@@ -1,0 +1,148 @@
+//! Each service's server: where it lives, its socket, starting it, making it.
+
+use super::*;
+
+/// The longest socket directory: a socket path (`dir/.s.PGSQL.<port>`) may be at most
+/// 107 bytes.
+pub(super) const SOCKET_DIR_MAX: usize = 80;
+
+/// Settings of a server while a copy is restored into it and verified: no checkpoint
+/// until the application uses it. Checkpoints in the middle of a load write pages twice,
+/// and make the first read of every page after them (verify's counts, ANALYZE) log a
+/// full page image while setting hint bits. Durability is untouched: every commit is
+/// flushed to the WAL as always; only the WAL is kept longer, up to the size of the copy.
+pub(super) const LOAD_SETTINGS: [(&str, &str); 2] = [("max_wal_size", "64GB"), ("checkpoint_timeout", "1d")];
+
+/// Puts `LOAD_SETTINGS` on a server, or takes them off; both take effect at once.
+pub(super) fn load_settings(server: &Server, on: bool) -> Result<()> {
+    let statements: Vec<String> =
+        LOAD_SETTINGS
+            .iter()
+            .map(|(name, value)| {
+                if on {
+                    format!("ALTER SYSTEM SET {name} = '{value}';")
+                } else {
+                    format!("ALTER SYSTEM RESET {name};")
+                }
+            })
+            .collect();
+    server
+        .sql("postgres", &format!("{} SELECT pg_reload_conf();", statements.join(" ")))
+        .map(drop)
+        .map_err(ProviderError::Failed)
+}
+
+impl LocalProvider {
+    pub(super) fn server(&self, meta: &Meta) -> Result<Server> {
+        let id = meta.service.id.as_str();
+        let bin = binaries::find(meta.service.version.get(), &self.bin_dirs).map_err(ProviderError::Failed)?;
+        let dir = self.root.join("servers").join(id);
+        Ok(Server {
+            bin,
+            data_dir: dir.join("data"),
+            socket_dir: self.socket_dir(meta),
+            log_file: dir.join("log").join("server.log"),
+            port: meta.port.unwrap_or(0),
+            run_as: self.run_as,
+        })
+    }
+
+    /// Where the server of `meta` has its socket: `root/run/<id>`, unless that is too
+    /// long for a socket path (at most 107 bytes), then the directory recorded for it.
+    pub(super) fn socket_dir(&self, meta: &Meta) -> PathBuf {
+        let short = self.root.join("run").join(meta.service.id.as_str());
+        match &meta.socket_dir {
+            Some(dir) if short.as_os_str().len() > SOCKET_DIR_MAX => dir.clone(),
+            _ => short,
+        }
+    }
+
+    /// Makes sure the socket directory of `meta`'s server is one pgconverge made for it
+    /// alone (owned by the server's user, mode 0700, no symlink), and makes one when it is
+    /// missing: a new random one under the temporary directory when the root is deep (the
+    /// system may have cleaned it), the server restarted into it if it was running.
+    pub(super) fn private_socket_dir(&self, env: &EnvName, meta: &mut Meta) -> Result<()> {
+        let owner = self.run_as.map(|r| r.uid).or_else(server::effective_uid).unwrap_or(0);
+        let dir = self.socket_dir(meta);
+        match server::check_private_dir(&dir, owner) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(ProviderError::Inconsistent(e)),
+        }
+        let running = self.server(meta)?.postmaster().is_some();
+        let short = self.root.join("run").join(meta.service.id.as_str());
+        self.subdir("run", None)?;
+        let dir = if short.as_os_str().len() > SOCKET_DIR_MAX {
+            let dir = std::env::temp_dir().join(format!("pgconverge-{}", random_hex(12)?));
+            meta.socket_dir = Some(dir.clone());
+            dir
+        } else {
+            short
+        };
+        // `create`, not `create_dir_all`: a directory someone else made first is an error.
+        private::new_dir(&dir, 0o700).map_err(ProviderError::Failed)?;
+        if let Some(r) = self.run_as {
+            r.own(&dir).map_err(|e| io_err("give to the server user", &dir, e))?;
+        }
+        if meta.service.status != Status::New || meta.port.is_some() {
+            self.store(env, meta)?;
+        }
+        if running {
+            tracing::warn!(service = %meta.service.id, dir = %dir.display(), "the socket directory was gone; restarting the server into a new one");
+            let server = self.server(meta)?;
+            server.stop().map_err(ProviderError::Failed)?;
+            server.start().map_err(ProviderError::Failed)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn running_server(&self, env: &EnvName, id: &ServiceId) -> Result<(Meta, Server)> {
+        let mut meta = self.load(env, id)?;
+        self.private_socket_dir(env, &mut meta)?;
+        let server = self.server(&meta)?;
+        if !server.is_running() {
+            server.start().map_err(ProviderError::Failed)?;
+        }
+        Ok((meta, server))
+    }
+
+    /// Creates, starts and prepares the server of `meta` (role and database), from
+    /// scratch: a half-made server left by a crash is removed first.
+    pub(super) fn create_server(&self, env: &EnvName, meta: &mut Meta) -> Result<()> {
+        let dir = self.subdir("servers", None)?.join(meta.service.id.as_str());
+        if dir.exists() {
+            if let Ok(old) = self.server(meta) {
+                let _ = old.stop();
+            }
+            std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
+        }
+        let mut last = String::new();
+        for _ in 0..3 {
+            meta.port = Some(server::free_port().map_err(ProviderError::Failed)?);
+            self.private_socket_dir(env, meta)?;
+            let server = self.server(meta)?;
+            if !server.data_dir.join("PG_VERSION").exists() {
+                server.init().map_err(ProviderError::Failed)?;
+            }
+            match server.start() {
+                Ok(()) => {
+                    crate::failpoint::hit("provision:started").map_err(ProviderError::Failed)?;
+                    let secret = self.secret(env)?;
+                    // The server must not log the statement (and the password) if it fails.
+                    let role = format!(
+                        "SET log_min_error_statement = 'panic'; CREATE ROLE {} LOGIN PASSWORD {}",
+                        quote::ident(&secret.role),
+                        quote::literal(&secret.password)
+                    );
+                    let db = format!("CREATE DATABASE {APP_DB} OWNER {}", quote::ident(&secret.role));
+                    server
+                        .sql_each("postgres", &[&role, &db])
+                        .map_err(|e| ProviderError::Failed(redact(&e, &secret.password)))?;
+                    return Ok(());
+                }
+                Err(e) => last = e, // most likely the port was taken meanwhile: try another
+            }
+        }
+        Err(ProviderError::Failed(last))
+    }
+}
