@@ -215,10 +215,10 @@ pub fn apply(
             // is what the rules said before it, since a failed action changes nothing the
             // next plan relies on.
             let blocked = prediction.writes_blocked();
-            let failed = |source: Result<ProviderError, String>, done: &Vec<String>| match source {
-                Err(reason) => refused(reason, done),
-                Ok(_) if crate::interrupt::requested() => interrupted(done, blocked),
-                Ok(source) => {
+            let failed = |stop: Stop, done: &Vec<String>| match stop {
+                Stop::Refused(reason) => refused(reason, done),
+                Stop::Failed(_) if crate::interrupt::requested() => interrupted(done, blocked),
+                Stop::Failed(source) => {
                     ApplyError::Action { env: env.clone(), number, action: label.clone(), source, done: done.clone() }
                 }
             };
@@ -230,9 +230,11 @@ pub fn apply(
             {
                 let verify = verified_later(&env_plan.actions[i..], target, d);
                 let backup = (|| {
-                    let (from, target) =
-                        (prediction.resolve(from).map_err(Err)?, prediction.resolve(target).map_err(Err)?);
-                    provider.backup_and_restore(&d.name, &from, &target, verify).map_err(Ok)
+                    let (from, target) = (
+                        prediction.resolve(from).map_err(Stop::Refused)?,
+                        prediction.resolve(target).map_err(Stop::Refused)?,
+                    );
+                    provider.backup_and_restore(&d.name, &from, &target, verify).map_err(Stop::Failed)
                 })()
                 .map_err(|source| failed(source, &done))?;
                 restored_with_backup = true;
@@ -241,7 +243,7 @@ pub fn apply(
                 (None, Some(detail))
             } else {
                 let ran = run(provider, d, &prediction, action, &env_plan.actions[i..], &mut backups);
-                if let (Err(Ok(_)), Action::Verify { service, .. }) = (&ran, action) {
+                if let (Err(Stop::Failed(_)), Action::Verify { service, .. }) = (&ran, action) {
                     // The copy differs from its source: the next apply copies afresh.
                     if let Ok(id) = prediction.resolve(service) {
                         keep(ledger, &|l| l.distrust(&d.name, &id), &done)?;
@@ -258,7 +260,7 @@ pub fn apply(
             let observed = if restored_with_backup {
                 None // the live state is a step ahead of the prediction until the restore's turn
             } else {
-                Some(provider.settle(&d.name, &expected).map_err(|source| failed(Ok(source), &done))?)
+                Some(provider.settle(&d.name, &expected).map_err(|source| failed(Stop::Failed(source), &done))?)
             };
             // Seen done: what it made true. A backup streamed into its restore did both.
             let made = match next.filter(|_| restored_with_backup) {
@@ -333,11 +335,19 @@ fn verified_later(rest: &[Action], target: &crate::model::ServiceId, d: &Desired
     }
 }
 
+/// Why one action did not run to its end.
+enum Stop {
+    /// The plan names a service the prediction does not know, or restores a backup this
+    /// run did not take: nothing was done.
+    Refused(String),
+    /// The provider failed.
+    Failed(ProviderError),
+}
+
 /// What an action gave back: the id of an added service, a word on what it moved.
 type Ran = (Option<crate::model::ServiceId>, Option<String>);
 
-/// Calls the provider for one action. `Err(Err(_))`: the plan names something unknown;
-/// `Err(Ok(_))`: the provider failed.
+/// Calls the provider for one action.
 /// `backups`: the latest backup of each service taken in this run, which a backup adds to
 /// and a restore takes from.
 fn run(
@@ -347,27 +357,32 @@ fn run(
     action: &Action,
     rest: &[Action],
     backups: &mut BTreeMap<crate::model::ServiceId, Backup>,
-) -> Result<Ran, Result<ProviderError, String>> {
+) -> Result<Ran, Stop> {
     let env = &d.name;
-    let id = |s: &crate::model::ServiceId| prediction.resolve(s).map_err(Err);
+    let id = |s: &crate::model::ServiceId| prediction.resolve(s).map_err(Stop::Refused);
     let moved = |bytes: u64, what: &str| Some(format!("{} {what}", human_bytes(bytes)));
     let r = match action {
         Action::Add { prefix, version, .. } => {
-            return p.add(env, prefix, *version).map(|id| (Some(id), None)).map_err(Ok)
+            return p.add(env, prefix, *version).map(|id| (Some(id), None)).map_err(Stop::Failed)
         }
         Action::Backup { service } => {
-            let backup = p.backup(env, &id(service)?).map_err(Ok)?;
+            let backup = p.backup(env, &id(service)?).map_err(Stop::Failed)?;
             let bytes = backup.bytes;
             backups.insert(backup.of.clone(), backup);
             return Ok((None, moved(bytes, "dumped")));
         }
         Action::Restore { service, from } => {
             let from = id(from)?;
-            let backup = backups.get(&from).ok_or_else(|| Err(format!("no backup of {from} was taken in this run")))?;
-            return p.restore(env, &id(service)?, backup).map(|b| (None, moved(b, "restored"))).map_err(Ok);
+            let backup = backups
+                .get(&from)
+                .ok_or_else(|| Stop::Refused(format!("no backup of {from} was taken in this run")))?;
+            return p.restore(env, &id(service)?, backup).map(|b| (None, moved(b, "restored"))).map_err(Stop::Failed);
         }
         Action::Replicate { service, from } => {
-            return p.replicate(env, &id(service)?, &id(from)?).map(|b| (None, moved(b, "copied"))).map_err(Ok);
+            return p
+                .replicate(env, &id(service)?, &id(from)?)
+                .map(|b| (None, moved(b, "copied")))
+                .map_err(Stop::Failed);
         }
         Action::CatchUp { service } => p.catch_up(env, &id(service)?, verified_later(rest, service, d)),
         Action::Provision { service } => p.provision(env, &id(service)?),
@@ -379,7 +394,7 @@ fn run(
         Action::Deploy => p.deploy(env),
         Action::Delete { service } => p.delete(env, &id(service)?),
     };
-    r.map(|()| (None, None)).map_err(Ok)
+    r.map(|()| (None, None)).map_err(Stop::Failed)
 }
 
 /// A lock under the provider's root, held for a whole apply: an OS lock (`flock`) on
