@@ -6,22 +6,40 @@
 //! behind), `error` makes the step fail. Unset, a failpoint costs one environment lookup.
 //! They are compiled into every build, so the binary the tests break is the one users run.
 
-/// Places inside actions, besides `before:N` and `after:N` around the Nth action and
-/// `acted:N` between its work and the record of it (`crate::ledger`).
-pub const INSIDE: &[&str] = &[
-    "provision:started",
-    "backup:dumped",
-    "copy:backed_up",
-    "restore:roles",
-    "restore:restored",
-    "deploy:env_written",
-    "delete:record_removed",
-    "delete:stopped",
-];
+use crate::config::Strategy;
 
-/// Places inside the logical strategy's actions (`tests/logical.rs` trips them).
-pub const LOGICAL: &[&str] =
+/// Places inside the actions of every strategy.
+const COMMON: &[&str] = &["provision:started", "deploy:env_written", "delete:record_removed", "delete:stopped"];
+
+/// Places inside the dump_restore strategy's copy.
+const DUMP_RESTORE: &[&str] = &["backup:dumped", "copy:backed_up", "restore:roles", "restore:restored"];
+
+/// Places inside the logical strategy's copy.
+const LOGICAL: &[&str] =
     &["replicate:subscribed", "replicate:copying", "replicate:streaming", "catch_up:caught_up", "catch_up:recorded"];
+
+/// Reached only while an initial copy is still running, so only with tables big enough
+/// to take a while (`tests/logical.rs` trips it with one).
+pub const NEEDS_A_LONG_COPY: &[&str] = &["replicate:copying"];
+
+/// Every place inside the actions of an upgrade by `strategy`.
+pub fn inside(strategy: Strategy) -> Vec<&'static str> {
+    let copy = match strategy {
+        Strategy::DumpRestore => DUMP_RESTORE,
+        Strategy::Logical => LOGICAL,
+    };
+    COMMON.iter().chain(copy).copied().collect()
+}
+
+/// The places around each of a plan's `actions`: `before:N` and `after:N`.
+pub fn around(actions: usize) -> Vec<String> {
+    (1..=actions).flat_map(|n| [format!("before:{n}"), format!("after:{n}")]).collect()
+}
+
+/// Between each action's work and the ledger's record of it (`crate::ledger`): `acted:N`.
+pub fn acted(actions: usize) -> Vec<String> {
+    (1..=actions).map(|n| format!("acted:{n}")).collect()
+}
 
 /// Passes, fails or crashes, as `PGCONVERGE_FAILPOINTS` says for `name`.
 pub fn hit(name: &str) -> Result<(), String> {

@@ -1,33 +1,72 @@
 //! Crash anywhere, run apply again, lose nothing. Every failpoint of the runbook upgrade
-//! (before and after each action, and inside the long ones) is tripped in turn, once as
-//! a crash (the process dies on the spot) and once as an error; then apply runs again and
-//! must converge with every row present and nothing left behind.
+//! (before and after each action, and inside the long ones; the names come from
+//! `pgconverge::failpoint`) is tripped in turn, once as a crash (the process dies on the
+//! spot) and once as an error, and those of a logical upgrade as a crash; then apply runs
+//! again and must converge with every row present and nothing left behind.
 
 mod common;
 
 use std::path::Path;
 
 use common::{ensure_postgres, env_file, pgconverge_with, psql, scratch, Servers};
+use pgconverge::config::Strategy;
+use pgconverge::failpoint;
 
 const ROWS: u32 = 2000;
 
-fn failpoints() -> Vec<String> {
-    let mut names: Vec<String> = (1..=11).flat_map(|n| [format!("before:{n}"), format!("after:{n}")]).collect();
-    names.extend(pgconverge::failpoint::INSIDE.iter().map(|s| s.to_string()));
-    names
+/// What a crash suite run upgrades: its strategy, and how many actions its plan has
+/// (read off `plan`, never assumed).
+#[derive(Clone, Copy)]
+struct Upgrade {
+    strategy: Strategy,
+    actions: usize,
 }
 
-/// Between each action's work and the ledger's record of it: the next apply must not
-/// trust what the ledger does not vouch for, and must cope with what the action left.
-fn acted() -> Vec<String> {
-    (1..=11).map(|n| format!("acted:{n}")).collect()
+impl Upgrade {
+    fn of(strategy: Strategy) -> Upgrade {
+        ensure_postgres();
+        let dir = scratch("crash_plan");
+        write_config(&dir, 17, false, strategy);
+        std::fs::write(dir.join("live.json"), LIVE_ON_15).expect("snapshot");
+        let plan = common::pgconverge(&["plan", "--live", "live.json", "--format", "json"], &dir);
+        assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
+        let plan: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan json");
+        let actions = plan["environments"][0]["actions"].as_array().expect("actions").len();
+        assert!(actions >= 10, "a whole upgrade: {plan}");
+        Upgrade { strategy, actions }
+    }
+
+    /// Every failpoint of the upgrade: around each action, and inside the actions but those
+    /// only a long copy reaches.
+    fn failpoints(self) -> Vec<String> {
+        let mut names = failpoint::around(self.actions);
+        let inside = failpoint::inside(self.strategy);
+        names.extend(inside.iter().filter(|n| !failpoint::NEEDS_A_LONG_COPY.contains(n)).map(|n| n.to_string()));
+        names
+    }
+
+    /// Between each action's work and the ledger's record of it: the next apply must not
+    /// trust what the ledger does not vouch for, and must cope with what the action left.
+    fn acted(self) -> Vec<String> {
+        failpoint::acted(self.actions)
+    }
 }
 
-fn write_config(dir: &Path, major: u32, state: bool) {
+/// One service on PostgreSQL 15, as the crash suite's first apply leaves it.
+const LIVE_ON_15: &str = r#"{"format_version": 1, "environments": {"test": {"services": [
+  {"id": "pg15-00000001", "version": 15, "prefix": "DEFAULT", "status": "attached"}]}}}"#;
+
+fn write_config(dir: &Path, major: u32, state: bool, strategy: Strategy) {
     let state = if state { "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n" } else { "" };
+    let strategy = match strategy {
+        Strategy::DumpRestore => "dump_restore",
+        Strategy::Logical => "logical",
+    };
     std::fs::write(
         dir.join("pgconverge.yaml"),
-        format!("version: 1\n{state}environments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"),
+        format!(
+            "version: 1\n{state}upgrade:\n  strategy: {strategy}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
+        ),
     )
     .expect("config");
 }
@@ -62,13 +101,9 @@ fn running_servers(root: &Path) -> usize {
         .count()
 }
 
-fn trip_each(mode: &str) {
-    trip(mode, &failpoints(), None);
-}
-
-/// Trips each of `names` in turn as `mode`; with `state`, apply's lock and ledger live in
-/// that database (its DSN).
-fn trip(mode: &str, names: &[String], state: Option<&str>) {
+/// Trips each of `names` in turn as `mode` during `upgrade`; with `state`, apply's lock
+/// and ledger live in that database (its DSN).
+fn trip(mode: &str, upgrade: Upgrade, names: &[String], state: Option<&str>) {
     ensure_postgres();
     let mut tripped = 0;
     let vars: Vec<(&str, &str)> = state.map(|dsn| ("PGCONVERGE_STATE_DSN", dsn)).into_iter().collect();
@@ -76,14 +111,15 @@ fn trip(mode: &str, names: &[String], state: Option<&str>) {
     for name in names {
         let where_ = if state.is_some() { "db" } else { "file" };
         let dir = scratch(&format!("crash_{mode}_{where_}_{}", name.replace(':', "_")));
+        let strategy = upgrade.strategy;
         let root = dir.join(".pgconverge");
         let _servers = Servers(root.clone());
-        write_config(&dir, 15, state.is_some());
+        write_config(&dir, 15, state.is_some(), strategy);
         assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
         let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
         psql(&url, &format!("CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, {ROWS}) g"))
             .expect("load");
-        write_config(&dir, 17, state.is_some());
+        write_config(&dir, 17, state.is_some(), strategy);
 
         let spec = format!("{name}={mode}");
         let mut armed = vars.clone();
@@ -112,24 +148,36 @@ fn trip(mode: &str, names: &[String], state: Option<&str>) {
 
 #[test]
 fn crash_at_every_failpoint_then_apply_again() {
-    trip_each("crash");
+    let upgrade = Upgrade::of(Strategy::DumpRestore);
+    trip("crash", upgrade, &upgrade.failpoints(), None);
 }
 
 #[test]
 fn error_at_every_failpoint_then_apply_again() {
-    trip_each("error");
+    let upgrade = Upgrade::of(Strategy::DumpRestore);
+    trip("error", upgrade, &upgrade.failpoints(), None);
 }
 
 #[test]
 fn crash_between_each_action_and_its_record_then_apply_again() {
-    trip("crash", &acted(), None);
+    let upgrade = Upgrade::of(Strategy::DumpRestore);
+    trip("crash", upgrade, &upgrade.acted(), None);
 }
 
 #[test]
 fn crash_at_every_failpoint_with_the_ledger_in_a_state_database_then_apply_again() {
     let base = scratch("crash_state_db");
     let (_state_server, dsn) = common::state_database(&base);
-    let mut names = failpoints();
-    names.extend(acted());
-    trip("crash", &names, Some(&dsn));
+    let upgrade = Upgrade::of(Strategy::DumpRestore);
+    let mut names = upgrade.failpoints();
+    names.extend(upgrade.acted());
+    trip("crash", upgrade, &names, Some(&dsn));
+}
+
+#[test]
+fn crash_at_every_failpoint_of_a_logical_upgrade_then_apply_again() {
+    let upgrade = Upgrade::of(Strategy::Logical);
+    let mut names = upgrade.failpoints();
+    names.extend(upgrade.acted());
+    trip("crash", upgrade, &names, None);
 }
