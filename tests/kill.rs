@@ -94,6 +94,7 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
     for (phase, extra, reached) in phases {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pgconverge"))
             .args(["apply", "--auto-approve"])
+            .env(common::THROWAWAY.0, common::THROWAWAY.1)
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -29,6 +29,11 @@ pub fn ensure_postgres() {
     });
 }
 
+/// The test suites' servers are thrown away with their directory: they need not wait for
+/// the disk (`PGCONVERGE_UNSAFE_NO_FSYNC`; crashes of processes, which the suites make,
+/// lose nothing without fsync). A variable the caller passes wins.
+pub const THROWAWAY: (&str, &str) = ("PGCONVERGE_UNSAFE_NO_FSYNC", "1");
+
 pub fn pgconverge(args: &[&str], dir: &Path) -> Run {
     pgconverge_with(args, dir, &[])
 }
@@ -37,6 +42,7 @@ pub fn pgconverge(args: &[&str], dir: &Path) -> Run {
 pub fn pgconverge_with(args: &[&str], dir: &Path, vars: &[(&str, &str)]) -> Run {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_pgconverge"))
         .args(args)
+        .env(THROWAWAY.0, THROWAWAY.1)
         .envs(vars.iter().copied())
         .current_dir(dir)
         .env_remove("RUST_LOG")
@@ -58,15 +64,36 @@ pub fn repo() -> PathBuf {
 }
 
 /// A fresh directory of its own, removed when the test ends, pass or fail. It lives
-/// under the system's temporary directory, not the checkout (the servers' OS user must be
-/// able to reach it, wherever the checkout is), with a random name, so that two runs of
-/// the same test at once never share one. Declare it before the `Servers` guard of the
-/// servers inside it, so that they are stopped before it is removed.
+/// outside the checkout (the servers' OS user must be able to reach it, wherever the
+/// checkout is), with a random name, so that two runs of the same test at once never
+/// share one. Declare it before the `Servers` guard of the servers inside it, so that
+/// they are stopped before it is removed.
 pub fn scratch(name: &str) -> Scratch {
     let name = name.replace('/', "-");
-    let dir = tempfile::Builder::new().prefix(&format!("pgconverge-{name}-")).tempdir().expect("scratch dir");
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("pgconverge-{name}-"))
+        .tempdir_in(scratch_base())
+        .expect("scratch dir");
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("scratch mode");
     Scratch(dir)
+}
+
+/// Where scratch directories go: `PGCONVERGE_TEST_DIR` if set, else `/dev/shm` where it
+/// is a writable tmpfs, else the system's temporary directory. Each test makes and deletes
+/// thousands of files (an initdb alone makes ~1,000); on ext4, creating files where many
+/// were just deleted costs the kernel a scan each time (`recently_deleted`), which halved
+/// the crash suite's speed.
+fn scratch_base() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PGCONVERGE_TEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    let shm = Path::new("/dev/shm");
+    let writable = tempfile::tempdir_in(shm).is_ok();
+    if writable {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 /// A test's directory; see `scratch`.
@@ -151,6 +178,7 @@ pub fn apply_watching(dir: &Path, seen: &str, when: impl FnOnce(u32)) -> (Option
         .current_dir(dir)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")
+        .env(THROWAWAY.0, THROWAWAY.1)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -97,6 +97,14 @@ pub const SUPERUSER: &str = "postgres";
 /// while a restore runs.
 pub const RESTORER: &str = "pgconverge_restore";
 
+/// `PGCONVERGE_UNSAFE_NO_FSYNC=1`: servers made and started without waiting for the disk
+/// (`initdb --no-sync`, `fsync`, `synchronous_commit` and `full_page_writes` off). What
+/// they hold survives any process's crash, pgconverge's or PostgreSQL's, but not the
+/// machine's: for the test suites and throwaway demos, never for data anyone keeps.
+pub fn throwaway() -> bool {
+    std::env::var_os("PGCONVERGE_UNSAFE_NO_FSYNC").is_some_and(|v| v == "1")
+}
+
 /// `PGOPTIONS` of every session pgconverge opens: a database's or role's settings, which
 /// the application sets, never decide which function a name in pgconverge's own SQL
 /// means (`search_path`), nor cut its work short or make it read-only (a client's
@@ -151,6 +159,9 @@ impl Server {
             .arg(&self.data_dir)
             .args(["--data-checksums", "--encoding=UTF8", "--locale=C", "--username", SUPERUSER])
             .args(["--auth-local=trust", "--auth-host=scram-sha-256", "--no-instructions"]);
+        if throwaway() {
+            c.arg("--no-sync");
+        }
         self.run(c, "initdb").map(drop)
     }
 
@@ -159,11 +170,14 @@ impl Server {
     /// `wal_level = logical`, so that any server can be the source of the logical
     /// strategy without a restart then (it costs a few bytes of WAL per update).
     pub fn start(&self) -> Result<(), String> {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c unix_socket_permissions=0700 -c wal_level=logical",
             self.port,
             self.socket_dir.display()
         );
+        if throwaway() {
+            options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
         let mut c = self.command("pg_ctl");
         c.arg("-D").arg(&self.data_dir).arg("-l").arg(&self.log_file).args(["-o", &options, "-w", "-t", "60", "start"]);
         c.process_group(0);
