@@ -1,8 +1,11 @@
 //! Plans: the public plan format (format 1), and planning every environment of a config
 //! against a live snapshot. Pure: no I/O.
 
+mod action;
 pub mod rules;
 pub mod search;
+
+pub use action::{Action, Risk};
 
 use serde::{Deserialize, Serialize};
 
@@ -10,76 +13,6 @@ use crate::config::{Config, DesiredEnv};
 use crate::model::{EnvLive, EnvName, Live, Major, Prefix, ServiceId, Status, FORMAT_VERSION};
 use rules::{Ctx, Id, Op, State};
 use search::Answer;
-
-/// One action, as plan format 1 writes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Action {
-    Add { service: ServiceId, prefix: Prefix, version: Major },
-    Provision { service: ServiceId },
-    Fence { service: ServiceId },
-    Unfence { service: ServiceId },
-    Backup { service: ServiceId },
-    Restore { service: ServiceId, from: ServiceId },
-    Replicate { service: ServiceId, from: ServiceId },
-    CatchUp { service: ServiceId },
-    Verify { service: ServiceId, against: ServiceId },
-    Rename { service: ServiceId, to: Prefix },
-    Detach { service: ServiceId },
-    Deploy,
-    Delete { service: ServiceId },
-}
-
-/// The compact form of an action, for people: `rename svc-1 → OLD`.
-impl std::fmt::Display for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Action::Add { service, prefix, version } => write!(f, "add {service} as {prefix} (PostgreSQL {version})"),
-            Action::Provision { service } => write!(f, "provision {service}"),
-            Action::Fence { service } => write!(f, "fence {service}"),
-            Action::Unfence { service } => write!(f, "unfence {service}"),
-            Action::Backup { service } => write!(f, "backup {service}"),
-            Action::Restore { service, from } => write!(f, "restore {service} from {from}"),
-            Action::Replicate { service, from } => write!(f, "replicate {service} from {from}"),
-            Action::CatchUp { service } => write!(f, "catch up {service}"),
-            Action::Verify { service, against } => write!(f, "verify {service} against {against}"),
-            Action::Rename { service, to } => write!(f, "rename {service} → {to}"),
-            Action::Detach { service } => write!(f, "detach {service}"),
-            Action::Deploy => write!(f, "deploy"),
-            Action::Delete { service } => write!(f, "delete {service}"),
-        }
-    }
-}
-
-impl Action {
-    /// For an add, the name the added service has in the plan (`+1`), which stands in for
-    /// the id it gets only when it is added: what a replay of the plan passes to
-    /// `Prediction::advance`.
-    pub fn stand_in(&self) -> Option<ServiceId> {
-        match self {
-            Action::Add { service, .. } => Some(service.clone()),
-            _ => None,
-        }
-    }
-
-    pub fn op_name(&self) -> &'static str {
-        match self {
-            Action::Add { .. } => "add",
-            Action::Provision { .. } => "provision",
-            Action::Fence { .. } => "fence",
-            Action::Unfence { .. } => "unfence",
-            Action::Backup { .. } => "backup",
-            Action::Restore { .. } => "restore",
-            Action::Replicate { .. } => "replicate",
-            Action::CatchUp { .. } => "catch_up",
-            Action::Verify { .. } => "verify",
-            Action::Rename { .. } => "rename",
-            Action::Detach { .. } => "detach",
-            Action::Deploy => "deploy",
-            Action::Delete { .. } => "delete",
-        }
-    }
-}
 
 /// The plan of one environment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,17 +40,6 @@ impl Plan {
     pub fn has_changes(&self) -> bool {
         self.environments.iter().any(|e| !e.actions.is_empty())
     }
-}
-
-/// What makes an action risky for the application.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Risk {
-    /// The application cannot write to this database until the deploy.
-    BlocksWrites,
-    /// A database server and its data are removed.
-    DeletesService,
-    /// The application's view of its databases changes.
-    Cutover,
 }
 
 /// An action with what a person needs to judge it. For display only: apply never reads it.
@@ -237,7 +159,7 @@ pub fn report_of(config: &Config, live: &Live, saved: &Plan) -> Result<Report, P
             steps.push(Step {
                 action: action.clone(),
                 reason: reason(&p.ctx, &before, &op),
-                risk: risk(&op),
+                risk: op.risk(),
                 in_outage: inside,
             });
         }
@@ -324,9 +246,9 @@ pub fn plan_env(desired: &DesiredEnv, live: &EnvLive) -> Result<EnvReport, PlanE
         let inside = search::step_outage(&ctx, &st, &next) == 1;
         outage_actions += u32::from(inside);
         steps.push(Step {
-            action: to_action(&ctx, &st, op),
+            action: to_action(&ctx, op),
             reason: reason(&ctx, &st, op),
-            risk: risk(op),
+            risk: op.risk(),
             in_outage: inside,
         });
         st = next;
@@ -426,37 +348,14 @@ fn obstacle(ctx: &Ctx, st: &State) -> Option<String> {
     None
 }
 
-fn to_action(ctx: &Ctx, st: &State, op: &Op) -> Action {
-    let id = |i: Id| ctx.id(i);
-    let prefix = |p: u8| ctx.prefixes[p as usize].clone();
-    match *op {
-        Op::Add { prefix: p, version } => Action::Add {
-            service: ServiceId::added(u32::from(st.adds) + 1),
-            prefix: prefix(p),
-            version: Major::new(version).unwrap_or_else(|_| unreachable!("declared versions are positive")),
-        },
-        Op::Provision(s) => Action::Provision { service: id(s) },
-        Op::Fence(s) => Action::Fence { service: id(s) },
-        Op::Unfence(s) => Action::Unfence { service: id(s) },
-        Op::Backup(s) => Action::Backup { service: id(s) },
-        Op::Restore { service, from } => Action::Restore { service: id(service), from: id(from) },
-        Op::Replicate { service, from } => Action::Replicate { service: id(service), from: id(from) },
-        Op::CatchUp(s) => Action::CatchUp { service: id(s) },
-        Op::Verify { service, against } => Action::Verify { service: id(service), against: id(against) },
-        Op::Rename { service, to } => Action::Rename { service: id(service), to: prefix(to) },
-        Op::Detach(s) => Action::Detach { service: id(s) },
-        Op::Deploy => Action::Deploy,
-        Op::Delete(s) => Action::Delete { service: id(s) },
-    }
-}
-
-fn risk(op: &Op) -> Option<Risk> {
-    match op {
-        Op::Fence(_) => Some(Risk::BlocksWrites),
-        Op::Delete(_) => Some(Risk::DeletesService),
-        Op::Deploy => Some(Risk::Cutover),
-        _ => None,
-    }
+/// An op of the rules in the plan format's names.
+fn to_action(ctx: &Ctx, op: &Op) -> Action {
+    let named: Result<Action, std::convert::Infallible> = op.try_map(
+        |i| Ok(ctx.id(*i)),
+        |p| Ok(ctx.prefixes[*p as usize].clone()),
+        |v| Ok(Major::new(*v).unwrap_or_else(|_| unreachable!("declared versions are positive"))),
+    );
+    named.unwrap_or_else(|e| match e {})
 }
 
 /// One line in the runbook's words on why the action is there.
@@ -466,20 +365,20 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
     let dataset = |i: Id| svc(i).and_then(|s| s.data).map(|d| pre(d.of)).unwrap_or_else(|| "its".into());
     let version = |i: Id| svc(i).map(|s| s.version).unwrap_or_default();
     match *op {
-        Op::Add { prefix, version } => match ctx.roles[prefix as usize] {
+        Op::Add { prefix, version, .. } => match ctx.roles[prefix as usize] {
             rules::Role::Declared(_) => format!("{} is declared as PostgreSQL {version}", pre(prefix)),
             _ => "the new server, under a temporary prefix until the copy is ready".to_owned(),
         },
-        Op::Provision(_) if ctx.logical => "create the server that the data will stream into".to_owned(),
-        Op::Provision(_) => "create the server so that the backup can be restored into it".to_owned(),
-        Op::Fence(i) if ctx.logical => {
+        Op::Provision { .. } if ctx.logical => "create the server that the data will stream into".to_owned(),
+        Op::Provision { .. } => "create the server so that the backup can be restored into it".to_owned(),
+        Op::Fence { service: i } if ctx.logical => {
             format!("block writes to {} {} so that the copy can catch up with every commit", dataset(i), version(i))
         }
-        Op::Fence(i) => {
+        Op::Fence { service: i } => {
             format!("block writes to {} {} so that the backup misses no committed write", dataset(i), version(i))
         }
-        Op::Unfence(i) => format!("let the application write to {} {} again", dataset(i), version(i)),
-        Op::Backup(i) => format!("back up {}'s data from PostgreSQL {}", dataset(i), version(i)),
+        Op::Unfence { service: i } => format!("let the application write to {} {} again", dataset(i), version(i)),
+        Op::Backup { service: i } => format!("back up {}'s data from PostgreSQL {}", dataset(i), version(i)),
         Op::Restore { service, from } => {
             format!("copy {}'s data into PostgreSQL {}", dataset(from), version(service))
         }
@@ -488,7 +387,7 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
             dataset(from),
             version(service)
         ),
-        Op::CatchUp(_) => "wait until the copy holds every committed change, then end the replication".to_owned(),
+        Op::CatchUp { .. } => "wait until the copy holds every committed change, then end the replication".to_owned(),
         Op::Verify { .. } => {
             format!("compare the copy with its source ({}) before anything depends on it", ctx.verify.as_str())
         }
@@ -499,7 +398,7 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
             }
             _ => format!("move it under {}", pre(to)),
         },
-        Op::Detach(_) => "the application stops seeing it at the next deploy".to_owned(),
+        Op::Detach { .. } => "the application stops seeing it at the next deploy".to_owned(),
         Op::Deploy => {
             let attach: Vec<String> = st
                 .svcs
@@ -513,7 +412,7 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
                 format!("the application switches to {}", attach.join(", "))
             }
         }
-        Op::Delete(i) => match svc(i).and_then(|s| s.data) {
+        Op::Delete { service: i } => match svc(i).and_then(|s| s.data) {
             Some(d) => format!("no longer needed: {}'s data lives on in the attached copy", pre(d.of)),
             None => "no longer needed: it holds no data".to_owned(),
         },
@@ -570,26 +469,12 @@ impl Prediction {
                 .map(|i| i as u8)
                 .ok_or_else(|| format!("prefix {p} means nothing in this environment"))
         };
-        Ok(match action {
-            Action::Add { prefix: p, version, service } => {
-                if service.added_number() != Some(u32::from(self.state.adds) + 1) {
-                    return Err(format!("the next service added here is +{}, not {service}", self.state.adds + 1));
-                }
-                Op::Add { prefix: prefix(p)?, version: version.get() }
+        if let Action::Add { service, .. } = action {
+            if service.added_number() != Some(u32::from(self.state.adds) + 1) {
+                return Err(format!("the next service added here is +{}, not {service}", self.state.adds + 1));
             }
-            Action::Provision { service } => Op::Provision(id(service)?),
-            Action::Fence { service } => Op::Fence(id(service)?),
-            Action::Unfence { service } => Op::Unfence(id(service)?),
-            Action::Backup { service } => Op::Backup(id(service)?),
-            Action::Restore { service, from } => Op::Restore { service: id(service)?, from: id(from)? },
-            Action::Replicate { service, from } => Op::Replicate { service: id(service)?, from: id(from)? },
-            Action::CatchUp { service } => Op::CatchUp(id(service)?),
-            Action::Verify { service, against } => Op::Verify { service: id(service)?, against: id(against)? },
-            Action::Rename { service, to } => Op::Rename { service: id(service)?, to: prefix(to)? },
-            Action::Detach { service } => Op::Detach(id(service)?),
-            Action::Deploy => Op::Deploy,
-            Action::Delete { service } => Op::Delete(id(service)?),
-        })
+        }
+        action.try_map(id, prefix, |v| Ok(v.get()))
     }
 
     /// Refuses an action the rules do not allow in the predicted state.

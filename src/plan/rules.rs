@@ -92,42 +92,9 @@ pub struct State {
     pub adds: u16,
 }
 
-/// An action on the compact state; `Action` in `mod.rs` is its public form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    Add {
-        prefix: P,
-        version: u32,
-    },
-    Provision(Id),
-    Fence(Id),
-    Unfence(Id),
-    Backup(Id),
-    Restore {
-        service: Id,
-        from: Id,
-    },
-    /// Logical strategy: copy the schema, subscribe, wait for the initial copy; the copy
-    /// then streams every change of `from` until `CatchUp`.
-    Replicate {
-        service: Id,
-        from: Id,
-    },
-    /// With the source quiet, wait until the copy holds every change, then end the
-    /// subscription: the copy is as complete as its source.
-    CatchUp(Id),
-    Verify {
-        service: Id,
-        against: Id,
-    },
-    Rename {
-        service: Id,
-        to: P,
-    },
-    Detach(Id),
-    Deploy,
-    Delete(Id),
-}
+/// An action on the compact state: services by `Id`, prefixes by index, versions as
+/// numbers. An add names the service it makes `Id::Added(adds + 1)`.
+pub type Op = super::Action<Id, P, u32>;
 
 /// What a prefix means in this environment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -479,7 +446,10 @@ impl Ctx {
         };
         let name = |p: P| self.prefixes[p as usize].as_str();
         match *op {
-            Op::Add { prefix, version } => {
+            Op::Add { service, prefix, version } => {
+                if service != Id::Added(st.adds + 1) {
+                    return refuse(format!("the next service added here is +{}", st.adds + 1));
+                }
                 if st.svcs.iter().any(|s| s.prefix == prefix) {
                     return refuse(format!("a service already holds prefix {}", name(prefix)));
                 }
@@ -488,24 +458,24 @@ impl Ctx {
                 }
                 Ok(())
             }
-            Op::Provision(id) => match get(id)?.status {
+            Op::Provision { service: id } => match get(id)?.status {
                 Status::New => Ok(()),
                 other => refuse(format!("{} is {}, not new", self.id(id), other.as_str())),
             },
-            Op::Fence(id) => {
+            Op::Fence { service: id } => {
                 let s = get(id)?;
                 if !s.visible() || s.fenced || s.data.is_none() {
                     return refuse(format!("{} is not a visible, unfenced service holding data", self.id(id)));
                 }
                 Ok(())
             }
-            Op::Unfence(id) => {
+            Op::Unfence { service: id } => {
                 if !get(id)?.fenced {
                     return refuse(format!("{} is not fenced", self.id(id)));
                 }
                 Ok(())
             }
-            Op::Backup(id) => {
+            Op::Backup { service: id } => {
                 let s = get(id)?;
                 if s.status == Status::New || s.data.is_none() {
                     return refuse(format!("{} holds no data to back up", self.id(id)));
@@ -541,7 +511,7 @@ impl Ctx {
                 }
                 self.check_copy(st, service, from, DataS::copy(d.of, false, from, true))
             }
-            Op::CatchUp(id) => {
+            Op::CatchUp { service: id } => {
                 let s = get(id)?;
                 let Some(from) = s.data.filter(|d| d.streaming).and_then(|d| d.restored_from) else {
                     return refuse(format!("{} is not streaming from anything", self.id(id)));
@@ -590,7 +560,7 @@ impl Ctx {
                 }
                 Ok(())
             }
-            Op::Detach(id) => {
+            Op::Detach { service: id } => {
                 let s = get(id)?;
                 if s.status != Status::Attached {
                     return refuse(format!("{} is not attached", self.id(id)));
@@ -645,7 +615,7 @@ impl Ctx {
                 }
                 Ok(())
             }
-            Op::Delete(id) => {
+            Op::Delete { service: id } => {
                 let s = get(id)?;
                 if !matches!(s.status, Status::New | Status::Provisioned | Status::Detached) {
                     return refuse(format!("{} is {}", self.id(id), s.status.as_str()));
@@ -718,21 +688,21 @@ impl Ctx {
         let mut next = st.clone();
         let find = |next: &mut State, id: Id| next.svcs.iter().position(|s| s.id == id);
         match *op {
-            Op::Add { prefix, version } => {
+            Op::Add { prefix, version, .. } => {
                 next.adds += 1;
                 next.svcs.push(Svc::added(next.adds, prefix, version));
             }
-            Op::Provision(id) => {
+            Op::Provision { service: id } => {
                 if let Some(i) = find(&mut next, id) {
                     next.svcs[i].status = Status::Provisioned;
                 }
             }
-            Op::Fence(id) => {
+            Op::Fence { service: id } => {
                 if let Some(i) = find(&mut next, id) {
                     next.svcs[i].fenced = true;
                 }
             }
-            Op::Unfence(id) => {
+            Op::Unfence { service: id } => {
                 if let Some(i) = find(&mut next, id) {
                     next.svcs[i].fenced = false;
                     if next.svcs[i].visible() {
@@ -748,7 +718,7 @@ impl Ctx {
                     }
                 }
             }
-            Op::Backup(id) => {
+            Op::Backup { service: id } => {
                 if let Some(i) = find(&mut next, id) {
                     let s = &mut next.svcs[i];
                     if let Some(d) = s.data {
@@ -769,7 +739,7 @@ impl Ctx {
                     next.svcs[i].data = Some(DataS::copy(of, false, from, true));
                 }
             }
-            Op::CatchUp(id) => {
+            Op::CatchUp { service: id } => {
                 let source = |d: DataS| st.svcs.iter().find(|s| Some(s.id) == d.restored_from).and_then(|s| s.data);
                 if let Some(i) = find(&mut next, id) {
                     if let Some(d) = next.svcs[i].data.as_mut() {
@@ -790,7 +760,7 @@ impl Ctx {
                     next.svcs[i].prefix = to;
                 }
             }
-            Op::Detach(id) => {
+            Op::Detach { service: id } => {
                 if let Some(i) = find(&mut next, id) {
                     next.svcs[i].status = Status::PendingDetachment;
                 }
@@ -815,7 +785,7 @@ impl Ctx {
                     }
                 }
             }
-            Op::Delete(id) => next.svcs.retain(|s| s.id != id),
+            Op::Delete { service: id } => next.svcs.retain(|s| s.id != id),
         }
         next
     }
@@ -825,8 +795,9 @@ impl Ctx {
         let mut ops = Vec::new();
         for &(p, v) in &self.declared {
             let (t, _) = self.temp_of[self.declared.iter().position(|d| d.0 == p).unwrap_or(0)];
-            ops.push(Op::Add { prefix: p, version: v });
-            ops.push(Op::Add { prefix: t, version: v });
+            let service = Id::Added(st.adds + 1);
+            ops.push(Op::Add { service, prefix: p, version: v });
+            ops.push(Op::Add { service, prefix: t, version: v });
         }
         let mut targets: Vec<P> =
             self.declared.iter().zip(&self.temp_of).flat_map(|(&(p, _), &(t, r))| [p, t, r]).collect();
@@ -838,18 +809,18 @@ impl Ctx {
         // to be written out (the search asks millions of times).
         let provisioned: Vec<&Svc> = managed.iter().copied().filter(|s| s.status == Status::Provisioned).collect();
         for s in managed.iter().filter(|s| s.status == Status::New) {
-            ops.push(Op::Provision(s.id));
+            ops.push(Op::Provision { service: s.id });
         }
         for s in &managed {
             if s.fenced {
-                ops.push(Op::Unfence(s.id));
+                ops.push(Op::Unfence { service: s.id });
             } else if s.visible() {
-                ops.push(Op::Fence(s.id));
+                ops.push(Op::Fence { service: s.id });
             }
         }
         let holds_declared = |s: &&&Svc| s.data.is_some_and(|d| self.is_declared(d.of));
         for s in managed.iter().filter(holds_declared) {
-            ops.push(Op::Backup(s.id));
+            ops.push(Op::Backup { service: s.id });
         }
         for s in &provisioned {
             for f in st.svcs.iter().filter(|f| f.backup.is_some()) {
@@ -862,7 +833,7 @@ impl Ctx {
             }
         }
         for s in managed.iter().filter(|s| s.data.is_some_and(|d| d.streaming)) {
-            ops.push(Op::CatchUp(s.id));
+            ops.push(Op::CatchUp { service: s.id });
         }
         for s in &managed {
             if let Some(from) = s.data.and_then(|d| d.restored_from).filter(|_| self.verify != Verify::None) {
@@ -879,11 +850,11 @@ impl Ctx {
         };
         rename_all(&mut ops, true);
         for s in managed.iter().filter(|s| s.status == Status::Attached) {
-            ops.push(Op::Detach(s.id));
+            ops.push(Op::Detach { service: s.id });
         }
         rename_all(&mut ops, false);
         for s in managed.iter().filter(|s| matches!(s.status, Status::New | Status::Provisioned | Status::Detached)) {
-            ops.push(Op::Delete(s.id));
+            ops.push(Op::Delete { service: s.id });
         }
         ops.push(Op::Deploy);
         ops.into_iter()
@@ -892,7 +863,7 @@ impl Ctx {
                 let next = self.effect(st, &op);
                 (op, next)
             })
-            .filter(|(op, next)| !matches!(op, Op::Backup(_)) || next != st)
+            .filter(|(op, next)| !matches!(op, Op::Backup { .. }) || next != st)
             .collect()
     }
 

@@ -902,7 +902,7 @@ mod writes_kept {
                         self.held.insert(s.id, Writes::new());
                     }
                 }
-                Op::Backup(id) => {
+                Op::Backup { service: id } => {
                     let w = get(&self.held, id);
                     self.backups.insert(id, w);
                 }
@@ -914,7 +914,7 @@ mod writes_kept {
                     let w = get(&self.held, from);
                     self.held.insert(service, w);
                 }
-                Op::Delete(id) => {
+                Op::Delete { service: id } => {
                     self.held.remove(&id);
                 }
                 _ => {}
@@ -1107,9 +1107,9 @@ fn a_streaming_copy_is_caught_up_before_anything_depends_on_it() {
     other_copy.id = Id::Added(1);
     detached.svcs.push(other_copy);
     detached.svcs[0].status = Status::Detached;
-    let refused = ctx.check(&detached, &Op::Delete(Id::Observed(0))).expect_err("source of a stream");
+    let refused = ctx.check(&detached, &Op::Delete { service: Id::Observed(0) }).expect_err("source of a stream");
     assert!(refused.0.contains("streams its copy from"), "{refused}");
-    assert!(ctx.check(&st, &Op::CatchUp(Id::Observed(1))).is_err(), "the source still takes writes");
+    assert!(ctx.check(&st, &Op::CatchUp { service: Id::Observed(1) }).is_err(), "the source still takes writes");
 }
 
 #[test]
