@@ -593,8 +593,6 @@ fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml
     .any(|m| message.contains(m))
     {
         "the text is not valid YAML at this position; check indentation, brackets and quotes"
-    } else if message.contains("recursion limit") || message.contains("repetition limit") {
-        "the file nests or repeats too deeply to be a pgconverge config"
     } else if message.contains("invalid prefix") {
         "prefixes are environment-variable prefixes such as DEFAULT or ANALYTICS"
     } else {
@@ -904,7 +902,35 @@ pub fn divio_base_url(zone: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::divio_base_url;
+    use super::{divio_base_url, parse, ConfigError};
+
+    /// serde_yaml has no error kinds to match, only messages: the hint for each is chosen
+    /// from its text. This pins every text matched, so that a serde_yaml whose messages
+    /// change fails here rather than giving the catch-all hint.
+    #[test]
+    fn each_parse_hint_is_reached_by_the_error_it_is_for() {
+        let env = "environments:\n  test:\n    postgres:\n";
+        let cases = [
+            (format!("version: 1\nversion: 1\n{env}      DEFAULT: 17\n"), "each key may appear once"),
+            (format!("version: 1\nverzion: 2\n{env}      DEFAULT: 17\n"), "check the spelling"),
+            (format!("version: 1\n{env}      DEFAULT: \"17\n"), "not valid YAML"),
+            (format!("version: 1\n{env}      DEFAULT: 17\n  x: : :\n"), "not valid YAML"),
+            (format!("version: 1\n{env}      lower-case: 17\n"), "environment-variable prefixes"),
+            // Nesting never reaches serde_yaml's recursion limit: the typed config
+            // refuses the first level that has the wrong shape.
+            (
+                format!("version: 1\n{env}      DEFAULT: {}17{}\n", "[".repeat(200), "]".repeat(200)),
+                "see `pgconverge schema`",
+            ),
+            (format!("version: 1\n{env}      DEFAULT: {{}}\n"), "see `pgconverge schema`"),
+        ];
+        for (text, want) in cases {
+            let e = parse(std::path::Path::new("c.yaml"), &text).expect_err(&text);
+            assert!(matches!(e, ConfigError::Parse { .. }), "{text}: {e:?}");
+            let hint = e.hint().unwrap_or_default();
+            assert!(hint.contains(want), "{text}\n{e}\nhint: {hint}, wanted one with {want:?}");
+        }
+    }
 
     #[test]
     fn divio_zones_and_urls() {
