@@ -188,7 +188,7 @@ pub fn apply(
                     env: env.clone(),
                     number,
                     action: label.clone(),
-                    source: ProviderError::Failed(m),
+                    source: m.into(),
                     done: done.clone(),
                 })
             };

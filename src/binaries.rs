@@ -60,7 +60,7 @@ pub fn parse_major(version_output: &str) -> Option<u32> {
 
 /// Finds the binaries of `major`, confirming with `postgres --version` the first time
 /// this process asks (the provider asks for every server it touches, after every action).
-pub fn find(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, String> {
+pub fn find(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, Missing> {
     type Found = std::collections::HashMap<(u32, Vec<PathBuf>), Binaries>;
     static FOUND: std::sync::Mutex<Option<Found>> = std::sync::Mutex::new(None);
     let key = (major, bin_dirs.to_vec());
@@ -74,7 +74,19 @@ pub fn find(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, String> {
     Ok(found)
 }
 
-fn search(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, String> {
+/// No binaries of `major` where pgconverge looked (the first few places named).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no PostgreSQL {major} binaries found (looked in {}, and PATH); install them (e.g. apt-get install \
+     postgresql-{major}), add their directory to provider.local.bin_dirs, or run scripts/fetch-postgres {major}",
+    looked.join(", ")
+)]
+pub struct Missing {
+    pub major: u32,
+    pub looked: Vec<String>,
+}
+
+fn search(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, Missing> {
     let dirs = candidates(major, bin_dirs);
     for dir in &dirs {
         let postgres = dir.join("postgres");
@@ -87,11 +99,7 @@ fn search(major: u32, bin_dirs: &[PathBuf]) -> Result<Binaries, String> {
         }
     }
     let looked: Vec<String> = dirs.iter().take(8).map(|d| d.display().to_string()).collect();
-    Err(format!(
-        "no PostgreSQL {major} binaries found (looked in {}, and PATH); install them (e.g. apt-get install \
-         postgresql-{major}), add their directory to provider.local.bin_dirs, or run scripts/fetch-postgres {major}",
-        looked.join(", ")
-    ))
+    Err(Missing { major, looked })
 }
 
 #[cfg(test)]
@@ -108,7 +116,7 @@ mod tests {
 
     #[test]
     fn a_missing_major_says_where_it_looked() {
-        let err = find(3, &[PathBuf::from("/nonexistent")]).expect_err("no PostgreSQL 3");
+        let err = find(3, &[PathBuf::from("/nonexistent")]).expect_err("no PostgreSQL 3").to_string();
         assert!(err.contains("/nonexistent") && err.contains("fetch-postgres 3"), "{err}");
     }
 }

@@ -41,8 +41,13 @@ pub fn acted(actions: usize) -> Vec<String> {
     (1..=actions).map(|n| format!("acted:{n}")).collect()
 }
 
+/// A failpoint set to `error` was reached: the action fails as if its work had.
+#[derive(Debug, thiserror::Error)]
+#[error("failpoint {0} tripped")]
+pub struct Tripped(pub String);
+
 /// Passes, fails or crashes, as `PGCONVERGE_FAILPOINTS` says for `name`.
-pub fn hit(name: &str) -> Result<(), String> {
+pub fn hit(name: &str) -> Result<(), Tripped> {
     let Ok(spec) = std::env::var("PGCONVERGE_FAILPOINTS") else { return Ok(()) };
     for entry in spec.split(',') {
         match entry.split_once('=') {
@@ -50,7 +55,7 @@ pub fn hit(name: &str) -> Result<(), String> {
                 eprintln!("failpoint {name}: crashing");
                 std::process::exit(137);
             }
-            Some((n, "error")) if n == name => return Err(format!("failpoint {name} tripped")),
+            Some((n, "error")) if n == name => return Err(Tripped(name.to_owned())),
             _ => {}
         }
     }

@@ -24,10 +24,15 @@ pub fn requested() -> bool {
     REQUESTED.get().is_some_and(|f| f.load(Ordering::Relaxed))
 }
 
+/// A stop was asked for while a loop waited.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by a signal")]
+pub struct Interrupted;
+
 /// Fails once a stop was asked for: for loops that wait a long time.
-pub fn check() -> Result<(), String> {
+pub fn check() -> Result<(), Interrupted> {
     if requested() {
-        Err("interrupted by a signal".into())
+        Err(Interrupted)
     } else {
         Ok(())
     }

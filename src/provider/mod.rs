@@ -22,6 +22,10 @@ pub enum ProviderError {
     /// An action failed; the message says how.
     #[error("{0}")]
     Failed(String),
+    /// The local provider's work on this machine failed, by kind (boxed: every result
+    /// of the provider carries this type).
+    #[error(transparent)]
+    Local(Box<local::error::Error>),
     /// The provider cannot carry out what was asked; nothing was done.
     #[error("{0}")]
     Refused(String),
@@ -37,6 +41,12 @@ impl ProviderError {
         ProviderError::Manual(format!(
             "the API cannot do this ({why}); do it by hand in the Control Panel: {step}, then run `pgconverge apply` again"
         ))
+    }
+}
+
+impl<E: Into<local::error::Error>> From<E> for ProviderError {
+    fn from(e: E) -> Self {
+        ProviderError::Local(Box::new(e.into()))
     }
 }
 

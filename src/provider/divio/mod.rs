@@ -514,7 +514,7 @@ fn poll_until<T>(
             said = Some(waited);
         }
         if let Err(e) = crate::interrupt::check() {
-            return Ok(Err(failed(e)));
+            return Ok(Err(failed(e.to_string())));
         }
         std::thread::sleep(pause(poll, looks));
     }

@@ -42,7 +42,7 @@ pub(super) fn dump_format(bin: &binaries::Binaries) -> [&'static str; 3] {
 /// write into: it opens what it finds, and would follow a symlink or keep looser modes.
 pub(super) fn private_file(path: &Path) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    private::check_if_present(path, false).map_err(ProviderError::Failed)?;
+    private::check_if_present(path, false)?;
     let _ = std::fs::remove_file(path);
     std::fs::OpenOptions::new()
         .write(true)
@@ -77,7 +77,7 @@ impl LocalProvider {
     /// The newest major among an environment's services: its pg_dump reads them all.
     pub(super) fn newest_binaries(&self, env: &EnvName) -> Result<binaries::Binaries> {
         let newest = self.metas(env)?.iter().map(|m| m.service.version.get()).max().unwrap_or(0);
-        binaries::find(newest, &self.bin_dirs).map_err(ProviderError::Failed)
+        binaries::find(newest, &self.bin_dirs).map_err(ProviderError::from)
     }
 
     /// Names the files of a new backup of `meta`'s service and dumps its roles.
@@ -129,7 +129,7 @@ impl LocalProvider {
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).map_err(|e| io_err("protect", f, e))?;
             std::fs::File::open(f).and_then(|f| f.sync_all()).map_err(|e| io_err("sync", f, e))?;
         }
-        crate::failpoint::hit("backup:dumped").map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("backup:dumped")?;
         std::fs::rename(&files.partial, &files.dump).map_err(|e| io_err("rename", &files.partial, e))?;
         let bytes = std::fs::metadata(&files.dump).map(|m| m.len()).unwrap_or(0);
         let manifest = Manifest {

@@ -9,7 +9,7 @@ use super::*;
 pub(super) const COPY_SPACE_FACTOR: u64 = 3;
 
 pub(super) fn database_size(server: &Server) -> Result<u64> {
-    let out = server.sql(APP_DB, "SELECT pg_database_size(current_database())").map_err(ProviderError::Failed)?;
+    let out = server.sql(APP_DB, "SELECT pg_database_size(current_database())")?;
     out.trim().parse().map_err(|_| failed(format!("unexpected database size `{out}`")))
 }
 
@@ -56,14 +56,14 @@ pub(super) fn superuser_owned(server: &Server) -> Result<Vec<String>> {
         not_extension("p.oid", "pg_proc"),
         not_extension("t.oid", "pg_type"),
     );
-    let out = server.sql(APP_DB, &sql).map_err(ProviderError::Failed)?;
+    let out = server.sql(APP_DB, &sql)?;
     Ok(out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
 }
 
 impl LocalProvider {
     /// Fails with where it looked when `major`'s binaries are missing.
     pub fn check_binaries(&self, major: Major) -> Result<()> {
-        binaries::find(major.get(), &self.bin_dirs).map(drop).map_err(ProviderError::Failed)
+        binaries::find(major.get(), &self.bin_dirs).map(drop).map_err(ProviderError::from)
     }
 
     /// Refuses, before anything is touched, a plan this provider cannot carry out safely:
@@ -135,7 +135,11 @@ impl LocalProvider {
     /// Adds to a failed copy step what a full disk explains: PostgreSQL names the file it
     /// could not write only in its log, and a client then sees a lost connection.
     pub(super) fn disk_full(&self, e: ProviderError) -> ProviderError {
-        let ProviderError::Failed(message) = e else { return e };
+        let message = match &e {
+            ProviderError::Failed(m) => m.clone(),
+            ProviderError::Local(l) => l.to_string(),
+            _ => return e,
+        };
         let mut seen = Vec::new();
         if let Ok(servers) = std::fs::read_dir(self.root.join("servers")) {
             for log in servers.flatten().map(|e| e.path().join("log/server.log")) {
@@ -149,7 +153,7 @@ impl LocalProvider {
         let free = free_bytes(&self.root).ok();
         if seen.is_empty() && free.is_none_or(|f| f > 64 * 1024 * 1024) && !message.contains("No space left on device")
         {
-            return ProviderError::Failed(message);
+            return e;
         }
         ProviderError::Failed(format!(
             "{message}; the disk that holds {} is full ({} free){}: free some space, then run `pgconverge apply` again",

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::error::{Error, Result};
 use super::server::Server;
 use crate::config::Verify;
 
@@ -13,7 +14,7 @@ const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema'
 pub type Fingerprint = BTreeMap<String, String>;
 
 /// `take`, with the time it took logged; `what` names the server for the log.
-pub fn timed(server: &Server, db: &str, how: Verify, what: &str) -> Result<Fingerprint, String> {
+pub fn timed(server: &Server, db: &str, how: Verify, what: &str) -> Result<Fingerprint> {
     let t = std::time::Instant::now();
     let fp = take(server, db, how);
     tracing::debug!(what, seconds = t.elapsed().as_secs_f64(), "fingerprint taken");
@@ -23,7 +24,7 @@ pub fn timed(server: &Server, db: &str, how: Verify, what: &str) -> Result<Finge
 /// Takes the fingerprint of database `db`, in one session: every value comes back as a
 /// `key|value` line, and psql's `\gexec` runs one statement per table (each free to use
 /// parallel workers), so a fingerprint costs one program start, not one per query.
-pub fn take(server: &Server, db: &str, how: Verify) -> Result<Fingerprint, String> {
+pub fn take(server: &Server, db: &str, how: Verify) -> Result<Fingerprint> {
     let not_extension =
         |oid: &str| format!("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = {oid} AND d.deptype = 'e')");
     let relations = |relkinds: &str| {
@@ -82,7 +83,8 @@ pub fn take(server: &Server, db: &str, how: Verify) -> Result<Fingerprint, Strin
     );
     let mut fp = Fingerprint::new();
     for line in server.sql(db, &sql)?.lines().filter(|l| !l.is_empty()) {
-        let (key, value) = line.rsplit_once('|').ok_or_else(|| format!("unexpected fingerprint line `{line}`"))?;
+        let (key, value) =
+            line.rsplit_once('|').ok_or_else(|| Error::Server(format!("unexpected fingerprint line `{line}`")))?;
         fp.insert(key.to_owned(), value.to_owned());
     }
     Ok(fp)

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::error::{Error, Result};
 use super::quote::{ident, literal};
 use super::server::{Server, SUPERUSER};
 use super::APP_DB;
@@ -31,20 +32,20 @@ pub fn name(id: &ServiceId) -> String {
     format!("pgconverge_{tail}").chars().take(63).collect()
 }
 
-fn count(server: &Server, db: &str, sql: &str) -> Result<i64, String> {
+fn count(server: &Server, db: &str, sql: &str) -> Result<i64> {
     let out = server.sql(db, sql)?;
-    out.trim().parse().map_err(|_| format!("unexpected answer `{out}` to `{sql}`"))
+    out.trim().parse().map_err(|_| Error::Server(format!("unexpected answer `{out}` to `{sql}`")))
 }
 
 /// Whether the server runs with `wal_level = logical` (servers pgconverge starts do;
 /// older ones need a restart).
-pub fn wal_level_is_logical(server: &Server) -> Result<bool, String> {
+pub fn wal_level_is_logical(server: &Server) -> Result<bool> {
     Ok(server.sql("postgres", "SHOW wal_level")?.trim() == "logical")
 }
 
 /// Tables the subscription could not update or delete rows of (no primary key, default
 /// replica identity) are given `REPLICA IDENTITY FULL`; returns their names.
-pub fn replica_identity_full(source: &Server) -> Result<Vec<String>, String> {
+pub fn replica_identity_full(source: &Server) -> Result<Vec<String>> {
     let list = source.sql(
         APP_DB,
         "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -63,7 +64,7 @@ pub fn replica_identity_full(source: &Server) -> Result<Vec<String>, String> {
 /// Drops what an earlier replication into the copy named `name` left: the subscription
 /// on the copy (without reaching for the source), then the slot and the publication on
 /// the source. Either server may be missing.
-pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: &str) -> Result<(), String> {
+pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: &str) -> Result<()> {
     if let Some(target) = target {
         if subscribed(target, name)? {
             // Three statements, each in its own transaction (psql without -1).
@@ -86,7 +87,7 @@ pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: 
 
 /// Drops a replication slot, ending the walsender that holds it first. A slot left behind
 /// keeps every later WAL segment on disk: it must never outlive its copy.
-pub fn drop_slot(source: &Server, name: &str) -> Result<(), String> {
+pub fn drop_slot(source: &Server, name: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let slot = literal(name);
     loop {
@@ -101,7 +102,7 @@ pub fn drop_slot(source: &Server, name: &str) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("the replication slot {name} stays in use"));
+            return Err(Error::Server(format!("the replication slot {name} stays in use")));
         }
         std::thread::sleep(POLL);
     }
@@ -109,7 +110,7 @@ pub fn drop_slot(source: &Server, name: &str) -> Result<(), String> {
 
 /// Publishes every table of the source and subscribes the copy to it; the subscription
 /// starts with a copy of every table.
-pub fn subscribe(source: &Server, target: &Server, name: &str, wal_bound_mb: u64) -> Result<(), String> {
+pub fn subscribe(source: &Server, target: &Server, name: &str, wal_bound_mb: u64) -> Result<()> {
     // The slot may keep at most this much WAL on the source: past it the slot is given
     // up (and the copy with it), never the source's disk and its application's writes.
     source.sql(
@@ -146,7 +147,7 @@ pub fn subscribe(source: &Server, target: &Server, name: &str, wal_bound_mb: u64
 
 /// Errors the subscription's workers have met so far (PostgreSQL 15 and later count
 /// them; older copies report none).
-fn errors(target: &Server, name: &str) -> Result<i64, String> {
+fn errors(target: &Server, name: &str) -> Result<i64> {
     if target.bin.major < 15 {
         return Ok(0);
     }
@@ -160,11 +161,11 @@ fn errors(target: &Server, name: &str) -> Result<i64, String> {
     )
 }
 
-fn failing(target: &Server, name: &str, what: &str) -> String {
+fn failing(target: &Server, name: &str, what: &str) -> Error {
     let log = std::fs::read_to_string(&target.log_file).unwrap_or_default();
     let last: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     let tail = last.iter().rev().take(2).rev().copied().collect::<Vec<_>>().join(" | ");
-    format!("the replication {name} failed {what}: {tail}")
+    Error::Server(format!("the replication {name} failed {what}: {tail}"))
 }
 
 /// How long the subscription may go without a worker before the copy is given up:
@@ -173,7 +174,7 @@ const NO_WORKER_LIMIT: Duration = Duration::from_secs(60);
 
 /// The tables of the subscription whose initial copy has not finished: any state but
 /// ready (`r`) or synchronized (`s`, ready once the stream passes the copy's end).
-pub fn unsynchronized_tables(target: &Server, name: &str) -> Result<Vec<String>, String> {
+pub fn unsynchronized_tables(target: &Server, name: &str) -> Result<Vec<String>> {
     let out = target.sql(
         APP_DB,
         &format!(
@@ -186,7 +187,7 @@ pub fn unsynchronized_tables(target: &Server, name: &str) -> Result<Vec<String>,
 }
 
 /// Waits until the subscription has copied every table and streams.
-pub fn wait_initial_copy(target: &Server, name: &str) -> Result<(), String> {
+pub fn wait_initial_copy(target: &Server, name: &str) -> Result<()> {
     let sql = format!(
         "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
          WHERE s.subname = {} AND r.srsubstate <> 'r'",
@@ -220,7 +221,7 @@ pub fn wait_initial_copy(target: &Server, name: &str) -> Result<(), String> {
 /// commit flushes every commit before it (asynchronous ones included): with writes
 /// fenced, every change the copy needs is at or before it. (The write position could be
 /// later, on records the WAL writer flushes only on its next round, up to 200 ms on.)
-pub fn flushed_lsn(source: &Server) -> Result<String, String> {
+pub fn flushed_lsn(source: &Server) -> Result<String> {
     let sql =
         "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT; SELECT pg_current_wal_flush_lsn();";
     let out = source.sql("postgres", sql)?;
@@ -228,13 +229,7 @@ pub fn flushed_lsn(source: &Server) -> Result<String, String> {
 }
 
 /// Waits until the copy has applied and flushed everything up to `lsn` of the source.
-pub fn wait_caught_up(
-    source: &Server,
-    target: &Server,
-    name: &str,
-    lsn: &str,
-    limit: Duration,
-) -> Result<Duration, String> {
+pub fn wait_caught_up(source: &Server, target: &Server, name: &str, lsn: &str, limit: Duration) -> Result<Duration> {
     let started = Instant::now();
     let sql = format!(
         "SELECT count(*) FROM pg_stat_replication WHERE application_name = {} AND replay_lsn >= {}::pg_lsn",
@@ -249,23 +244,23 @@ pub fn wait_caught_up(
             return Err(failing(target, name, "while catching up"));
         }
         if started.elapsed() > limit {
-            return Err(format!(
+            return Err(Error::Server(format!(
                 "the copy did not catch up with {lsn} within {} s; is the subscription {name} running?",
                 limit.as_secs()
-            ));
+            )));
         }
         std::thread::sleep(POLL);
     }
 }
 
 /// Whether the copy still has its subscription.
-pub fn subscribed(target: &Server, name: &str) -> Result<bool, String> {
+pub fn subscribed(target: &Server, name: &str) -> Result<bool> {
     Ok(count(target, APP_DB, &format!("SELECT count(*) FROM pg_subscription WHERE subname = {}", literal(name)))? > 0)
 }
 
 /// The tables and columns of the application database, one line each: logical
 /// replication carries rows, not schema changes, so the two must still agree.
-fn columns(server: &Server) -> Result<Vec<String>, String> {
+fn columns(server: &Server) -> Result<Vec<String>> {
     let out = server.sql(
         APP_DB,
         "SELECT n.nspname || '.' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) \
@@ -277,7 +272,7 @@ fn columns(server: &Server) -> Result<Vec<String>, String> {
 }
 
 /// What the source has that the copy does not, and the reverse, in their schemas.
-pub fn schema_differences(source: &Server, target: &Server) -> Result<Vec<String>, String> {
+pub fn schema_differences(source: &Server, target: &Server) -> Result<Vec<String>> {
     let (a, b) = (columns(source)?, columns(target)?);
     let mut out: Vec<String> = a.iter().filter(|c| !b.contains(c)).map(|c| format!("source has {c}")).collect();
     out.extend(b.iter().filter(|c| !a.contains(c)).map(|c| format!("copy has {c}")));
@@ -286,7 +281,7 @@ pub fn schema_differences(source: &Server, target: &Server) -> Result<Vec<String
 
 /// Sets every sequence of the copy to the source's value (logical replication does not
 /// carry sequences before PostgreSQL 18); returns how many.
-pub fn sync_sequences(source: &Server, target: &Server) -> Result<usize, String> {
+pub fn sync_sequences(source: &Server, target: &Server) -> Result<usize> {
     let statements = source.sql(
         APP_DB,
         "SELECT format('SELECT setval(%L, %s, %L);', format('%I.%I', schemaname, sequencename), \

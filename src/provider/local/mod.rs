@@ -25,6 +25,7 @@
 mod backup;
 pub use crate::binaries;
 mod checks;
+pub mod error;
 pub mod fingerprint;
 mod logical;
 mod private;
@@ -80,8 +81,8 @@ fn failed(e: impl std::fmt::Display) -> ProviderError {
     ProviderError::Failed(e.to_string())
 }
 
-fn io_err(what: &str, path: &Path, e: std::io::Error) -> ProviderError {
-    ProviderError::Failed(format!("cannot {what} {}: {e}", path.display()))
+fn io_err(action: &'static str, path: &Path, source: std::io::Error) -> ProviderError {
+    error::Error::Io { action, path: path.to_owned(), source }.into()
 }
 
 fn now_ms() -> u128 {
@@ -100,7 +101,7 @@ impl LocalProvider {
         let base = config_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let base = std::fs::canonicalize(base).map_err(|e| io_err("resolve", base, e))?;
         let root = base.join(config.root.clone().unwrap_or_else(|| PathBuf::from(".pgconverge")));
-        let run_as = RunAs::for_user(config.run_as.as_deref().unwrap_or("postgres")).map_err(ProviderError::Failed)?;
+        let run_as = RunAs::for_user(config.run_as.as_deref().unwrap_or("postgres"))?;
         Ok(Self {
             root,
             bin_dirs: config.bin_dirs.clone(),
@@ -182,11 +183,11 @@ impl Provider for LocalProvider {
                     }
                     if !server.is_running() {
                         tracing::warn!(service = %meta.service.id, "server was down; starting it");
-                        server.start().map_err(ProviderError::Failed)?;
+                        server.start()?;
                     }
                     let pid = server.postmaster().unwrap_or(0);
                     if !self.answered.contains(&pid) {
-                        let num = server.sql("postgres", "SHOW server_version_num").map_err(ProviderError::Failed)?;
+                        let num = server.sql("postgres", "SHOW server_version_num")?;
                         let major = num.parse::<u32>().map(|n| n / 10000).unwrap_or(0);
                         if major != meta.service.version.get() {
                             return Err(ProviderError::Inconsistent(format!(
@@ -232,14 +233,14 @@ impl Provider for LocalProvider {
         let sql = format!(
             "ALTER ROLE {APP_ROLE} NOLOGIN; SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{APP_ROLE}';"
         );
-        server.sql("postgres", &sql).map_err(ProviderError::Failed)?;
+        server.sql("postgres", &sql)?;
         self.update(env, id, |m| m.service.fenced = true)
     }
 
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         self.fingerprints.remove(id);
         let (_, server) = self.running_server(env, id)?;
-        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
+        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN"))?;
         self.update(env, id, |m| m.service.fenced = false)
     }
 
@@ -286,9 +287,9 @@ impl Provider for LocalProvider {
         let (a, b) = std::thread::scope(|s| {
             let a = s.spawn(|| a.map_or_else(|| fingerprint::timed(&source, APP_DB, how, "source"), Ok));
             let b = b.map_or_else(|| fingerprint::timed(&copy, APP_DB, how, "copy"), Ok);
-            (a.join().unwrap_or_else(|_| Err("the fingerprint thread panicked".into())), b)
+            (a.join().unwrap_or_else(|_| Err(error::Error::Server("the fingerprint thread panicked".into()))), b)
         });
-        let (a, b) = (a.map_err(ProviderError::Failed)?, b.map_err(ProviderError::Failed)?);
+        let (a, b) = (a?, b?);
         let diff = fingerprint::differences(&a, &b);
         if !diff.is_empty() {
             let shown: Vec<String> = diff.iter().take(20).cloned().collect();
@@ -340,7 +341,7 @@ impl Provider for LocalProvider {
         let path = self.env_file_path(env);
         let text = lines.join("\n") + "\n";
         write_atomically(&path, text.as_bytes(), 0o600).map_err(|e| io_err("write", &path, e))?;
-        crate::failpoint::hit("deploy:env_written").map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("deploy:env_written")?;
         if let Some(cmd) = &self.command {
             let status = Command::new("sh")
                 .args(["-c", cmd])
@@ -371,17 +372,16 @@ impl Provider for LocalProvider {
             // Its subscription goes first, and the slot it holds on the source with it.
             let source = self.load(env, from).ok().and_then(|m| self.server(&m).ok()).filter(Server::is_running);
             let target = self.server(&meta).ok().filter(Server::is_running);
-            logical::drop_replication(source.as_ref(), target.as_ref(), &logical::name(id))
-                .map_err(ProviderError::Failed)?;
+            logical::drop_replication(source.as_ref(), target.as_ref(), &logical::name(id))?;
         }
         // The record goes first: a crash after it leaves only a server and files that no
         // record names, which `tidy` removes.
         let path = self.meta_path(env, id);
         std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
-        crate::failpoint::hit("delete:record_removed").map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("delete:record_removed")?;
         if meta.service.status != Status::New {
-            self.server(&meta)?.stop().map_err(ProviderError::Failed)?;
-            crate::failpoint::hit("delete:stopped").map_err(ProviderError::Failed)?;
+            self.server(&meta)?.stop()?;
+            crate::failpoint::hit("delete:stopped")?;
         }
         let dir = self.root.join("servers").join(id.as_str());
         if dir.exists() {

@@ -91,7 +91,7 @@ impl LocalProvider {
 
     pub(super) fn secret(&self, env: &EnvName) -> Result<Secret> {
         let path = self.root.join("secrets").join(format!("{env}.json"));
-        private::check_if_present(&path, false).map_err(ProviderError::Inconsistent)?;
+        private::check_if_present(&path, false).map_err(|e| ProviderError::Inconsistent(e.to_string()))?;
         if path.exists() {
             let secret: Secret = read_record(&path)?;
             // The password reaches SQL (quoted) and a DSN: a file someone else wrote or

@@ -19,7 +19,7 @@ pub(super) fn restore_command(server: &Server) -> Command {
 
 pub(super) fn restorer_exists(server: &Server) -> Result<bool> {
     let sql = format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote::literal(server::RESTORER));
-    Ok(server.sql("postgres", &sql).map_err(ProviderError::Failed)?.trim() != "0")
+    Ok(server.sql("postgres", &sql)?.trim() != "0")
 }
 
 /// Creates `RESTORER` on a server whose roles were just restored: a login without any
@@ -28,25 +28,21 @@ pub(super) fn restorer_exists(server: &Server) -> Result<bool> {
 pub(super) fn create_restorer(server: &Server) -> Result<()> {
     let r = quote::ident(server::RESTORER);
     if !restorer_exists(server)? {
-        server
-            .sql(
-                "postgres",
-                &format!("CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"),
-            )
-            .map_err(ProviderError::Failed)?;
-    }
-    let roles = server
-        .sql(
+        server.sql(
             "postgres",
-            &format!(
-                "SELECT quote_ident(rolname) FROM pg_roles WHERE NOT rolsuper AND rolname !~ '^pg_' AND rolname <> {}",
-                quote::literal(server::RESTORER)
-            ),
-        )
-        .map_err(ProviderError::Failed)?;
+            &format!("CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"),
+        )?;
+    }
+    let roles = server.sql(
+        "postgres",
+        &format!(
+            "SELECT quote_ident(rolname) FROM pg_roles WHERE NOT rolsuper AND rolname !~ '^pg_' AND rolname <> {}",
+            quote::literal(server::RESTORER)
+        ),
+    )?;
     let grants: String = roles.lines().filter(|l| !l.is_empty()).map(|role| format!("GRANT {role} TO {r};")).collect();
     if !grants.is_empty() {
-        server.sql("postgres", &grants).map_err(ProviderError::Failed)?;
+        server.sql("postgres", &grants)?;
     }
     Ok(())
 }
@@ -60,7 +56,7 @@ pub(super) fn restore_database(server: &Server, dumped: &Path) -> Result<()> {
     if statements.is_empty() {
         return Ok(());
     }
-    server.sql(APP_DB, &statements.join("\n")).map(drop).map_err(ProviderError::Failed)
+    server.sql(APP_DB, &statements.join("\n")).map(drop).map_err(ProviderError::from)
 }
 
 /// The statements of a `pg_dump --create` script that set properties of the database
@@ -115,7 +111,7 @@ pub(super) fn drop_restorer(server: &Server) -> Result<()> {
         .sql(APP_DB, &format!("REASSIGN OWNED BY {r} TO {}; DROP OWNED BY {r};", quote::ident(APP_ROLE)))
         .and_then(|_| server.sql("postgres", &format!("DROP ROLE {r}")))
         .map(drop)
-        .map_err(ProviderError::Failed)
+        .map_err(ProviderError::from)
 }
 
 impl LocalProvider {
@@ -135,7 +131,7 @@ impl LocalProvider {
             let secret = self.secret(env)?;
             let create = format!("CREATE DATABASE {APP_DB} OWNER {}", quote::ident(&secret.role));
             let drop_db = format!("DROP DATABASE IF EXISTS {APP_DB} WITH (FORCE)");
-            server.sql_each("postgres", &[&drop_db, &create]).map_err(ProviderError::Failed)?;
+            server.sql_each("postgres", &[&drop_db, &create])?;
         }
         // Roles first, so that ownership is preserved; existing roles only raise notices.
         let mut c = Command::new(server.bin.program("psql"));
@@ -144,9 +140,9 @@ impl LocalProvider {
             .args(["-X", "-q", "-f"])
             .arg(roles);
         self.run_client(c, "psql (roles)")?;
-        crate::failpoint::hit("restore:roles").map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("restore:roles")?;
         // The source may have been fenced when its roles were dumped.
-        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN")).map_err(ProviderError::Failed)?;
+        server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN"))?;
         create_restorer(server)
     }
 
@@ -160,9 +156,9 @@ impl LocalProvider {
             let analyzed = server.sql(APP_DB, "ANALYZE");
             (analyzed, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
         });
-        analyzed.map_err(ProviderError::Failed)?;
+        analyzed?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), "copy analyzed");
-        crate::failpoint::hit("restore:restored").map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("restore:restored")?;
         if let Some(fp) = copy_fp {
             self.fingerprints.insert(id.clone(), (verify, fp));
         }
@@ -210,7 +206,7 @@ impl LocalProvider {
             let streamed = stream::tee(dump, restore, &files.partial);
             (streamed, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
         });
-        let streamed = streamed.map_err(ProviderError::Failed)?;
+        let streamed = streamed?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), "dump streamed into the restore");
         if let Some(e) = streamed.producer_error {
             return Err(ProviderError::Failed(e));
@@ -228,7 +224,7 @@ impl LocalProvider {
         if let Some(fp) = source_fp {
             self.fingerprints.insert(from.clone(), (verify, fp));
         }
-        crate::failpoint::hit("copy:backed_up").map_err(ProviderError::Failed)?;
+        crate::failpoint::hit("copy:backed_up")?;
         self.finish_restore(id, &target, verify)?;
         Ok(backup)
     }

@@ -20,7 +20,7 @@ impl LocalProvider {
         if !self.root.exists() {
             let parent = self.root.parent().unwrap_or(Path::new("/"));
             std::fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
-            private::dir(&self.root, 0o711).map_err(ProviderError::Failed)?;
+            private::dir(&self.root, 0o711)?;
         }
         let marker = self.root.join(ROOT_MARKER);
         if std::fs::symlink_metadata(&marker).is_err() {
@@ -35,10 +35,10 @@ impl LocalProvider {
     pub(super) fn subdir(&self, name: &str, sub: Option<&str>) -> Result<PathBuf> {
         let mode = if matches!(name, "servers" | "run") { 0o711 } else { 0o700 };
         let mut dir = self.root.join(name);
-        private::dir(&dir, mode).map_err(ProviderError::Failed)?;
+        private::dir(&dir, mode)?;
         if let Some(sub) = sub {
             dir = dir.join(sub);
-            private::dir(&dir, 0o700).map_err(ProviderError::Failed)?;
+            private::dir(&dir, 0o700)?;
         }
         Ok(dir)
     }
@@ -59,7 +59,7 @@ impl LocalProvider {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err("look at", &self.root, e)),
         };
-        private::check(&self.root, &meta, true).map_err(refuse)?;
+        private::check(&self.root, &meta, true).map_err(|e| refuse(e.to_string()))?;
         if std::fs::symlink_metadata(self.root.join(ROOT_MARKER)).is_ok() {
             return Ok(());
         }

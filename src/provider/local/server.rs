@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use super::binaries::Binaries;
+use super::error::{Error, Result};
 use crate::process::{last_lines, output_fed};
 
 /// The OS identity server processes run as; `None` means "as this process".
@@ -20,27 +21,27 @@ pub struct RunAs {
 
 impl RunAs {
     /// `user` when this process is root (looked up in /etc/passwd), else `None`.
-    pub fn for_user(user: &str) -> Result<Option<RunAs>, String> {
+    pub fn for_user(user: &str) -> Result<Option<RunAs>> {
         if effective_uid() != Some(0) {
             return Ok(None);
         }
-        let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
+        let passwd = std::fs::read_to_string("/etc/passwd").map_err(Error::io("read", "/etc/passwd"))?;
         for line in passwd.lines() {
             let f: Vec<&str> = line.split(':').collect();
             if f.len() > 3 && f[0] == user {
                 if let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse()) {
                     if uid == 0 {
-                        return Err(format!(
+                        return Err(Error::Setup(format!(
                             "OS user `{user}` (provider.local.run_as) is root (uid 0): PostgreSQL servers must run as an unprivileged user, such as postgres"
-                        ));
+                        )));
                     }
                     return Ok(Some(RunAs { uid, gid }));
                 }
             }
         }
-        Err(format!(
+        Err(Error::Setup(format!(
             "pgconverge runs as root, and PostgreSQL servers may not: OS user `{user}` (provider.local.run_as) does not exist; create it or name another"
-        ))
+        )))
     }
 
     /// Gives `path` to this user.
@@ -58,21 +59,21 @@ pub fn effective_uid() -> Option<u32> {
 /// Whether `dir` is a socket directory made for one server alone: `Ok(true)` when it is
 /// (a directory, not a symlink, owned by `owner`, mode 0700), `Ok(false)` when it is
 /// missing, an error naming what is wrong otherwise (someone else made or changed it).
-pub fn check_private_dir(dir: &Path, owner: u32) -> Result<bool, String> {
+pub fn check_private_dir(dir: &Path, owner: u32) -> Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let m = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(format!("cannot look at the socket directory {}: {e}", dir.display())),
+        Err(e) => return Err(Error::io("look at the socket directory", dir)(e)),
     };
     if m.file_type().is_symlink() || !m.is_dir() || m.uid() != owner || m.mode() & 0o077 != 0 {
-        return Err(format!(
+        return Err(Error::Untrusted(format!(
             "{} is not a private socket directory of pgconverge's (want a directory of uid {owner} with mode 0700; found {}uid {}, mode {:o}): someone else made or changed it, so no password goes through it; remove it and run pgconverge again",
             dir.display(),
             if m.file_type().is_symlink() { "a symlink, " } else { "" },
             m.uid(),
             m.mode() & 0o7777
-        ));
+        )));
     }
     Ok(true)
 }
@@ -122,12 +123,13 @@ impl Server {
         c
     }
 
-    fn run(&self, mut c: Command, what: &str) -> Result<Output, String> {
-        let out = c.stdin(Stdio::null()).output().map_err(|e| format!("{what}: cannot run: {e}"))?;
+    fn run(&self, mut c: Command, what: &str) -> Result<Output> {
+        let out = c.stdin(Stdio::null()).output().map_err(Error::spawn(what))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stdout = String::from_utf8_lossy(&out.stdout);
-            return Err(format!("{what} failed ({}): {}", out.status, last_lines(&format!("{stdout}{stderr}"), 6)));
+            let output = last_lines(&format!("{stdout}{stderr}"), 6);
+            return Err(Error::Program { what: what.to_owned(), status: out.status, output });
         }
         Ok(out)
     }
@@ -139,19 +141,16 @@ impl Server {
 
     /// initdb: UTF-8, data checksums, local superuser trusted over the socket only. The
     /// server's directories are made for its user alone (mode 0700, whatever the umask).
-    pub fn init(&self) -> Result<(), String> {
+    pub fn init(&self) -> Result<()> {
         let log_dir = self.log_file.parent().unwrap_or(&self.data_dir);
         for dir in [&self.data_dir, &self.socket_dir, &log_dir.to_path_buf()] {
             if !dir.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .create(dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                std::fs::DirBuilder::new().recursive(true).create(dir).map_err(Error::io("create", dir))?;
                 std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                    .map_err(|e| format!("cannot protect {}: {e}", dir.display()))?;
+                    .map_err(Error::io("protect", dir))?;
             }
             if let Some(r) = self.run_as {
-                r.own(dir).map_err(|e| format!("cannot give {} to the server user: {e}", dir.display()))?;
+                r.own(dir).map_err(Error::io("give the server user", dir))?;
             }
         }
         let mut c = self.command("initdb");
@@ -169,7 +168,7 @@ impl Server {
     /// 127.0.0.1:port and on a socket in `socket_dir`; waits until it accepts connections.
     /// `wal_level = logical`, so that any server can be the source of the logical
     /// strategy without a restart then (it costs a few bytes of WAL per update).
-    pub fn start(&self) -> Result<(), String> {
+    pub fn start(&self) -> Result<()> {
         let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c unix_socket_permissions=0700 -c wal_level=logical",
             self.port,
@@ -184,16 +183,16 @@ impl Server {
         // pg_ctl's server inherits stdout/stderr: give it none, or a caller reading our
         // output would wait for the server to exit.
         c.stdout(Stdio::null()).stderr(Stdio::piped());
-        let out = c.stdin(Stdio::null()).output().map_err(|e| format!("pg_ctl start: cannot run: {e}"))?;
+        let out = c.stdin(Stdio::null()).output().map_err(Error::spawn("pg_ctl start"))?;
         if !out.status.success() {
             let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
-            return Err(format!(
+            return Err(Error::Server(format!(
                 "the PostgreSQL {} server in {} did not start: {}{}",
                 self.bin.major,
                 self.data_dir.display(),
                 String::from_utf8_lossy(&out.stderr).trim(),
                 if log.is_empty() { String::new() } else { format!("; its log ends: {}", last_lines(&log, 4)) }
-            ));
+            )));
         }
         Ok(())
     }
@@ -232,16 +231,19 @@ impl Server {
 
     /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost)
     /// and waits until it is gone, polling more often than `pg_ctl stop -w` does.
-    pub fn stop(&self) -> Result<(), String> {
+    pub fn stop(&self) -> Result<()> {
         let Some(pid) = self.postmaster() else { return Ok(()) };
         let mut c = self.command("pg_ctl");
         c.args(["kill", "INT", &pid.to_string()]);
         self.run(c, "pg_ctl kill INT")
-            .map_err(|e| format!("cannot stop the server in {}: {e}", self.data_dir.display()))?;
+            .map_err(|e| Error::Server(format!("cannot stop the server in {}: {e}", self.data_dir.display())))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while alive(pid) {
             if std::time::Instant::now() > deadline {
-                return Err(format!("the server in {} (pid {pid}) did not stop within 60 s", self.data_dir.display()));
+                return Err(Error::Server(format!(
+                    "the server in {} (pid {pid}) did not stop within 60 s",
+                    self.data_dir.display()
+                )));
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -251,9 +253,9 @@ impl Server {
     /// Runs SQL as the superuser in `db`; returns unaligned, tuples-only output.
     /// The SQL goes through stdin, never the command line, where other users of the
     /// machine could read it (it may set a password).
-    pub fn sql(&self, db: &str, sql: &str) -> Result<String, String> {
+    pub fn sql(&self, db: &str, sql: &str) -> Result<String> {
         if !check_private_dir(&self.socket_dir, self.owner())? {
-            return Err(format!("the socket directory {} is gone", self.socket_dir.display()));
+            return Err(Error::Server(format!("the socket directory {} is gone", self.socket_dir.display())));
         }
         let mut c = Command::new(self.bin.program("psql"));
         c.current_dir("/")
@@ -263,16 +265,16 @@ impl Server {
             .arg(&self.socket_dir)
             .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", db])
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"]);
-        let out = output_fed(c, sql).map_err(|e| format!("psql: {e}"))?;
+        let out = output_fed(c, sql).map_err(Error::spawn("psql"))?;
         if !out.status.success() {
-            let text = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("psql failed ({}): {}", out.status, last_lines(&text, 6)));
+            let output = last_lines(&String::from_utf8_lossy(&out.stderr), 6);
+            return Err(Error::Program { what: "psql".into(), status: out.status, output });
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     }
 
     /// Runs each statement on its own (some, like CREATE DATABASE, refuse to share one).
-    pub fn sql_each(&self, db: &str, statements: &[&str]) -> Result<(), String> {
+    pub fn sql_each(&self, db: &str, statements: &[&str]) -> Result<()> {
         statements.iter().try_for_each(|s| self.sql(db, s).map(drop))
     }
 
@@ -301,7 +303,7 @@ fn alive(pid: i32) -> bool {
 }
 
 /// A TCP port on 127.0.0.1 that is free right now.
-pub fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| format!("cannot find a free port: {e}"))
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind a free port on", "127.0.0.1"))?;
+    l.local_addr().map(|a| a.port()).map_err(Error::io("bind a free port on", "127.0.0.1"))
 }

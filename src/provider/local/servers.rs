@@ -29,13 +29,13 @@ pub(super) fn load_settings(server: &Server, on: bool) -> Result<()> {
     server
         .sql("postgres", &format!("{} SELECT pg_reload_conf();", statements.join(" ")))
         .map(drop)
-        .map_err(ProviderError::Failed)
+        .map_err(ProviderError::from)
 }
 
 impl LocalProvider {
     pub(super) fn server(&self, meta: &Meta) -> Result<Server> {
         let id = meta.service.id.as_str();
-        let bin = binaries::find(meta.service.version.get(), &self.bin_dirs).map_err(ProviderError::Failed)?;
+        let bin = binaries::find(meta.service.version.get(), &self.bin_dirs)?;
         let dir = self.root.join("servers").join(id);
         Ok(Server {
             bin,
@@ -67,7 +67,7 @@ impl LocalProvider {
         match server::check_private_dir(&dir, owner) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
-            Err(e) => return Err(ProviderError::Inconsistent(e)),
+            Err(e) => return Err(ProviderError::Inconsistent(e.to_string())),
         }
         let running = self.server(meta)?.postmaster().is_some();
         let short = self.root.join("run").join(meta.service.id.as_str());
@@ -80,7 +80,7 @@ impl LocalProvider {
             short
         };
         // `create`, not `create_dir_all`: a directory someone else made first is an error.
-        private::new_dir(&dir, 0o700).map_err(ProviderError::Failed)?;
+        private::new_dir(&dir, 0o700)?;
         if let Some(r) = self.run_as {
             r.own(&dir).map_err(|e| io_err("give to the server user", &dir, e))?;
         }
@@ -90,8 +90,8 @@ impl LocalProvider {
         if running {
             tracing::warn!(service = %meta.service.id, dir = %dir.display(), "the socket directory was gone; restarting the server into a new one");
             let server = self.server(meta)?;
-            server.stop().map_err(ProviderError::Failed)?;
-            server.start().map_err(ProviderError::Failed)?;
+            server.stop()?;
+            server.start()?;
         }
         Ok(())
     }
@@ -101,7 +101,7 @@ impl LocalProvider {
         self.private_socket_dir(env, &mut meta)?;
         let server = self.server(&meta)?;
         if !server.is_running() {
-            server.start().map_err(ProviderError::Failed)?;
+            server.start()?;
         }
         Ok((meta, server))
     }
@@ -116,17 +116,17 @@ impl LocalProvider {
             }
             std::fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))?;
         }
-        let mut last = String::new();
+        let mut last = None;
         for _ in 0..3 {
-            meta.port = Some(server::free_port().map_err(ProviderError::Failed)?);
+            meta.port = Some(server::free_port()?);
             self.private_socket_dir(env, meta)?;
             let server = self.server(meta)?;
             if !server.data_dir.join("PG_VERSION").exists() {
-                server.init().map_err(ProviderError::Failed)?;
+                server.init()?;
             }
             match server.start() {
                 Ok(()) => {
-                    crate::failpoint::hit("provision:started").map_err(ProviderError::Failed)?;
+                    crate::failpoint::hit("provision:started")?;
                     let secret = self.secret(env)?;
                     // The server must not log the statement (and the password) if it fails.
                     let role = format!(
@@ -137,12 +137,12 @@ impl LocalProvider {
                     let db = format!("CREATE DATABASE {APP_DB} OWNER {}", quote::ident(&secret.role));
                     server
                         .sql_each("postgres", &[&role, &db])
-                        .map_err(|e| ProviderError::Failed(redact(&e, &secret.password)))?;
+                        .map_err(|e| ProviderError::Failed(redact(&e.to_string(), &secret.password)))?;
                     return Ok(());
                 }
-                Err(e) => last = e, // most likely the port was taken meanwhile: try another
+                Err(e) => last = Some(e), // most likely the port was taken meanwhile: try another
             }
         }
-        Err(ProviderError::Failed(last))
+        Err(last.map_or_else(|| ProviderError::Failed("the server did not start".into()), ProviderError::from))
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 
+use super::error::{Error, Result};
 use crate::process::last_lines;
 
 const CHUNK: usize = 256 * 1024;
@@ -23,7 +24,7 @@ pub struct Streamed {
 }
 
 /// Runs `producer | tee file | consumer`. The caller syncs and publishes `file`.
-pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<Streamed, String> {
+pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<Streamed> {
     let program = |c: &Command| c.get_program().to_string_lossy().into_owned();
     let (producer_name, consumer_name) = (program(&producer), program(&consumer));
     // Readable by its owner alone from the first byte, and never a file found there.
@@ -32,20 +33,20 @@ pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<
         .create_new(true)
         .mode(0o600)
         .open(file)
-        .map_err(|e| format!("cannot create {}: {e}", file.display()))?;
+        .map_err(Error::io("create", file))?;
     let mut sink = consumer
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {consumer_name}: {e}"))?;
+        .map_err(Error::spawn(&consumer_name))?;
     let sink_stderr = drain(&mut sink);
     let mut source = match producer.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
         Ok(child) => child,
         Err(e) => {
             let _ = sink.kill();
             let _ = sink.wait();
-            return Err(format!("cannot run {producer_name}: {e}"));
+            return Err(Error::spawn(&producer_name)(e));
         }
     };
     let source_stderr = drain(&mut source);
@@ -79,8 +80,8 @@ pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<
         let _ = source.kill();
     }
     drop(input);
-    let source_status = source.wait().map_err(|e| format!("{producer_name}: {e}"))?;
-    let sink_status = sink.wait().map_err(|e| format!("{consumer_name}: {e}"))?;
+    let source_status = source.wait().map_err(Error::spawn(&producer_name))?;
+    let sink_status = sink.wait().map_err(Error::spawn(&consumer_name))?;
     let failure = |name: &str, status: ExitStatus, stderr: Option<JoinHandle<String>>| {
         let text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         (!status.success()).then(|| format!("{name} failed ({status}): {}", last_lines(&text, 5)))
@@ -180,6 +181,6 @@ mod tests {
         let dir = Scratch::new("missing");
         let file = dir.file();
         let e = tee(Command::new("/nonexistent/pg_dump"), sh("cat >/dev/null"), &file).expect_err("no such program");
-        assert!(e.contains("/nonexistent/pg_dump"), "{e}");
+        assert!(e.to_string().contains("/nonexistent/pg_dump"), "{e}");
     }
 }

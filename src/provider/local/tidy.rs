@@ -67,7 +67,7 @@ impl LocalProvider {
                         port: 0,
                         run_as: self.run_as,
                     };
-                    orphan.stop().map_err(ProviderError::Failed)?;
+                    orphan.stop()?;
                 }
                 tracing::warn!(server = %id, "removing a server that no record names (left by a crash)");
                 std::fs::remove_dir_all(e.path()).map_err(|err| io_err("remove", &e.path(), err))?;
@@ -102,13 +102,13 @@ impl LocalProvider {
                 let ours = |kind: &str, table: &str, column: &str| -> Result<Vec<String>> {
                     let sql = format!("SELECT {column} FROM {table} WHERE {column} LIKE 'pgconverge\\_%'");
                     let db = if kind == "slot" { "postgres" } else { APP_DB };
-                    Ok(server.sql(db, &sql).map_err(ProviderError::Failed)?.lines().map(str::to_owned).collect())
+                    Ok(server.sql(db, &sql)?.lines().map(str::to_owned).collect())
                 };
                 let own_name = logical::name(&meta.service.id);
                 for sub in ours("subscription", "pg_subscription", "subname")? {
                     if !streaming.iter().any(|(n, _)| *n == sub && *n == own_name) {
                         tracing::warn!(server = %meta.service.id, subscription = %sub, "dropping a subscription left behind");
-                        logical::drop_replication(None, Some(&server), &sub).map_err(ProviderError::Failed)?;
+                        logical::drop_replication(None, Some(&server), &sub)?;
                     }
                 }
                 let feeds = |n: &String| streaming.iter().any(|(s, from)| s == n && *from == meta.service.id);
@@ -118,7 +118,7 @@ impl LocalProvider {
                 left.dedup();
                 for name in left.iter().filter(|n| !feeds(n)) {
                     tracing::warn!(server = %meta.service.id, slot = %name, "dropping a replication slot left behind");
-                    logical::drop_replication(Some(&server), None, name).map_err(ProviderError::Failed)?;
+                    logical::drop_replication(Some(&server), None, name)?;
                 }
             }
         }
