@@ -26,6 +26,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use pgconverge::provider::divio::types;
 use serde_json::{json, Value};
 
 #[derive(Clone, Debug)]
@@ -442,26 +443,33 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
         (Method::GET, "iam", ["me"]) => answer(StatusCode::OK, json!({"uuid": "me", "email": "me@example.com"})),
         (Method::GET, "apps", ["applications"]) => {
             let items = if query.get("slug") == Some(&w.app.1) {
-                vec![json!({"uuid": w.app.0, "slug": w.app.1, "name": "Shop", "organisation": "org"})]
+                vec![typed(
+                    types::Application { uuid: w.app.0.clone(), slug: w.app.1.clone() },
+                    json!({"name": "Shop", "organisation": "org"}),
+                )]
             } else {
                 vec![]
             };
             page(&w, &uri, &query, items)
         }
         (Method::GET, "apps", ["environments"]) if query.get("application") == Some(&w.app.0) => {
-            let items =
-                w.envs.iter().map(|(u, s)| json!({"uuid": u, "slug": s, "last_finished_deployment": null})).collect();
+            let env = |(uuid, slug): &(String, String)| types::Environment { uuid: uuid.clone(), slug: slug.clone() };
+            let items = w.envs.iter().map(|e| typed(env(e), json!({"last_finished_deployment": null}))).collect();
             page(&w, &uri, &query, items)
         }
         (Method::GET, "apps", ["regions"]) => {
-            let items = w.regions.iter().map(|r| json!({"uuid": r, "name": "Europe"})).collect();
+            let items =
+                w.regions.iter().map(|r| typed(types::Region { uuid: r.clone() }, json!({"name": "Europe"}))).collect();
             page(&w, &uri, &query, items)
         }
         (Method::GET, "apps", ["services"]) if query.get("website") == Some(&w.app.0) => {
             let items = w
                 .catalogue
                 .iter()
-                .map(|(u, n, i)| json!({"uuid": u, "name": n, "identifier": i, "type": "DATABASE", "description": ""}))
+                .map(|(u, n, i)| {
+                    let entry = types::CatalogueEntry { uuid: u.clone(), name: n.clone(), identifier: i.clone() };
+                    typed(entry, json!({"type": "DATABASE", "description": ""}))
+                })
                 .collect();
             page(&w, &uri, &query, items)
         }
@@ -497,7 +505,7 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
             }
             let job = w.job();
             w.backups.insert(uuid.clone(), Backup { env, parts, notes, job });
-            answer(StatusCode::CREATED, json!({"uuid": uuid}))
+            created(&uuid)
         }
         (Method::GET, "apps", ["backups"]) => {
             let env = query.get("environment").cloned().unwrap_or_default();
@@ -511,11 +519,12 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
             answer(StatusCode::OK, backup_json(&uuid, b))
         }
         (Method::GET, "apps", ["service-instance-backups", uuid]) => match w.instance_backups.get(*uuid) {
-            Some(p) => answer(
-                StatusCode::OK,
-                json!({"uuid": uuid, "backup": p.backup, "service_instance": p.instance, "size": 1000 * p.rows.len(),
-                       "service_type": "DATABASE", "errors": null}),
-            ),
+            Some(p) => {
+                let part =
+                    types::InstanceBackup { service_instance: p.instance.clone(), size: 1000 * p.rows.len() as u64 };
+                let extra = json!({"uuid": uuid, "backup": p.backup, "service_type": "DATABASE", "errors": null});
+                answer(StatusCode::OK, typed(part, extra))
+            }
             None => not_found(),
         },
         (Method::POST, "apps", ["backup-restores"]) => {
@@ -536,7 +545,7 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
             let notes = body["notes"].as_str().unwrap_or_default().to_owned();
             w.restores
                 .insert(uuid.clone(), Restore { backup: part.backup, target, rows: part.rows, notes, fails, job });
-            answer(StatusCode::CREATED, json!({"uuid": uuid}))
+            created(&uuid)
         }
         (Method::GET, "apps", ["backup-restores"]) => {
             let backup = query.get("backup").cloned().unwrap_or_default();
@@ -594,7 +603,7 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
                 seq,
                 ended_seq: None,
             });
-            answer(StatusCode::CREATED, json!({"uuid": uuid}))
+            created(&uuid)
         }
         (Method::GET, "apps", ["deployments", uuid]) => {
             let Some(at) = w.deployments.iter().position(|d| d.uuid == *uuid) else { return not_found() };
@@ -612,30 +621,62 @@ fn respond(world: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: B
     }
 }
 
+/// An answer written with the provider's own type, plus the fields the provider does not
+/// read (`extra`, an object).
+fn typed<T: serde::Serialize>(t: T, extra: Value) -> Value {
+    let mut v = serde_json::to_value(t).expect("answer");
+    if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), extra) {
+        v.extend(extra);
+    }
+    v
+}
+
+fn created(uuid: &str) -> Response {
+    answer(StatusCode::CREATED, typed(types::Created { uuid: uuid.to_owned() }, json!({})))
+}
+
+const FINISHED_AT: &str = "2026-11-25T12:00:00Z";
+
 fn instance_json(i: &Instance) -> Value {
-    json!({"uuid": i.uuid, "prefix": i.prefix, "type": i.kind, "service_status": i.status, "region": i.region,
-           "service": i.service, "environment": i.env})
+    let instance = types::ServiceInstance {
+        uuid: i.uuid.clone(),
+        prefix: i.prefix.clone(),
+        kind: i.kind.clone(),
+        service_status: i.status.clone(),
+        region: i.region.clone(),
+        service: i.service.clone(),
+    };
+    typed(instance, json!({"environment": i.env}))
 }
 
 fn backup_json(uuid: &str, b: &Backup) -> Value {
-    let state = if b.job.done { "COMPLETED" } else { "WORKING" };
-    let success = if b.job.done { json!("SUCCESS") } else { Value::Null };
-    json!({"uuid": uuid, "state": state, "success": success, "service_instance_backups": b.parts, "notes": b.notes})
+    let backup = types::Backup {
+        uuid: uuid.to_owned(),
+        state: Some(if b.job.done { "COMPLETED" } else { "WORKING" }.into()),
+        success: b.job.done.then(|| types::Success::Word("SUCCESS".into())),
+        service_instance_backups: b.parts.iter().cloned().map(types::Part::Uuid).collect(),
+        notes: Some(b.notes.clone()),
+    };
+    typed(backup, json!({}))
 }
 
 fn restore_json(uuid: &str, r: &Restore) -> Value {
-    let finished = if r.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
-    let success = match (r.job.done, r.fails) {
-        (false, _) => Value::Null,
-        (true, false) => json!("SUCCESS"),
-        (true, true) => json!("FAILURE"),
+    let restore = types::Restore {
+        uuid: uuid.to_owned(),
+        finished: r.job.done.then(|| FINISHED_AT.into()),
+        success: r.job.done.then(|| types::Success::Word(if r.fails { "FAILURE" } else { "SUCCESS" }.into())),
+        notes: Some(r.notes.clone()),
     };
-    json!({"uuid": uuid, "backup": r.backup, "finished": finished, "success": success, "notes": r.notes})
+    typed(restore, json!({"backup": r.backup}))
 }
 
 fn deployment_json(d: &Deployment) -> Value {
-    let ended = if d.job.done { json!("2026-11-25T12:00:00Z") } else { Value::Null };
-    json!({"uuid": d.uuid, "environment": d.env, "ended_at": ended, "success": if d.job.done { json!(true) } else { Value::Null }})
+    let deployment = types::Deployment {
+        uuid: d.uuid.clone(),
+        ended_at: d.job.done.then(|| FINISHED_AT.into()),
+        success: d.job.done.then_some(types::Success::Flag(true)),
+    };
+    typed(deployment, json!({"environment": d.env}))
 }
 
 /// One page of `items`, with an absolute `next` link while more remain.
@@ -667,7 +708,7 @@ fn add_instance(w: &mut World, body: &Value) -> Response {
     if let Some(i) = w.instances.iter_mut().find(|i| i.uuid == uuid) {
         i.created = true;
     }
-    answer(StatusCode::CREATED, json!({"uuid": uuid}))
+    created(&uuid)
 }
 
 fn instance_action(w: &mut World, method: Method, uuid: &str, rest: &[&str], body: &Value) -> Response {

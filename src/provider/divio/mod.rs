@@ -20,6 +20,7 @@
 
 mod api;
 pub mod decide;
+pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ use serde_json::{json, Value};
 pub use decide::*;
 
 use self::api::{Api, ApiError};
+use self::types::{answer, answers, Created, Operation, ServiceInstance, Success};
 use super::{Backup, Provider, ProviderError, Result};
 use crate::config::{DesiredEnv, DivioConfig, Verify};
 use crate::model::{Data, EnvLive, EnvName, Live, Major, Prefix, Service, ServiceId, Status, FORMAT_VERSION};
@@ -117,12 +119,6 @@ fn api_err(e: ApiError) -> ProviderError {
         )),
         _ => ProviderError::Failed(format!("Divio API: {e}")),
     }
-}
-
-fn text(v: &Value, key: &str) -> Result<String> {
-    v.get(key)
-        .and_then(|x| x.as_str().map(str::to_owned).or_else(|| x.as_u64().map(|n| n.to_string())))
-        .ok_or_else(|| ProviderError::Inconsistent(format!("the Divio API's answer has no `{key}`")))
 }
 
 /// Looks like a uuid: an application named by uuid needs no lookup.
@@ -239,10 +235,10 @@ impl DivioProvider {
             self.application.clone()
         } else {
             let found = self.api.list(&format!("{V3}/applications/?slug={}", self.application)).map_err(api_err)?;
-            let found: Vec<&Value> =
-                found.iter().filter(|a| a.get("slug").and_then(Value::as_str) == Some(&self.application)).collect();
+            let found: Vec<types::Application> = answers(found, "an application")?;
+            let found: Vec<&types::Application> = found.iter().filter(|a| a.slug == self.application).collect();
             match found.as_slice() {
-                [one] => text(one, "uuid")?,
+                [one] => one.uuid.clone(),
                 [] => return Err(failed(format!("no application `{}` is visible to this token", self.application))),
                 _ => {
                     return Err(failed(format!(
@@ -253,9 +249,9 @@ impl DivioProvider {
             }
         };
         let envs = self.api.list(&format!("{V3}/environments/?application={uuid}")).map_err(api_err)?;
-        for e in &envs {
-            if let Ok(name) = EnvName::parse(&text(e, "slug")?) {
-                self.env_uuids.insert(name, text(e, "uuid")?);
+        for e in answers::<types::Environment>(envs, "an environment")? {
+            if let Ok(name) = EnvName::parse(&e.slug) {
+                self.env_uuids.insert(name, e.uuid);
             }
         }
         if let Some(missing) = self.envs.iter().find(|d| !self.env_uuids.contains_key(&d.name)) {
@@ -281,10 +277,8 @@ impl DivioProvider {
         let todo: Vec<String> = regions.into_iter().filter(|r| !self.regions_listed.contains(r)).collect();
         let paths = todo.iter().map(|r| format!("{V3}/services/?region={r}&website={app}")).collect();
         for (region, entries) in todo.iter().zip(self.api.list_all(paths).map_err(api_err)?) {
-            for e in entries {
-                let (identifier, name) =
-                    (text(&e, "identifier").unwrap_or_default(), text(&e, "name").unwrap_or_default());
-                self.catalogue.insert(text(&e, "uuid")?, (postgres_major(&identifier, &name), name));
+            for e in answers::<types::CatalogueEntry>(entries, "a catalogue entry")? {
+                self.catalogue.insert(e.uuid, (postgres_major(&e.identifier, &e.name), e.name));
             }
             self.regions_listed.insert(region.clone());
         }
@@ -361,14 +355,13 @@ impl DivioProvider {
 
     /// Gets the long operation at `path` every `poll` until `done` says it has ended, for
     /// at most `wait`, saying what it waits `for_what` meanwhile; returns its last state.
-    fn wait_for(&self, for_what: &str, path: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
+    fn wait_for<T: Operation>(&self, for_what: &str, path: &str, done: impl Fn(&T) -> bool) -> Result<T> {
         poll_until(self.wait, self.poll, || {
-            let state = self.api.get(path).map_err(api_err)?;
+            let state: T = answer(self.api.get(path).map_err(api_err)?, path)?;
             if done(&state) {
                 return Ok(Ok(state));
             }
-            let seen = text(&state, "state").unwrap_or_else(|_| "running".into());
-            Ok(Err((for_what.to_owned(), seen)))
+            Ok(Err((for_what.to_owned(), state.state())))
         })
         .unwrap_or_else(|(what, seen, waited)| Err(gave_up(&what, &seen, waited)))
     }
@@ -421,7 +414,7 @@ impl DivioProvider {
         &self,
         id: &ServiceId,
         send: impl Fn() -> std::result::Result<Value, ApiError>,
-        done: impl Fn(&Value) -> bool,
+        done: impl Fn(&ServiceInstance) -> bool,
     ) -> std::result::Result<Value, ApiError> {
         let mut attempt = 0;
         loop {
@@ -429,7 +422,7 @@ impl DivioProvider {
             match send() {
                 Err(e) if e.lost() || e.code() == Some(400) => {
                     let now = self.api.get(&Self::instance_path(id))?;
-                    if done(&now) {
+                    if answer::<ServiceInstance>(now.clone(), "an instance").is_ok_and(|i| done(&i)) {
                         return Ok(now);
                     }
                     if !e.lost() || attempt >= MAX_ATTEMPTS {
@@ -462,12 +455,12 @@ impl DivioProvider {
             paths.push(format!("{V3}/environment-variables/?environment={}", self.env_uuid(&d.name)?));
         }
         let listed = self.api.list_all(paths).map_err(api_err)?;
-        let names = |vars: Vec<Value>| -> BTreeSet<String> {
-            vars.iter()
-                .filter_map(|v| v.get("name")?.as_str()?.strip_suffix("_DATABASE_DSN").map(str::to_owned))
-                .collect()
+        let names = |vars: Vec<Value>| -> Result<BTreeSet<String>> {
+            let vars: Vec<types::Variable> = answers(vars, "an environment variable")?;
+            Ok(vars.into_iter().filter_map(|v| v.name.strip_suffix("_DATABASE_DSN").map(str::to_owned)).collect())
         };
-        Ok(self.envs.iter().map(|d| d.name.clone()).zip(listed.into_iter().map(names)).collect())
+        let names = listed.into_iter().map(names).collect::<Result<Vec<_>>>()?;
+        Ok(self.envs.iter().map(|d| d.name.clone()).zip(names).collect())
     }
 
     fn instance_path(id: &ServiceId) -> String {
@@ -530,8 +523,8 @@ fn gave_up(what: &str, seen: &str, waited: Duration) -> ProviderError {
 }
 
 /// The status of an instance as `GET …/service-instances/<uuid>/` gives it.
-fn instance_status(instance: &Value) -> Option<Seen> {
-    status(instance.get("service_status")?.as_str()?)
+fn instance_status(instance: &ServiceInstance) -> Option<Seen> {
+    status(&instance.service_status)
 }
 
 /// Names one run in the notes of what it creates: unique enough that two runs never share
@@ -539,20 +532,6 @@ fn instance_status(instance: &Value) -> Option<Seen> {
 fn run_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("{:x}-{:x}", nanos as u64, std::process::id())
-}
-
-/// A field read as a success word (`"SUCCESS"`) or a bool.
-fn succeeded(v: &Value) -> bool {
-    match v.get("success") {
-        Some(Value::Bool(b)) => *b,
-        Some(Value::String(s)) => s.eq_ignore_ascii_case("SUCCESS"),
-        _ => false,
-    }
-}
-
-/// Set and neither null nor false: a timestamp or `true`.
-fn is_set(v: &Value, key: &str) -> bool {
-    !matches!(v.get(key), None | Some(Value::Null) | Some(Value::Bool(false)))
 }
 
 impl Provider for DivioProvider {
@@ -653,7 +632,9 @@ impl Provider for DivioProvider {
             paths.push(format!("{V3}/service-instances/?environment={}", self.env_uuid(name)?));
         }
         let listed = self.api.list_all(paths).map_err(api_err)?;
-        let regions = listed.iter().flatten().filter_map(|i| text(i, "region").ok()).collect();
+        let listed: Vec<Vec<ServiceInstance>> =
+            listed.into_iter().map(|l| answers(l, "a service instance")).collect::<Result<_>>()?;
+        let regions = listed.iter().flatten().map(|i| i.region.clone()).filter(|r| !r.is_empty()).collect();
         self.list_catalogues(regions)?;
         let dsns = if self.vars_read { None } else { Some(self.dsn_names()?) };
         self.vars_read = true;
@@ -664,20 +645,19 @@ impl Provider for DivioProvider {
             let env = &desired.name;
             let mut found = Vec::new();
             for item in items {
-                let uuid = text(item, "uuid")?;
-                let word = text(item, "service_status")?;
-                let seen = status(&word).ok_or_else(|| {
+                let (uuid, word) = (&item.uuid, &item.service_status);
+                let seen = status(word).ok_or_else(|| {
                     ProviderError::Inconsistent(format!(
                         "service instance {uuid} in {env} has status `{word}`, which this version of pgconverge \
                          does not know; nothing was done"
                     ))
                 })?;
                 let Some(status) = seen.for_rules() else { continue }; // removed
-                if !text(item, "type").unwrap_or_default().eq_ignore_ascii_case("DATABASE") {
+                if !item.is_database() {
                     continue;
                 }
-                let service = text(item, "service")?;
-                let Some((major, _)) = self.catalogue.get(&service) else {
+                let service = &item.service;
+                let Some((major, _)) = self.catalogue.get(service) else {
                     return Err(ProviderError::Inconsistent(format!(
                         "service instance {uuid} in {env} uses catalogue entry {service}, which its region's catalogue does not list"
                     )));
@@ -685,22 +665,20 @@ impl Provider for DivioProvider {
                 let Some(major) = *major else { continue }; // another engine
                 let bad = |m: String| ProviderError::Inconsistent(format!("service instance {uuid} in {env}: {m}"));
                 let service = Service {
-                    id: ServiceId::observed(&uuid).map_err(bad)?,
+                    id: ServiceId::observed(uuid).map_err(bad)?,
                     version: Major::new(major).map_err(bad)?,
-                    prefix: Prefix::parse(&text(item, "prefix")?).map_err(bad)?,
+                    prefix: Prefix::parse(&item.prefix).map_err(bad)?,
                     status,
                     fenced: false,
                     data: None,
                 };
-                found.push((service, text(item, "region").unwrap_or_default(), seen, word));
+                found.push((service, item.region.clone(), seen, word.clone()));
             }
             if let Some(dsns) = dsns.as_ref().and_then(|d| d.get(env)) {
                 let visible = items.iter().filter(|i| {
-                    text(i, "type").is_ok_and(|t| t.eq_ignore_ascii_case("DATABASE"))
-                        && text(i, "service_status")
-                            .is_ok_and(|w| status(&w).and_then(Seen::for_rules).is_some_and(Status::visible))
+                    i.is_database() && status(&i.service_status).and_then(Seen::for_rules).is_some_and(Status::visible)
                 });
-                let seen: BTreeSet<String> = visible.filter_map(|i| text(i, "prefix").ok()).collect();
+                let seen: BTreeSet<String> = visible.map(|i| i.prefix.clone()).collect();
                 warn_undeployed(env, &seen, dsns);
             }
             let visible: Vec<&Prefix> =
@@ -745,9 +723,10 @@ impl Provider for DivioProvider {
         let region = match Vec::from_iter(regions).as_slice() {
             [one] => one.to_string(),
             [] => {
-                let all = self.api.list(&format!("{V3}/regions/")).map_err(api_err)?;
+                let all: Vec<types::Region> =
+                    answers(self.api.list(&format!("{V3}/regions/")).map_err(api_err)?, "a region")?;
                 match all.as_slice() {
-                    [one] => text(one, "uuid")?,
+                    [one] => one.uuid.clone(),
                     _ => return Err(failed(format!("environment {env} has no database yet, so its region is unknown: add one in the Control Panel first"))),
                 }
             }
@@ -776,14 +755,17 @@ impl Provider for DivioProvider {
         let find = |p: &Self| -> Result<Option<Value>> {
             let listed = p.api.list(&format!("{V3}/service-instances/?environment={env_uuid}")).map_err(api_err)?;
             Ok(listed.into_iter().find(|i| {
-                text(i, "prefix").is_ok_and(|x| x == prefix.as_str())
-                    && text(i, "service").is_ok_and(|x| x == service)
-                    && text(i, "service_status").ok().and_then(|w| status(&w)).is_some_and(|s| s != Seen::Removed)
+                answer::<ServiceInstance>(i.clone(), "a service instance").is_ok_and(|i| {
+                    i.prefix == prefix.as_str()
+                        && i.service == service
+                        && status(&i.service_status).is_some_and(|s| s != Seen::Removed)
+                })
             }))
         };
         let created =
             self.create(&format!("the instance {prefix}"), &format!("{V3}/service-instances/"), body, find)?;
-        let id = ServiceId::observed(&text(&created, "uuid")?).map_err(ProviderError::Inconsistent)?;
+        let created: Created = answer(created, "the new instance")?;
+        let id = ServiceId::observed(&created.uuid).map_err(ProviderError::Inconsistent)?;
         self.moving = Some(Moving::These(vec![id.clone()]));
         Ok(id)
     }
@@ -832,28 +814,20 @@ impl Provider for DivioProvider {
         let find = |p: &Self| p.find_by_notes(&format!("{V3}/backups/?environment={}", p.env_uuid(env)?), &body);
         let created =
             self.create(&format!("the backup of {}", service.prefix), &format!("{V3}/backups/"), body.clone(), find)?;
-        let uuid = text(&created, "uuid")?;
+        let uuid = answer::<Created>(created, "the new backup")?.uuid;
         let what = format!("the backup of {} ({uuid}) to complete", service.prefix);
-        let done = self.wait_for(&what, &format!("{V3}/backups/{uuid}/"), |b| {
-            b.get("state").and_then(Value::as_str).is_some_and(|s| s.eq_ignore_ascii_case("COMPLETED"))
+        let done: types::Backup = self.wait_for(&what, &format!("{V3}/backups/{uuid}/"), |b: &types::Backup| {
+            b.state.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("COMPLETED"))
         })?;
-        if !succeeded(&done) {
-            return Err(failed(format!(
-                "backup {uuid} of {} ended with success = {}",
-                service.prefix,
-                done.get("success").unwrap_or(&Value::Null)
-            )));
+        if !Success::ok(&done.success) {
+            return Err(failed(format!("backup {uuid} of {} ended with success = {:?}", service.prefix, done.success)));
         }
-        let parts: Vec<String> = done
-            .get("service_instance_backups")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_owned).or_else(|| text(p, "uuid").ok())).collect())
-            .unwrap_or_default();
         let mut found = None;
-        for part in parts {
-            let sib = self.api.get(&format!("{V3}/service-instance-backups/{part}/")).map_err(api_err)?;
-            if text(&sib, "service_instance").ok().as_deref() == Some(id.as_str()) {
-                found = Some((part, sib.get("size").and_then(Value::as_u64).unwrap_or(0)));
+        for part in done.service_instance_backups.iter().map(types::Part::uuid) {
+            let path = format!("{V3}/service-instance-backups/{part}/");
+            let sib: types::InstanceBackup = answer(self.api.get(&path).map_err(api_err)?, &path)?;
+            if sib.service_instance == id.as_str() {
+                found = Some((part.to_owned(), sib.size));
             }
         }
         let (instance_backup, size) = found.ok_or_else(|| failed(format!("backup {uuid} holds no backup of {id}")))?;
@@ -872,17 +846,16 @@ impl Provider for DivioProvider {
         let find = |p: &Self| p.find_by_notes(&format!("{V3}/backup-restores/?backup={backup_uuid}"), &body);
         let created =
             self.create(&format!("the restore into {id}"), &format!("{V3}/backup-restores/"), body.clone(), find)?;
-        let uuid = text(&created, "uuid")?;
+        let uuid = answer::<Created>(created, "the new restore")?.uuid;
         let what = format!("the restore of {}'s backup into {id} ({uuid}) to finish", backup.of);
-        let done = self.wait_for(&what, &format!("{V3}/backup-restores/{uuid}/"), |r| is_set(r, "finished"))?;
-        if !succeeded(&done) {
-            return Err(failed(format!(
-                "restore {uuid} into {id} ended with success = {}",
-                done.get("success").unwrap_or(&Value::Null)
-            )));
+        let done: types::Restore =
+            self.wait_for(&what, &format!("{V3}/backup-restores/{uuid}/"), |r: &types::Restore| r.finished.is_some())?;
+        if !Success::ok(&done.success) {
+            return Err(failed(format!("restore {uuid} into {id} ended with success = {:?}", done.success)));
         }
-        let size = self.api.get(&format!("{V3}/service-instance-backups/{instance_backup}/")).map_err(api_err)?;
-        Ok(size.get("size").and_then(Value::as_u64).unwrap_or(0))
+        let path = format!("{V3}/service-instance-backups/{instance_backup}/");
+        let part: types::InstanceBackup = answer(self.api.get(&path).map_err(api_err)?, &path)?;
+        Ok(part.size)
     }
 
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
@@ -911,11 +884,7 @@ impl Provider for DivioProvider {
         let from = self.instance(id)?.service.prefix.clone();
         self.moving = Some(Moving::These(vec![id.clone()]));
         let path = Self::instance_path(id);
-        let r = self.change(
-            id,
-            || self.api.patch(&path, json!({"prefix": to.as_str()})),
-            |i| text(i, "prefix").is_ok_and(|p| p == to.as_str()),
-        );
+        let r = self.change(id, || self.api.patch(&path, json!({"prefix": to.as_str()})), |i| i.prefix == to.as_str());
         self.unconfirmed(r, env, Manual::Rename { from: from.as_str(), to: to.as_str() })
     }
 
@@ -934,24 +903,25 @@ impl Provider for DivioProvider {
     fn deploy(&mut self, env: &EnvName) -> Result<()> {
         let env_uuid = self.env_uuid(env)?;
         let listing = format!("{V3}/deployments/?environment={env_uuid}");
-        let running = self.api.list(&listing).map_err(api_err)?;
+        let deployments = |p: &Self| -> Result<Vec<types::Deployment>> {
+            answers(p.api.list(&listing).map_err(api_err)?, "a deployment")
+        };
+        let running = deployments(self)?;
         // A deployment already under way started before this apply's changes: it is waited
         // for, then a new one carries them.
-        let mut before: BTreeSet<String> = running.iter().filter_map(|d| text(d, "uuid").ok()).collect();
-        if let Some(busy) = running.iter().find(|d| !is_set(d, "ended_at")) {
-            let uuid = text(busy, "uuid")?;
-            let path = format!("{V3}/deployments/{uuid}/");
-            self.wait_for(&format!("the deployment already running ({uuid}) to end"), &path, |d| {
-                is_set(d, "ended_at")
-            })?;
-            before = self.api.list(&listing).map_err(api_err)?.iter().filter_map(|d| text(d, "uuid").ok()).collect();
+        let mut before: BTreeSet<String> = running.iter().map(|d| d.uuid.clone()).collect();
+        if let Some(busy) = running.iter().find(|d| d.ended_at.is_none()) {
+            let path = format!("{V3}/deployments/{}/", busy.uuid);
+            let what = format!("the deployment already running ({}) to end", busy.uuid);
+            self.wait_for(&what, &path, |d: &types::Deployment| d.ended_at.is_some())?;
+            before = deployments(self)?.into_iter().map(|d| d.uuid).collect();
         }
         self.moving = Some(Moving::All);
         // Any deployment that started after this one was asked for carries the changes
         // made before it: one of them, found after a lost answer, is as good as this one.
         let find = |p: &Self| -> Result<Option<Value>> {
-            let now = p.api.list(&listing).map_err(api_err)?;
-            Ok(now.into_iter().find(|d| text(d, "uuid").is_ok_and(|u| !before.contains(&u))))
+            let new = deployments(p)?.into_iter().find(|d| !before.contains(&d.uuid));
+            Ok(new.map(|d| json!({"uuid": d.uuid})))
         };
         let created = self.create(
             &format!("the deployment of {env}"),
@@ -959,11 +929,11 @@ impl Provider for DivioProvider {
             json!({"environment": env_uuid}),
             find,
         )?;
-        let uuid = text(&created, "uuid")?;
+        let uuid = answer::<Created>(created, "the new deployment")?.uuid;
         let path = format!("{V3}/deployments/{uuid}/");
-        let done =
-            self.wait_for(&format!("the deployment of {env} ({uuid}) to end"), &path, |d| is_set(d, "ended_at"))?;
-        if !succeeded(&done) {
+        let what = format!("the deployment of {env} ({uuid}) to end");
+        let done: types::Deployment = self.wait_for(&what, &path, |d: &types::Deployment| d.ended_at.is_some())?;
+        if !Success::ok(&done.success) {
             return Err(failed(format!("deployment {uuid} of {env} failed; its log is in the Control Panel")));
         }
         // The application now uses the copies: the fences on what it left may be lifted
@@ -1023,12 +993,8 @@ mod tests {
     }
 
     #[test]
-    fn uuids_and_answers_are_read_as_the_api_writes_them() {
+    fn applications_named_by_uuid_need_no_lookup() {
         assert!(is_uuid("00000000-0000-4000-a000-000000000001"));
         assert!(!is_uuid("my-app") && !is_uuid("00000000-0000-4000-a000-00000000000g"));
-        assert!(succeeded(&json!({"success": "SUCCESS"})) && succeeded(&json!({"success": true})));
-        assert!(!succeeded(&json!({"success": "PARTIAL"})) && !succeeded(&json!({"success": null})));
-        assert!(is_set(&json!({"ended_at": "2026-11-25T12:00:00Z"}), "ended_at"));
-        assert!(!is_set(&json!({"ended_at": null}), "ended_at") && !is_set(&json!({}), "finished"));
     }
 }
