@@ -544,15 +544,16 @@ pub fn utc(secs: u64) -> String {
 mod tests {
     use super::*;
 
-    fn root(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("pgconverge-lock-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    /// A directory of its own for the lock (removed with the guard), and the root in it.
+    fn root(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new().prefix(&format!("pgconverge-lock-{name}-")).tempdir().expect("dir");
+        let root = dir.path().join("root");
+        (dir, root)
     }
 
     #[test]
     fn racers_for_a_stale_lock_never_both_win() {
-        let root = root("race");
+        let (_dir, root) = root("race");
         for round in 0..50 {
             std::fs::create_dir_all(&root).expect("root");
             // Left by a holder that is gone, in the old format and the new.
@@ -577,12 +578,11 @@ mod tests {
             assert_eq!(winners, 1, "round {round}");
             assert!(!root.join("lock").exists(), "released: the file is gone");
         }
-        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
     fn a_held_lock_names_its_holder_and_can_be_waited_for() {
-        let root = root("wait");
+        let (_dir, root) = root("wait");
         let held = Lock::acquire(&root, Duration::ZERO).expect("first");
         let refused = Lock::acquire(&root, Duration::ZERO).expect_err("second");
         let text = refused.to_string();
@@ -597,7 +597,6 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(400), "it waited for the holder");
         releaser.join().expect("releaser");
         drop(waited);
-        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{ensure_postgres, env_file, pgconverge, psql, scratch, Servers};
 
@@ -115,11 +115,19 @@ fn assert_not_escalated(dir: &Path, pwned: &Path) {
     assert_eq!(restorer, "0", "the restore role does not outlive the restore");
 }
 
+/// Where an escalated server would leave its mark: a file in a directory of this test's
+/// own that the servers' OS user could write to (mode 0777), removed with its guard.
+fn pwned_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix(&format!("pgconverge-{name}-pwned-")).tempdir().expect("dir");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("mode");
+    let path = dir.path().join("pwned");
+    (dir, path)
+}
+
 fn escalation_attempt(name: &str, strategy: &str) {
     let dir = scratch(name);
     let _servers = Servers(dir.join(".pgconverge"));
-    let pwned = std::env::temp_dir().join(format!("pgconverge-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&pwned);
+    let (_pwned_dir, pwned) = pwned_path(name);
     let with = |major: u32| {
         format!(
             "version: 1\nupgrade: {{strategy: {strategy}, verify: checksums}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
@@ -301,8 +309,7 @@ fn modes_are_explicit_whatever_the_umask_and_no_symlink_is_followed() {
 /// root that belongs to someone else, not with SQL in its password.
 #[test]
 fn a_planted_secrets_file_is_refused_and_never_reaches_sql() {
-    let pwned = std::env::temp_dir().join(format!("pgconverge-holes-secrets-{}", std::process::id()));
-    let _ = std::fs::remove_file(&pwned);
+    let (_pwned_dir, pwned) = pwned_path("holes_secrets");
     let planted = format!(
         "{{\"role\": \"app\", \"password\": \"x' SUPERUSER; COPY (SELECT 1) TO PROGRAM 'id > {}'; --\"}}",
         pwned.display()

@@ -36,7 +36,7 @@ fn servers_of_both_majors_start_answer_and_stop() {
     let base = scratch("local_servers");
     for major in [15, 17] {
         let dir = base.join(major.to_string());
-        let server = server::Server {
+        let mut server = server::Server {
             bin: binaries::find(major, &[]).expect("binaries"),
             data_dir: dir.join("data"),
             socket_dir: dir.join("run"),
@@ -45,7 +45,7 @@ fn servers_of_both_majors_start_answer_and_stop() {
             run_as,
         };
         server.init().expect("initdb");
-        server.start().expect("start");
+        common::start_on_a_free_port(&mut server);
         assert!(server.is_running());
         let v = server.sql("postgres", "SHOW server_version_num").expect("sql");
         assert_eq!(v.parse::<u32>().expect("number") / 10000, major);

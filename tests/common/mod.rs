@@ -207,6 +207,21 @@ pub fn terminate(pid: u32) {
     assert!(status.success(), "kill -TERM {pid}");
 }
 
+/// Starts `server` on a port free now, and on another when that one was taken between the
+/// choice and the start (by a test running beside this one): a port found free is free
+/// only until someone binds it.
+pub fn start_on_a_free_port(server: &mut pgconverge::provider::local::server::Server) {
+    let mut tried = Vec::new();
+    for _ in 0..5 {
+        server.port = pgconverge::provider::local::server::free_port().expect("port");
+        match server.start() {
+            Ok(()) => return,
+            Err(e) => tried.push(format!("port {}: {e}", server.port)),
+        }
+    }
+    panic!("the server did not start on any of 5 ports: {}", tried.join("; "));
+}
+
 /// A PostgreSQL server for apply's state, as a team would give its CI runners: a role with
 /// a password over TCP. Stopped by the returned guard.
 pub fn state_database(dir: &Path) -> (Servers, String) {
@@ -214,7 +229,7 @@ pub fn state_database(dir: &Path) -> (Servers, String) {
     ensure_postgres();
     let root = dir.join("state-server");
     let guard = Servers(root.clone());
-    let server = server::Server {
+    let mut server = server::Server {
         bin: binaries::find(15, &[]).or_else(|_| binaries::find(17, &[])).expect("binaries"),
         data_dir: root.join("servers/state/data"),
         socket_dir: root.join("servers/state/run"),
@@ -225,7 +240,7 @@ pub fn state_database(dir: &Path) -> (Servers, String) {
     let _ = std::fs::create_dir_all(&root);
     let _ = std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755));
     server.init().expect("initdb");
-    server.start().expect("start");
+    start_on_a_free_port(&mut server);
     server.sql("postgres", "CREATE ROLE state LOGIN PASSWORD 'st-pa55word'").expect("role");
     server.sql("postgres", "CREATE DATABASE state OWNER state").expect("database");
     (guard, format!("postgres://state:st-pa55word@127.0.0.1:{}/state", server.port))

@@ -123,22 +123,14 @@ mod tests {
     }
 
     /// A file in a directory of its own, removed with it at the end of the test.
-    struct Scratch(std::path::PathBuf);
+    struct Scratch(tempfile::TempDir);
 
     impl Scratch {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("pgconverge-stream-{}-{name}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("scratch dir");
-            Scratch(dir)
+            Scratch(tempfile::Builder::new().prefix(&format!("pgconverge-stream-{name}-")).tempdir().expect("dir"))
         }
         fn file(&self) -> std::path::PathBuf {
-            self.0.join("out")
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path().join("out")
         }
     }
 
