@@ -520,7 +520,7 @@ pub fn lock_in(state: &crate::state::PgState, timeout: Duration) -> Result<Held,
     match state.lock(timeout, &holder().join(", ")) {
         Ok(lock) => Ok(Held::Postgres(lock)),
         Err(crate::state::LockRefused::Held(holder)) => Err(ProviderError::Locked { holder }),
-        Err(crate::state::LockRefused::Failed(why)) => Err(ProviderError::Failed(why)),
+        Err(crate::state::LockRefused::Failed(why)) => Err(why.into()),
     }
 }
 

@@ -223,13 +223,15 @@ fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<crate::ledger::
     match &config.state {
         Some(state) => {
             let db = provider_state(&state.postgres, provider.identity())?;
-            let ledger = match db.get("ledger").map_err(unreadable)? {
+            let ledger = match db.get("ledger").map_err(|e| Error::Provider(e.into()))? {
                 Some(text) => {
                     serde_json::from_str(&text).map_err(|e| unreadable(format!("the state database's ledger: {e}")))?
                 }
                 None => Ledger::default(),
             };
-            let save = move |l: &Ledger| db.put("ledger", &serde_json::to_string(l).map_err(|e| e.to_string())?);
+            let save = move |l: &Ledger| -> Result<(), crate::ledger::SaveError> {
+                Ok(db.put("ledger", &serde_json::to_string(l)?)?)
+            };
             Ok(Kept::new(ledger, Box::new(save)))
         }
         None => {
@@ -240,10 +242,10 @@ fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<crate::ledger::
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::default(),
                 Err(e) => return Err(unreadable(format!("cannot read {}: {e}", path.display()))),
             };
-            let save = move |l: &Ledger| {
-                let bytes = serde_json::to_vec_pretty(l).map_err(|e| e.to_string())?;
+            let save = move |l: &Ledger| -> Result<(), crate::ledger::SaveError> {
+                let bytes = serde_json::to_vec_pretty(l)?;
                 crate::atomic::write_atomically(&path, &bytes, 0o644)
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()).into())
             };
             Ok(Kept::new(ledger, Box::new(save)))
         }
@@ -252,7 +254,7 @@ fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<crate::ledger::
 
 /// The state database for `identity`, or why it cannot be used.
 fn provider_state(postgres: &config::PostgresState, identity: String) -> Result<crate::state::PgState, Error> {
-    crate::state::PgState::new(postgres, identity).map_err(|e| Error::Provider(ProviderError::Failed(e)))
+    crate::state::PgState::new(postgres, identity).map_err(|e| Error::Provider(e.into()))
 }
 
 /// Plans against the snapshot at `live`, or against what the provider observes.
@@ -425,7 +427,9 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             provider.recover()?;
             let mut ledger = ledger_of(&config, provider.as_ref())?;
             let mut live = provider.observe()?;
-            ledger.update(|l| l.prune(&live)).map_err(|e| Error::Provider(ProviderError::Failed(e)))?;
+            ledger
+                .update(|l| l.prune(&live))
+                .map_err(|e| Error::Provider(ProviderError::Failed(format!("cannot write the ledger: {e}"))))?;
             ledger.ledger.merge(&mut live);
             let live = live.settled();
             provider.recover_observed()?;

@@ -101,8 +101,11 @@ impl Ledger {
     }
 }
 
+/// Why a ledger could not be written where it is kept (the keeper's own error).
+pub type SaveError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Writes a ledger where it is kept.
-pub type Save = Box<dyn Fn(&Ledger) -> Result<(), String>>;
+pub type Save = Box<dyn Fn(&Ledger) -> Result<(), SaveError>>;
 
 /// A ledger and where it is kept: a file under root, or the state database.
 pub struct Kept {
@@ -122,7 +125,7 @@ impl Kept {
     }
 
     /// Changes the ledger and saves it, when `change` changed it.
-    pub fn update(&mut self, change: impl FnOnce(&mut Ledger)) -> Result<(), String> {
+    pub fn update(&mut self, change: impl FnOnce(&mut Ledger)) -> Result<(), SaveError> {
         let before = self.ledger.clone();
         change(&mut self.ledger);
         if self.ledger == before {

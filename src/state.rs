@@ -24,6 +24,28 @@ use crate::config::PostgresState;
 /// The version of the `pgconverge` schema this binary writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// What goes wrong with the state database. No variant holds the DSN or a part of it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `state.postgres` cannot be used as configured: the variable, the DSN's form, psql.
+    #[error("state.postgres: {0}")]
+    Setup(String),
+    /// psql could not be started or talked to.
+    #[error("the state database: psql: {0}")]
+    Psql(#[source] std::io::Error),
+    /// The database refused or failed what was asked: what it said.
+    #[error("the state database: {0}")]
+    Database(String),
+    /// Its schema was written by a newer pgconverge.
+    #[error(
+        "the state database's pgconverge schema is version {found}, newer than this pgconverge knows \
+         ({SCHEMA_VERSION}): a newer pgconverge uses it; upgrade pgconverge rather than let an older one write there"
+    )]
+    Newer { found: u32 },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
 /// A PostgreSQL database holding apply's state for one config identity.
 #[derive(Debug)]
 pub struct PgState {
@@ -45,12 +67,12 @@ impl std::fmt::Debug for Secret {
 impl PgState {
     /// `identity` names what is applied (e.g. the Divio application and its zone): one
     /// lock and one set of records per identity.
-    pub fn new(config: &PostgresState, identity: String) -> Result<PgState, String> {
+    pub fn new(config: &PostgresState, identity: String) -> Result<PgState> {
         let var = &config.dsn_env;
         let dsn = std::env::var(var).ok().filter(|d| !d.trim().is_empty()).ok_or_else(|| {
-            format!("state.postgres: the variable {var} that should hold the state database's DSN is not set")
+            Error::Setup(format!("the variable {var} that should hold the state database's DSN is not set"))
         })?;
-        let vars = libpq_vars(&dsn).map_err(|e| format!("state.postgres: the DSN in {var} {e}"))?;
+        let vars = libpq_vars(&dsn).map_err(|e| Error::Setup(format!("the DSN in {var} {e}")))?;
         let psql = psql()?;
         Ok(PgState { psql, vars: Secret(vars), identity, migrated: OnceLock::new() })
     }
@@ -77,19 +99,19 @@ impl PgState {
     }
 
     /// Runs `sql` (through stdin) with psql variables; returns its output.
-    fn run(&self, vars: &[(&str, &str)], sql: &str) -> Result<String, String> {
+    fn run(&self, vars: &[(&str, &str)], sql: &str) -> Result<String> {
         let mut c = self.command(vars);
         c.arg("-f").arg("-");
-        let out = crate::process::output_fed(c, sql).map_err(|e| format!("the state database: psql: {e}"))?;
+        let out = crate::process::output_fed(c, sql).map_err(Error::Psql)?;
         if !out.status.success() {
             let said = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("the state database: {}", crate::model::printable(said.trim())));
+            return Err(Error::Database(crate::model::printable(said.trim())));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// Creates the schema on first use; refuses one newer than this binary knows.
-    fn migrate(&self) -> Result<(), String> {
+    fn migrate(&self) -> Result<()> {
         if self.migrated.get().is_some() {
             return Ok(());
         }
@@ -122,7 +144,7 @@ impl PgState {
 
     /// Refuses a schema newer than this binary knows; `false`: there is no schema yet
     /// (nothing was ever written), which reading leaves so.
-    fn readable(&self) -> Result<bool, String> {
+    fn readable(&self) -> Result<bool> {
         if self.migrated.get().is_some() {
             return Ok(true);
         }
@@ -135,7 +157,7 @@ impl PgState {
     }
 
     /// The record called `name`, if one was written. Writes nothing, not even the schema.
-    pub fn get(&self, name: &str) -> Result<Option<String>, String> {
+    pub fn get(&self, name: &str) -> Result<Option<String>> {
         if !self.readable()? {
             return Ok(None);
         }
@@ -150,11 +172,11 @@ impl PgState {
         base64_decode(&text)
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .map(Some)
-            .ok_or_else(|| "the state database: a record is not readable".to_owned())
+            .ok_or_else(|| Error::Database(format!("the record {name} is not readable")))
     }
 
     /// Writes the record called `name`.
-    pub fn put(&self, name: &str, value: &str) -> Result<(), String> {
+    pub fn put(&self, name: &str, value: &str) -> Result<()> {
         self.migrate()?;
         let vars = [("id", self.identity.as_str()), ("name", name), ("value", value)];
         let sql = "INSERT INTO pgconverge.records (identity, name, value) VALUES (:'id', :'name', :'value') \
@@ -164,7 +186,7 @@ impl PgState {
 
     /// Takes the lock of this identity, waiting up to `timeout` while another session
     /// holds it; `holder` says who takes it, for the message another apply gets.
-    pub fn lock(&self, timeout: Duration, holder: &str) -> Result<PgLock, LockRefused> {
+    pub fn lock(&self, timeout: Duration, holder: &str) -> std::result::Result<PgLock, LockRefused> {
         self.migrate().map_err(LockRefused::Failed)?;
         let mut child = self
             .command(&[("id", &self.identity), ("holder", holder)])
@@ -172,16 +194,16 @@ impl PgState {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| LockRefused::Failed(format!("the state database: cannot run psql: {e}")))?;
+            .map_err(|e| LockRefused::Failed(Error::Psql(e)))?;
         let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(LockRefused::Failed("the state database: psql has no pipes".into()));
+            return Err(LockRefused::Failed(Error::Database("psql has no pipes".into())));
         };
         let mut answers = BufReader::new(stdout);
         let deadline = Instant::now() + timeout;
-        let mut ask = |sql: &str| -> Result<String, String> {
-            writeln!(stdin, "{sql}").and_then(|()| stdin.flush()).map_err(|e| format!("psql: {e}"))?;
+        let mut ask = |sql: &str| -> Result<String> {
+            writeln!(stdin, "{sql}").and_then(|()| stdin.flush()).map_err(Error::Psql)?;
             let mut line = String::new();
-            answers.read_line(&mut line).map_err(|e| format!("psql: {e}"))?;
+            answers.read_line(&mut line).map_err(Error::Psql)?;
             Ok(line.trim().to_owned())
         };
         loop {
@@ -191,7 +213,7 @@ impl PgState {
                          ON CONFLICT (identity) DO UPDATE SET holder = EXCLUDED.holder, since = now() RETURNING 1;");
                     return match wrote {
                         Ok(_) => Ok(PgLock { child, _stdin: stdin }),
-                        Err(e) => Err(LockRefused::Failed(format!("the state database: {e}"))),
+                        Err(e) => Err(LockRefused::Failed(e)),
                     };
                 }
                 Ok(f) if f == "f" && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
@@ -210,10 +232,10 @@ impl PgState {
                     let out = child.wait_with_output().ok();
                     let said = out.map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned()).unwrap_or_default();
                     let said = if said.is_empty() { format!("{other:?}") } else { said };
-                    return Err(LockRefused::Failed(format!(
-                        "the state database: cannot take the lock: {}",
+                    return Err(LockRefused::Failed(Error::Database(format!(
+                        "cannot take the lock: {}",
                         crate::model::printable(&said)
-                    )));
+                    ))));
                 }
             }
         }
@@ -221,12 +243,9 @@ impl PgState {
 }
 
 /// Refuses a schema version newer than this binary knows.
-fn newer(version: u32) -> Result<(), String> {
+fn newer(version: u32) -> Result<()> {
     if version > SCHEMA_VERSION {
-        return Err(format!(
-            "the state database's pgconverge schema is version {version}, newer than this pgconverge knows \
-             ({SCHEMA_VERSION}): a newer pgconverge uses it; upgrade pgconverge rather than let an older one write there"
-        ));
+        return Err(Error::Newer { found: version });
     }
     Ok(())
 }
@@ -236,7 +255,7 @@ fn newer(version: u32) -> Result<(), String> {
 pub enum LockRefused {
     /// Another apply holds it: who.
     Held(String),
-    Failed(String),
+    Failed(Error),
 }
 
 /// The lock, held by a `psql` session; dropping it ends the session.
@@ -259,19 +278,21 @@ pub fn hostname() -> String {
 }
 
 /// A `psql` of any major this machine has (the newest), for the state database.
-fn psql() -> Result<PathBuf, String> {
+fn psql() -> Result<PathBuf> {
     (12..=18).rev().find_map(|major| crate::binaries::find(major, &[]).ok()).map(|b| b.program("psql")).ok_or_else(
         || {
-            "state.postgres needs psql: install a PostgreSQL client (e.g. apt-get install postgresql-client) or \
-             run scripts/fetch-postgres 17"
-                .to_owned()
+            Error::Setup(
+                "psql is needed: install a PostgreSQL client (e.g. apt-get install postgresql-client) or \
+                 run scripts/fetch-postgres 17"
+                    .into(),
+            )
         },
     )
 }
 
 /// libpq's environment variables for a DSN: a URI (`postgres://user:pw@host:port/db?k=v`)
 /// or `key=value` pairs. Errors name what is wrong, never a value.
-pub fn libpq_vars(dsn: &str) -> Result<Vec<(&'static str, String)>, String> {
+pub fn libpq_vars(dsn: &str) -> std::result::Result<Vec<(&'static str, String)>, String> {
     let dsn = dsn.trim();
     let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(rest) = dsn.strip_prefix("postgresql://").or_else(|| dsn.strip_prefix("postgres://")) {
@@ -391,7 +412,7 @@ pub fn libpq_vars(dsn: &str) -> Result<Vec<(&'static str, String)>, String> {
 }
 
 /// Percent-decoding, for the parts of a URI.
-fn decode(text: &str) -> Result<String, String> {
+fn decode(text: &str) -> std::result::Result<String, String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -22,6 +22,9 @@ pub enum ProviderError {
     /// An action failed; the message says how.
     #[error("{0}")]
     Failed(String),
+    /// The state database (`state.postgres`) failed.
+    #[error(transparent)]
+    State(#[from] crate::state::Error),
     /// The local provider's work on this machine failed, by kind (boxed: every result
     /// of the provider carries this type).
     #[error(transparent)]

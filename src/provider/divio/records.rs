@@ -39,7 +39,7 @@ impl DivioProvider {
 
     pub(super) fn read_records(&self) -> Result<Records> {
         if let Some(state) = &self.state {
-            return match state.get(RECORDS).map_err(failed)? {
+            return match state.get(RECORDS)? {
                 Some(text) => serde_json::from_str(&text)
                     .map_err(|e| ProviderError::Inconsistent(format!("the state database's record {RECORDS}: {e}"))),
                 None => Ok(Records::default()),
@@ -61,7 +61,7 @@ impl DivioProvider {
         }
         if let Some(state) = &self.state {
             let text = serde_json::to_string(&self.records).map_err(failed)?;
-            return state.put(RECORDS, &text).map_err(failed);
+            return Ok(state.put(RECORDS, &text)?);
         }
         let path = self.records_path();
         let bytes = serde_json::to_vec_pretty(&self.records).map_err(failed)?;
