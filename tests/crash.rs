@@ -101,49 +101,65 @@ fn running_servers(root: &Path) -> usize {
         .count()
 }
 
-/// Trips each of `names` in turn as `mode` during `upgrade`; with `state`, apply's lock
+/// Trips each of `names` as `mode` during `upgrade`, each in a fresh directory; with `state`, apply's lock
 /// and ledger live in that database (its DSN).
 fn trip(mode: &str, upgrade: Upgrade, names: &[String], state: Option<&str>) {
     ensure_postgres();
-    let mut tripped = 0;
-    let vars: Vec<(&str, &str)> = state.map(|dsn| ("PGCONVERGE_STATE_DSN", dsn)).into_iter().collect();
-    let pgconverge = |args: &[&str], dir: &Path| pgconverge_with(args, dir, &vars);
-    for name in names {
-        let where_ = if state.is_some() { "db" } else { "file" };
-        let dir = scratch(&format!("crash_{mode}_{where_}_{}", name.replace(':', "_")));
-        let strategy = upgrade.strategy;
-        let root = dir.join(".pgconverge");
-        let _servers = Servers(root.clone());
-        write_config(&dir, 15, state.is_some(), strategy);
-        assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
-        let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
-        psql(&url, &format!("CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, {ROWS}) g"))
-            .expect("load");
-        write_config(&dir, 17, state.is_some(), strategy);
-
-        let spec = format!("{name}={mode}");
-        let mut armed = vars.clone();
-        armed.push(("PGCONVERGE_FAILPOINTS", &spec));
-        let broken = pgconverge_with(&["apply", "--auto-approve"], &dir, &armed);
-        let want = if mode == "crash" { 137 } else { 1 };
-        assert_eq!(broken.code, want, "{spec}: {}{}", broken.stdout, broken.stderr);
-        tripped += 1;
-
-        let again = pgconverge(&["apply", "--auto-approve"], &dir);
-        assert_eq!(again.code, 0, "{spec}: the second apply failed: {}{}", again.stdout, again.stderr);
-        let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
-        let check = psql(&url, "SELECT count(*), max(id), current_setting('server_version_num')::int / 10000 FROM t")
-            .expect("check");
-        assert_eq!(check, format!("{ROWS}|{ROWS}|17"), "{spec}: rows after recovery");
-        let plan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
-        assert_eq!(plan.code, 0, "{spec}: not converged: {}", plan.stdout);
-        let dirs = std::fs::read_dir(root.join("servers")).expect("servers").count();
-        assert_eq!(dirs, 1, "{spec}: orphan server directories");
-        assert_eq!(running_servers(&root), 1, "{spec}: orphan server processes");
-        assert_eq!(leftovers(&root), Vec::<String>::new(), "{spec}: files left behind");
-    }
+    // Each case is a few programs run one after the other, which leave a core idle much
+    // of the time: cases run in parallel, each in its own directory with its own servers.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(names.len().max(1));
+    let tripped = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for chunk in 0..workers {
+            let tripped = &tripped;
+            s.spawn(move || {
+                for name in names.iter().skip(chunk).step_by(workers) {
+                    trip_one(mode, upgrade, name, state);
+                    tripped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let tripped = tripped.into_inner();
     assert_eq!(tripped, names.len());
     eprintln!("{mode}: {tripped} failpoints tripped, {} rows checked after each", ROWS);
+}
+
+/// Trips `name` once as `mode`, then applies again and checks that nothing was lost.
+fn trip_one(mode: &str, upgrade: Upgrade, name: &str, state: Option<&str>) {
+    let vars: Vec<(&str, &str)> = state.map(|dsn| ("PGCONVERGE_STATE_DSN", dsn)).into_iter().collect();
+    let pgconverge = |args: &[&str], dir: &Path| pgconverge_with(args, dir, &vars);
+    let where_ = if state.is_some() { "db" } else { "file" };
+    let dir = scratch(&format!("crash_{mode}_{where_}_{}", name.replace(':', "_")));
+    let strategy = upgrade.strategy;
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    write_config(&dir, 15, state.is_some(), strategy);
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    psql(&url, &format!("CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, {ROWS}) g"))
+        .expect("load");
+    write_config(&dir, 17, state.is_some(), strategy);
+
+    let spec = format!("{name}={mode}");
+    let mut armed = vars.clone();
+    armed.push(("PGCONVERGE_FAILPOINTS", &spec));
+    let broken = pgconverge_with(&["apply", "--auto-approve"], &dir, &armed);
+    let want = if mode == "crash" { 137 } else { 1 };
+    assert_eq!(broken.code, want, "{spec}: {}{}", broken.stdout, broken.stderr);
+
+    let again = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(again.code, 0, "{spec}: the second apply failed: {}{}", again.stdout, again.stderr);
+    let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    let check = psql(&url, "SELECT count(*), max(id), current_setting('server_version_num')::int / 10000 FROM t")
+        .expect("check");
+    assert_eq!(check, format!("{ROWS}|{ROWS}|17"), "{spec}: rows after recovery");
+    let plan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
+    assert_eq!(plan.code, 0, "{spec}: not converged: {}", plan.stdout);
+    let dirs = std::fs::read_dir(root.join("servers")).expect("servers").count();
+    assert_eq!(dirs, 1, "{spec}: orphan server directories");
+    assert_eq!(running_servers(&root), 1, "{spec}: orphan server processes");
+    assert_eq!(leftovers(&root), Vec::<String>::new(), "{spec}: files left behind");
 }
 
 #[test]
