@@ -384,6 +384,12 @@ fn run(
                 .map(|b| (None, moved(b, "copied")))
                 .map_err(Stop::Failed);
         }
+        Action::Upgrade { service, from } => {
+            return p
+                .upgrade(env, &id(service)?, &id(from)?, d.upgrade.transfer)
+                .map(|b| (None, moved(b, "upgraded")))
+                .map_err(Stop::Failed);
+        }
         Action::CatchUp { service } => p.catch_up(env, &id(service)?, verified_later(rest, service, d)),
         Action::Provision { service } => p.provision(env, &id(service)?),
         Action::Fence { service } => p.fence(env, &id(service)?),

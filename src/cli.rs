@@ -206,7 +206,9 @@ impl Error {
 fn provider_of(config: &Config, file: &Path) -> Result<Box<dyn Provider>, Error> {
     let mut provider: Box<dyn Provider> = match &config.provider.divio {
         Some(divio) => Box::new(DivioProvider::new(divio, file, config.desired())?),
-        None => Box::new(LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?),
+        None => Box::new(
+            LocalProvider::new(&config.provider.local.clone().unwrap_or_default(), file)?.for_envs(&config.desired()),
+        ),
     };
     if let Some(state) = &config.state {
         let state = provider_state(&state.postgres, provider.identity())?;

@@ -196,6 +196,48 @@ pub enum Strategy {
     /// Copy by logical replication while the application keeps writing; the cutover
     /// blocks writes only while the last changes arrive.
     Logical,
+    /// Upgrade the old server's data directory with `pg_upgrade` into the new server
+    /// (local provider): no dump, no restore, no rebuilt index; the old server is stopped
+    /// while it runs.
+    PgUpgrade,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::DumpRestore => "dump_restore",
+            Strategy::Logical => "logical",
+            Strategy::PgUpgrade => "pg_upgrade",
+        }
+    }
+}
+
+/// How `pg_upgrade` moves the data files. None of these consumes the old server: until
+/// it is deleted, it can be started again as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Transfer {
+    /// `clone` where the file system can reflink, else `copy_file_range` where the new
+    /// major's pg_upgrade has it (17+), else `copy`.
+    Auto,
+    /// Copy every file.
+    Copy,
+    /// Copy with the kernel's `copy_file_range` (PostgreSQL 17+).
+    CopyFileRange,
+    /// Reflink every file (Btrfs, XFS with reflink, APFS): near-instant, no extra space
+    /// until either side writes.
+    Clone,
+}
+
+impl Transfer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transfer::Auto => "auto",
+            Transfer::Copy => "copy",
+            Transfer::CopyFileRange => "copy_file_range",
+            Transfer::Clone => "clone",
+        }
+    }
 }
 
 /// How a restored copy is checked against its source.
@@ -228,6 +270,9 @@ pub struct UpgradeConfig {
     /// Default `dump_restore`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
+    /// With `strategy: pg_upgrade`: how the data files move. Default `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
     /// Block writes to the old service from backup to cutover. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_writes: Option<bool>,
@@ -263,6 +308,7 @@ pub struct EnvironmentConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upgrade {
     pub strategy: Strategy,
+    pub transfer: Transfer,
     pub fence_writes: bool,
     pub verify: Verify,
     pub temporary_prefix: Prefix,
@@ -283,6 +329,7 @@ impl UpgradeConfig {
         let fixed = |s: &str| Prefix::parse(s).unwrap_or_else(|_| unreachable!("constant prefix"));
         Upgrade {
             strategy: over.strategy.or(self.strategy).unwrap_or(Strategy::DumpRestore),
+            transfer: over.transfer.or(self.transfer).unwrap_or(Transfer::Auto),
             fence_writes: over.fence_writes.or(self.fence_writes).unwrap_or(true),
             verify: over.verify.or(self.verify).unwrap_or(Verify::Counts),
             temporary_prefix: over
@@ -703,6 +750,25 @@ fn validate(config: &Config) -> Result<(), Invalid> {
                 env_path(&["upgrade"]),
                 "strategy logical needs fence_writes: the cutover waits, with writes blocked, until the copy holds every change".into(),
                 "remove `fence_writes: false`, or use `strategy: dump_restore`",
+            ));
+        }
+        if upgrade.strategy == Strategy::PgUpgrade && upgrade.allow_downgrade {
+            return Err((
+                env_path(&["upgrade"]),
+                "strategy pg_upgrade cannot downgrade: pg_upgrade only moves data to the same or a newer major".into(),
+                "remove `allow_downgrade: true`, or use `strategy: dump_restore` for a downgrade",
+            ));
+        }
+        if upgrade.strategy == Strategy::PgUpgrade && config.provider.divio.is_some() {
+            let at = if env.upgrade.strategy.is_some() {
+                env_path(&["upgrade", "strategy"])
+            } else {
+                vec!["upgrade".to_owned(), "strategy".to_owned()]
+            };
+            return Err((
+                at,
+                "strategy pg_upgrade needs the servers' data directories, which Divio does not give".into(),
+                "use `strategy: dump_restore` with the Divio provider",
             ));
         }
         if upgrade.temporary_prefix == upgrade.retired_prefix {

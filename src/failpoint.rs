@@ -18,6 +18,10 @@ const DUMP_RESTORE: &[&str] = &["backup:dumped", "copy:backed_up", "restore:role
 const LOGICAL: &[&str] =
     &["replicate:subscribed", "replicate:copying", "replicate:streaming", "catch_up:caught_up", "catch_up:recorded"];
 
+/// Places inside the pg_upgrade strategy's upgrade: with the old server stopped, after
+/// pg_upgrade, after the new server's first start.
+const PG_UPGRADE: &[&str] = &["upgrade:stopped", "upgrade:transferred", "upgrade:started"];
+
 /// Reached only while an initial copy is still running, so only with tables big enough
 /// to take a while (`tests/logical.rs` trips it with one).
 pub const NEEDS_A_LONG_COPY: &[&str] = &["replicate:copying"];
@@ -27,6 +31,7 @@ pub fn inside(strategy: Strategy) -> Vec<&'static str> {
     let copy = match strategy {
         Strategy::DumpRestore => DUMP_RESTORE,
         Strategy::Logical => LOGICAL,
+        Strategy::PgUpgrade => PG_UPGRADE,
     };
     COMMON.iter().chain(copy).copied().collect()
 }

@@ -1,8 +1,9 @@
 //! Crash anywhere, run apply again, lose nothing. Every failpoint of the runbook upgrade
 //! (before and after each action, and inside the long ones; the names come from
 //! `pgconverge::failpoint`) is tripped in turn, once as a crash (the process dies on the
-//! spot) and once as an error, and those of a logical upgrade as a crash; then apply runs
-//! again and must converge with every row present and nothing left behind.
+//! spot) and once as an error, and those of a logical upgrade and of a pg_upgrade as a
+//! crash; then apply runs again and must converge with every row present and nothing left
+//! behind.
 
 mod common;
 
@@ -58,10 +59,7 @@ const LIVE_ON_15: &str = r#"{"format_version": 1, "environments": {"test": {"ser
 
 fn write_config(dir: &Path, major: u32, state: bool, strategy: Strategy) {
     let state = if state { "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n" } else { "" };
-    let strategy = match strategy {
-        Strategy::DumpRestore => "dump_restore",
-        Strategy::Logical => "logical",
-    };
+    let strategy = strategy.as_str();
     std::fs::write(
         dir.join("pgconverge.yaml"),
         format!(
@@ -193,6 +191,14 @@ fn crash_at_every_failpoint_with_the_ledger_in_a_state_database_then_apply_again
 #[test]
 fn crash_at_every_failpoint_of_a_logical_upgrade_then_apply_again() {
     let upgrade = Upgrade::of(Strategy::Logical);
+    let mut names = upgrade.failpoints();
+    names.extend(upgrade.acted());
+    trip("crash", upgrade, &names, None);
+}
+
+#[test]
+fn crash_at_every_failpoint_of_a_pg_upgrade_then_apply_again() {
+    let upgrade = Upgrade::of(Strategy::PgUpgrade);
     let mut names = upgrade.failpoints();
     names.extend(upgrade.acted());
     trip("crash", upgrade, &names, None);

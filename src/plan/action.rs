@@ -49,6 +49,12 @@ pub enum Action<S = ServiceId, P = Prefix, V = Major> {
     CatchUp {
         service: S,
     },
+    /// pg_upgrade strategy: with the source quiet, upgrade its data directory into the
+    /// provisioned `service`: the copy is as complete as its source.
+    Upgrade {
+        service: S,
+        from: S,
+    },
     Verify {
         service: S,
         against: S,
@@ -89,6 +95,7 @@ impl<S, P, V> Action<S, P, V> {
             Action::Restore { .. } => "restore",
             Action::Replicate { .. } => "replicate",
             Action::CatchUp { .. } => "catch_up",
+            Action::Upgrade { .. } => "upgrade",
             Action::Verify { .. } => "verify",
             Action::Rename { .. } => "rename",
             Action::Detach { .. } => "detach",
@@ -119,6 +126,7 @@ impl<S, P, V> Action<S, P, V> {
             | Action::Restore { service, .. }
             | Action::Replicate { service, .. }
             | Action::CatchUp { service }
+            | Action::Upgrade { service, .. }
             | Action::Verify { service, .. }
             | Action::Rename { service, .. }
             | Action::Detach { service }
@@ -146,6 +154,7 @@ impl<S, P, V> Action<S, P, V> {
             Action::Restore { service: s, from } => Action::Restore { service: service(s)?, from: service(from)? },
             Action::Replicate { service: s, from } => Action::Replicate { service: service(s)?, from: service(from)? },
             Action::CatchUp { service: s } => Action::CatchUp { service: service(s)? },
+            Action::Upgrade { service: s, from } => Action::Upgrade { service: service(s)?, from: service(from)? },
             Action::Verify { service: s, against } => {
                 Action::Verify { service: service(s)?, against: service(against)? }
             }
@@ -181,6 +190,7 @@ impl<S: std::fmt::Display, P: std::fmt::Display, V: std::fmt::Display> std::fmt:
             Action::Restore { service, from } => write!(f, "restore {service} from {from}"),
             Action::Replicate { service, from } => write!(f, "replicate {service} from {from}"),
             Action::CatchUp { service } => write!(f, "catch up {service}"),
+            Action::Upgrade { service, from } => write!(f, "upgrade {service} from {from}"),
             Action::Verify { service, against } => write!(f, "verify {service} against {against}"),
             Action::Rename { service, to } => write!(f, "rename {service} → {to}"),
             Action::Detach { service } => write!(f, "detach {service}"),

@@ -370,9 +370,13 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
             _ => "the new server, under a temporary prefix until the copy is ready".to_owned(),
         },
         Op::Provision { .. } if ctx.logical => "create the server that the data will stream into".to_owned(),
+        Op::Provision { .. } if ctx.pg_upgrade => "create the empty server that pg_upgrade will fill".to_owned(),
         Op::Provision { .. } => "create the server so that the backup can be restored into it".to_owned(),
         Op::Fence { service: i } if ctx.logical => {
             format!("block writes to {} {} so that the copy can catch up with every commit", dataset(i), version(i))
+        }
+        Op::Fence { service: i } if ctx.pg_upgrade => {
+            format!("block writes to {} {} so that the upgrade misses no committed write", dataset(i), version(i))
         }
         Op::Fence { service: i } => {
             format!("block writes to {} {} so that the backup misses no committed write", dataset(i), version(i))
@@ -388,6 +392,11 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
             version(service)
         ),
         Op::CatchUp { .. } => "wait until the copy holds every committed change, then end the replication".to_owned(),
+        Op::Upgrade { service, from } => format!(
+            "upgrade {}'s data directory into PostgreSQL {} with pg_upgrade, the old server stopped meanwhile",
+            dataset(from),
+            version(service)
+        ),
         Op::Verify { .. } => {
             format!("compare the copy with its source ({}) before anything depends on it", ctx.verify.as_str())
         }

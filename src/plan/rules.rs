@@ -126,6 +126,8 @@ pub struct Ctx {
     pub fence_writes: bool,
     pub verify: Verify,
     pub logical: bool,
+    /// Copies are made by `upgrade` (pg_upgrade), one action, with the source quiet.
+    pub pg_upgrade: bool,
     pub keep_old: bool,
     pub allow_downgrade: bool,
     /// What the search aims for; the rules themselves never read it.
@@ -292,6 +294,7 @@ impl Ctx {
             fence_writes: up.fence_writes,
             verify: up.verify,
             logical: up.strategy == crate::config::Strategy::Logical,
+            pg_upgrade: up.strategy == crate::config::Strategy::PgUpgrade,
             keep_old: up.keep_old,
             allow_downgrade: up.allow_downgrade,
             goal: Goal::Declared,
@@ -490,15 +493,15 @@ impl Ctx {
                 let Some(b) = f.backup else {
                     return refuse(format!("no backup of {} was taken earlier in this plan", self.id(from)));
                 };
-                if self.logical {
-                    return refuse("the strategy is logical: copies are made by replication");
+                if self.logical || self.pg_upgrade {
+                    return refuse("the strategy makes copies without backups");
                 }
                 self.check_copy(st, service, from, DataS::copy(b.of, b.complete, from, false))
             }
             Op::Replicate { service, from } => {
                 let f = get(from)?;
                 if !self.logical {
-                    return refuse("the strategy is dump_restore: copies are made by backup and restore");
+                    return refuse("the strategy makes copies without replication");
                 }
                 let Some(d) = f.data.filter(|d| self.is_declared(d.of) && !d.streaming) else {
                     return refuse(format!("{} holds no declared data to replicate", self.id(from)));
@@ -510,6 +513,31 @@ impl Ctx {
                     return refuse(format!("{} is stale: the application has written elsewhere since", self.id(from)));
                 }
                 self.check_copy(st, service, from, DataS::copy(d.of, false, from, true))
+            }
+            Op::Upgrade { service, from } => {
+                let f = get(from)?;
+                if !self.pg_upgrade {
+                    return refuse("the strategy makes copies without pg_upgrade");
+                }
+                let Some(d) = f.data.filter(|d| self.is_declared(d.of) && !d.streaming) else {
+                    return refuse(format!("{} holds no declared data to upgrade", self.id(from)));
+                };
+                if f.status == Status::New {
+                    return refuse(format!("{} is not provisioned", self.id(from)));
+                }
+                if f.visible() && !f.fenced {
+                    return refuse(format!(
+                        "{} still takes writes: fence it before pg_upgrade stops it",
+                        self.id(from)
+                    ));
+                }
+                if self.stale(st, f) {
+                    return refuse(format!("{} is stale: the application has written elsewhere since", self.id(from)));
+                }
+                if get(service)?.version < f.version {
+                    return refuse("pg_upgrade cannot move data to an older major");
+                }
+                self.check_copy(st, service, from, DataS::copy(d.of, d.complete, from, false))
             }
             Op::CatchUp { service: id } => {
                 let s = get(id)?;
@@ -739,6 +767,12 @@ impl Ctx {
                     next.svcs[i].data = Some(DataS::copy(of, false, from, true));
                 }
             }
+            Op::Upgrade { service, from } => {
+                let data = st.svcs.iter().find(|s| s.id == from).and_then(|s| s.data);
+                if let (Some(i), Some(d)) = (find(&mut next, service), data) {
+                    next.svcs[i].data = Some(DataS::copy(d.of, d.complete, from, false));
+                }
+            }
             Op::CatchUp { service: id } => {
                 let source = |d: DataS| st.svcs.iter().find(|s| Some(s.id) == d.restored_from).and_then(|s| s.data);
                 if let Some(i) = find(&mut next, id) {
@@ -830,6 +864,11 @@ impl Ctx {
         for s in &provisioned {
             for f in managed.iter().filter(holds_declared) {
                 ops.push(Op::Replicate { service: s.id, from: f.id });
+            }
+        }
+        for s in &provisioned {
+            for f in managed.iter().filter(holds_declared) {
+                ops.push(Op::Upgrade { service: s.id, from: f.id });
             }
         }
         for s in managed.iter().filter(|s| s.data.is_some_and(|d| d.streaming)) {

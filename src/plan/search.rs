@@ -533,7 +533,8 @@ pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
             // its catch-up after the replicate.
             let streaming = st.svcs.iter().any(|s| s.data.is_some_and(|d| d.of == p && d.streaming));
             if !usable_backup {
-                total += u32::from(!streaming); // backup, or a catch-up
+                // pg_upgrade copies in one action, which `cost_to_hold` counts.
+                total += u32::from(!streaming && !ctx.pg_upgrade); // backup, or a catch-up
                 let quiet_source = st
                     .svcs
                     .iter()

@@ -633,7 +633,7 @@ mod optimality {
         pub(super) fn world()(declared in proptest::sample::subsequence(vec![0usize, 1], 1..=2),
                    versions in (15u32..=17, 15u32..=17),
                    services in proptest::collection::vec(service(), 0..=3),
-                   fence_writes in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(), logical in any::<bool>(),
+                   fence_writes in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(), strategy in 0..3usize,
                    allow_downgrade in any::<bool>(), walk in proptest::collection::vec(any::<prop::sample::Index>(), 0..8))
                    -> (DesiredEnv, EnvLive, Vec<prop::sample::Index>) {
             let names = ["A", "B"];
@@ -641,12 +641,14 @@ mod optimality {
                 .iter()
                 .map(|&i| (pfx(names[i]), Major::new(if i == 0 { versions.0 } else { versions.1 }).expect("major")))
                 .collect();
+            let strategy = super::STRATEGIES[strategy];
             let upgrade = Upgrade {
-                strategy: if logical { Strategy::Logical } else { Strategy::DumpRestore },
-                fence_writes: fence_writes || logical,
+                strategy,
+                fence_writes: fence_writes || strategy == Strategy::Logical,
                 verify: if verify { Verify::Counts } else { Verify::None },
                 keep_old,
-                allow_downgrade,
+                // As the config allows: pg_upgrade never downgrades.
+                allow_downgrade: allow_downgrade && strategy != Strategy::PgUpgrade,
                 ..Upgrade::default()
             };
             let mut live = EnvLive::default();
@@ -761,7 +763,7 @@ mod optimality {
 mod writes_kept {
     use super::super::rules::{Ctx, Id, Op, State};
     use super::super::search::{plan, Answer};
-    use crate::config::{DesiredEnv, Strategy, Upgrade, Verify};
+    use crate::config::{DesiredEnv, Upgrade, Verify};
     use crate::model::{Data, EnvLive, EnvName, Major, Prefix, Service, ServiceId, Status};
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
@@ -782,14 +784,14 @@ mod writes_kept {
                        (0..PREFIXES.len(), 15u32..=17, 0..5usize, any::<bool>(),
                         proptest::option::of((0..4usize, any::<bool>(), proptest::option::of(0..7usize), any::<bool>()))),
                        1..=3),
-                   logical in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(),
+                   strategy in 0..3usize, verify in any::<bool>(), keep_old in any::<bool>(),
                    walk in proptest::collection::vec(any::<prop::sample::Index>(), 0..14))
                    -> (DesiredEnv, EnvLive, Vec<prop::sample::Index>) {
             let pfx = |s: &str| Prefix::parse(s).expect("prefix");
             let names = ["A", "B", "C"];
             let postgres = names.iter().zip(&versions).map(|(n, v)| (pfx(n), Major::new(*v).expect("major"))).collect();
             let upgrade = Upgrade {
-                strategy: if logical { Strategy::Logical } else { Strategy::DumpRestore },
+                strategy: super::STRATEGIES[strategy],
                 fence_writes: true,
                 verify: if verify { Verify::Counts } else { Verify::None },
                 keep_old,
@@ -910,7 +912,7 @@ mod writes_kept {
                     let w = get(&self.backups, from);
                     self.held.insert(service, w);
                 }
-                Op::Replicate { service, from } => {
+                Op::Replicate { service, from } | Op::Upgrade { service, from } => {
                     let w = get(&self.held, from);
                     self.held.insert(service, w);
                 }
@@ -1085,6 +1087,39 @@ fn logical_runbook_copies_before_the_fence() {
     assert!(!inside.contains(&"replicate") && !inside.contains(&"backup"), "{inside:?}");
 }
 
+/// The pg_upgrade strategy's runbook: one `upgrade` where dump_restore backs up and
+/// restores, inside the outage, since pg_upgrade needs the old server stopped.
+#[test]
+fn pg_upgrade_runbook_upgrades_in_one_action_inside_the_outage() {
+    let (d, l) = env("    upgrade: {strategy: pg_upgrade}\n    postgres: {DEFAULT: 17}\n", OLD_ATTACHED);
+    let r = plan_env(&d, &l).expect("plan");
+    assert_eq!(
+        short(&r),
+        [
+            "add +1 as NEW (PostgreSQL 17)",
+            "provision +1",
+            "fence svc-1",
+            "upgrade +1 from svc-1",
+            "verify +1 against svc-1",
+            "rename svc-1 → OLD",
+            "detach svc-1",
+            "rename +1 → DEFAULT",
+            "deploy",
+            "delete svc-1",
+        ]
+    );
+    assert_eq!(r.outage_actions, 5, "one fewer than dump_restore's 6: backup and restore are one action");
+    let (ctx, st) = rules::Ctx::new(&d, &l).expect("ctx");
+    let provisioned = |st: &rules::State| {
+        let added = ctx.effect(st, &Op::Add { service: Id::Added(1), prefix: 1, version: 17 });
+        ctx.effect(&added, &Op::Provision { service: Id::Added(1) })
+    };
+    let st = provisioned(&st);
+    let upgrade = Op::Upgrade { service: Id::Added(1), from: Id::Observed(0) };
+    let refused = ctx.check(&st, &upgrade).expect_err("the source takes writes");
+    assert!(refused.0.contains("fence it before pg_upgrade stops it"), "{refused}");
+}
+
 /// Half-done logical upgrades: a copy still streaming is caught up, never deployed; its
 /// source cannot be deleted under it; a dump_restore config finishes it too.
 #[test]
@@ -1112,10 +1147,23 @@ fn a_streaming_copy_is_caught_up_before_anything_depends_on_it() {
     assert!(ctx.check(&st, &Op::CatchUp { service: Id::Observed(1) }).is_err(), "the source still takes writes");
 }
 
+/// The strategies, as the property tests draw them.
+const STRATEGIES: [crate::config::Strategy; 3] =
+    [crate::config::Strategy::DumpRestore, crate::config::Strategy::Logical, crate::config::Strategy::PgUpgrade];
+
 #[test]
 fn each_strategy_copies_its_own_way_and_logical_needs_the_fence() {
     let (d, l) = env("    postgres: {DEFAULT: 17}\n", OLD_ATTACHED);
     assert!(!short(&plan_env(&d, &l).expect("plan")).iter().any(|s| s.starts_with("replicate")));
+    for strategy in ["logical", "pg_upgrade"] {
+        let (d, l) =
+            env(&format!("    upgrade: {{strategy: {strategy}}}\n    postgres: {{DEFAULT: 17}}\n"), OLD_ATTACHED);
+        let steps = short(&plan_env(&d, &l).expect("plan"));
+        assert!(!steps.iter().any(|s| s.starts_with("backup") || s.starts_with("restore")), "{strategy}: {steps:?}");
+    }
+    let text = "version: 1\nupgrade: {strategy: pg_upgrade, allow_downgrade: true}\nenvironments:\n  live:\n    postgres: {DEFAULT: 17}\n";
+    let e = parse(Path::new("t.yaml"), text).expect_err("pg_upgrade downgrading");
+    assert!(e.to_string().contains("pg_upgrade cannot downgrade"), "{e}");
     let text = "version: 1\nupgrade: {strategy: logical, fence_writes: false}\nenvironments:\n  live:\n    postgres: {DEFAULT: 17}\n";
     let e = parse(Path::new("t.yaml"), text).expect_err("logical without a fence");
     assert!(e.to_string().contains("strategy logical needs fence_writes"), "{e}");

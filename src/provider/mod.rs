@@ -6,7 +6,7 @@ pub mod local;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::Verify;
+use crate::config::{Transfer, Verify};
 use crate::model::{EnvLive, EnvName, Live, Major, Prefix, ServiceId};
 use crate::plan::Plan;
 
@@ -157,6 +157,14 @@ pub trait Provider {
     fn catch_up(&mut self, env: &EnvName, id: &ServiceId, verify: Verify) -> Result<()> {
         let _ = (env, id, verify);
         Err(ProviderError::Refused("this provider cannot copy by logical replication".into()))
+    }
+    /// pg_upgrade strategy: with `from` quiet (fenced), upgrades its data into the
+    /// provisioned `id` with `transfer`, starts `id`, and leaves `from` as it was (started
+    /// again, still fenced); returns the bytes of data moved. A failure leaves `from`
+    /// startable and the next attempt starts afresh.
+    fn upgrade(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId, transfer: Transfer) -> Result<u64> {
+        let _ = (env, id, from, transfer);
+        Err(ProviderError::Refused("this provider cannot upgrade data directories with pg_upgrade".into()))
     }
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()>;
     fn rename(&mut self, env: &EnvName, id: &ServiceId, to: &Prefix) -> Result<()>;

@@ -87,6 +87,11 @@ impl LocalProvider {
             for action in &env_plan.actions {
                 match action {
                     Action::Add { version, .. } => self.check_binaries(*version)?,
+                    Action::Upgrade { service, from } => {
+                        if let Some(major) = version_of(service) {
+                            self.check_upgrade(&env_plan.name, from, major)?;
+                        }
+                    }
                     Action::Replicate { service, .. } if version_of(service).is_some_and(|v| v.get() < 16) => {
                         return Err(ProviderError::Refused(format!(
                             "environment {}: strategy logical needs PostgreSQL 16 or later on the new server: before 16 a subscription applies changes with superuser rights, so the application's triggers and check constraints would run as a superuser; use `upgrade.strategy: dump_restore` for this upgrade",
@@ -97,7 +102,7 @@ impl LocalProvider {
                 }
                 let source = match action {
                     Action::Backup { service } => service,
-                    Action::Replicate { from, .. } => from,
+                    Action::Replicate { from, .. } | Action::Upgrade { from, .. } => from,
                     _ => continue,
                 };
                 let Ok(meta) = self.load(&env_plan.name, source) else { continue };

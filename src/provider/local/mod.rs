@@ -38,6 +38,7 @@ pub mod server;
 mod servers;
 mod stream;
 mod tidy;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -68,6 +69,9 @@ pub struct LocalProvider {
     bin_dirs: Vec<PathBuf>,
     run_as: Option<RunAs>,
     env_file: String,
+    /// The environments whose copies are made by pg_upgrade: their new servers are
+    /// provisioned bare, as pg_upgrade needs them.
+    bare: std::collections::BTreeSet<EnvName>,
     command: Option<String>,
     /// Postmaster pids whose server answered with its recorded major: observe asks a
     /// server once per start, not after every action.
@@ -109,8 +113,16 @@ impl LocalProvider {
             env_file: config.deploy.env_file.clone().unwrap_or_else(|| "{env}.env".into()),
             command: config.deploy.command.clone(),
             answered: Default::default(),
+            bare: Default::default(),
             fingerprints: Default::default(),
         })
+    }
+
+    /// Provisions bare servers in the environments whose strategy is pg_upgrade.
+    pub fn for_envs(mut self, envs: &[crate::config::DesiredEnv]) -> Self {
+        let upgrades = envs.iter().filter(|d| d.upgrade.strategy == crate::config::Strategy::PgUpgrade);
+        self.bare = upgrades.map(|d| d.name.clone()).collect();
+        self
     }
 
     /// The env file deploy writes for `env`.
@@ -220,7 +232,7 @@ impl Provider for LocalProvider {
 
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let mut meta = self.load(env, id)?;
-        self.create_server(env, &mut meta)?;
+        self.create_server(env, &mut meta, self.bare.contains(env))?;
         meta.service.status = Status::Provisioned;
         meta.untouched = true;
         self.store(env, &meta)
@@ -275,6 +287,17 @@ impl Provider for LocalProvider {
         result.map_err(|e| self.disk_full(e))
     }
 
+    fn upgrade(
+        &mut self,
+        env: &EnvName,
+        id: &ServiceId,
+        from: &ServiceId,
+        transfer: crate::config::Transfer,
+    ) -> Result<u64> {
+        let result = self.upgrade_now(env, id, from, transfer);
+        result.map_err(|e| self.disk_full(e))
+    }
+
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
         let (_, copy) = self.running_server(env, id)?;
         let (_, source) = self.running_server(env, against)?;
@@ -316,7 +339,13 @@ impl Provider for LocalProvider {
     fn deploy(&mut self, env: &EnvName) -> Result<()> {
         let mut metas = self.metas(env)?;
         for meta in metas.iter_mut().filter(|m| m.service.status == Status::New) {
-            self.create_server(env, meta)?;
+            self.create_server(env, meta, false)?;
+        }
+        // A server provisioned bare for pg_upgrade that is attached as it is (a new
+        // database): the application's role and database first.
+        for meta in metas.iter().filter(|m| m.service.status == Status::Provisioned && m.untouched) {
+            let (_, server) = self.running_server(env, &meta.service.id)?;
+            self.create_app_database(env, &server)?;
         }
         let visible_after = |m: &Meta| matches!(m.service.status, Status::New | Status::Provisioned | Status::Attached);
         let mut lines = Vec::new();

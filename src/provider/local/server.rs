@@ -114,7 +114,9 @@ pub const SESSION_OPTIONS: &str = "-c search_path=pg_catalog -c statement_timeou
      -c idle_in_transaction_session_timeout=0 -c default_transaction_read_only=off";
 
 impl Server {
-    fn command(&self, program: &str) -> Command {
+    /// `program` of this server's major, run as the server's user from `/`, with no
+    /// `PGDATA`, `PGPORT` or `PGHOST` of this process's.
+    pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new(self.bin.program(program));
         c.current_dir("/").env_remove("PGDATA").env_remove("PGPORT").env_remove("PGHOST").env("LC_ALL", "C");
         if let Some(r) = self.run_as {

@@ -108,7 +108,30 @@ impl LocalProvider {
 
     /// Creates, starts and prepares the server of `meta` (role and database), from
     /// scratch: a half-made server left by a crash is removed first.
-    pub(super) fn create_server(&self, env: &EnvName, meta: &mut Meta) -> Result<()> {
+    /// The application's role and database on `server`, where they are missing.
+    pub(super) fn create_app_database(&self, env: &EnvName, server: &Server) -> Result<()> {
+        let secret = self.secret(env)?;
+        let role = quote::ident(&secret.role);
+        let exists = |sql: &str| server.sql("postgres", sql).map(|n| n.trim() != "0");
+        let mut statements = Vec::new();
+        if !exists(&format!("SELECT count(*) FROM pg_roles WHERE rolname = {}", quote::literal(&secret.role)))? {
+            // The server must not log the statement (and the password) if it fails.
+            statements.push(format!(
+                "SET log_min_error_statement = 'panic'; CREATE ROLE {role} LOGIN PASSWORD {}",
+                quote::literal(&secret.password)
+            ));
+        }
+        if !exists(&format!("SELECT count(*) FROM pg_database WHERE datname = {}", quote::literal(APP_DB)))? {
+            statements.push(format!("CREATE DATABASE {APP_DB} OWNER {role}"));
+        }
+        let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+        server
+            .sql_each("postgres", &statements)
+            .map_err(|e| ProviderError::Failed(redact(&e.to_string(), &secret.password)))
+    }
+
+    /// `bare`: only the bootstrap superuser, as pg_upgrade needs its new cluster.
+    pub(super) fn create_server(&self, env: &EnvName, meta: &mut Meta, bare: bool) -> Result<()> {
         let dir = self.subdir("servers", None)?.join(meta.service.id.as_str());
         if dir.exists() {
             if let Ok(old) = self.server(meta) {
@@ -127,17 +150,9 @@ impl LocalProvider {
             match server.start() {
                 Ok(()) => {
                     crate::failpoint::hit("provision:started")?;
-                    let secret = self.secret(env)?;
-                    // The server must not log the statement (and the password) if it fails.
-                    let role = format!(
-                        "SET log_min_error_statement = 'panic'; CREATE ROLE {} LOGIN PASSWORD {}",
-                        quote::ident(&secret.role),
-                        quote::literal(&secret.password)
-                    );
-                    let db = format!("CREATE DATABASE {APP_DB} OWNER {}", quote::ident(&secret.role));
-                    server
-                        .sql_each("postgres", &[&role, &db])
-                        .map_err(|e| ProviderError::Failed(redact(&e.to_string(), &secret.password)))?;
+                    if !bare {
+                        self.create_app_database(env, &server)?;
+                    }
                     return Ok(());
                 }
                 Err(e) => last = Some(e), // most likely the port was taken meanwhile: try another
