@@ -99,7 +99,13 @@ impl LocalProvider {
                 if !server.is_running() {
                     continue;
                 }
+                // A server provisioned bare for pg_upgrade has no application database yet.
+                let app_db =
+                    server.sql("postgres", &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DB}'"))?;
                 let ours = |kind: &str, table: &str, column: &str| -> Result<Vec<String>> {
+                    if kind != "slot" && app_db == "0" {
+                        return Ok(Vec::new());
+                    }
                     let sql = format!("SELECT {column} FROM {table} WHERE {column} LIKE 'pgconverge\\_%'");
                     let db = if kind == "slot" { "postgres" } else { APP_DB };
                     Ok(server.sql(db, &sql)?.lines().map(str::to_owned).collect())

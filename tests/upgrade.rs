@@ -1,0 +1,117 @@
+//! `upgrade.strategy: pg_upgrade` on the local provider, with real servers: the data
+//! directory upgraded in place of a dump and restore, the old server startable as it was
+//! until it is deleted, and pg_upgrade's refusals said before anything is fenced.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ensure_postgres, env_file, pgconverge, psql, scratch, Servers};
+
+fn config(dir: &Path, upgrade: &str, major: u32) {
+    ensure_postgres();
+    let text = format!(
+        "version: 1\nupgrade: {{strategy: pg_upgrade, verify: checksums, {upgrade}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
+    );
+    std::fs::write(dir.join("pgconverge.yaml"), text).expect("config");
+}
+
+fn apply(dir: &Path) -> common::Run {
+    let run = pgconverge(&["apply", "--auto-approve"], dir);
+    assert_eq!(run.code, 0, "apply failed:\n{}\n{}", run.stdout, run.stderr);
+    run
+}
+
+fn dsn(dir: &Path) -> String {
+    env_file(&dir.join(".pgconverge/test.env"))["DATABASE_URL"].clone()
+}
+
+const SCHEMA: &str = "
+    CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL);
+    CREATE INDEX items_name ON items (name);
+    INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 5000) g;
+    CREATE FUNCTION item_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM items';
+    SELECT lo_from_bytea(0, 'a large object');";
+
+const CHECK: &str = "SELECT current_setting('server_version_num')::int / 10000, (SELECT count(*) FROM items), \
+     item_count(), (SELECT count(*) FROM pg_largeobject_metadata), \
+     (SELECT count(*) FROM pg_indexes WHERE indexname = 'items_name'), nextval('items_id_seq')";
+
+/// The major of the server at `url`.
+fn major(url: &str) -> String {
+    psql(url, "SELECT current_setting('server_version_num')::int / 10000").expect("major")
+}
+
+#[test]
+fn pg_upgrade_carries_everything_over_and_the_old_server_stays_as_it_was() {
+    let dir = scratch("upgrade_in_place");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, "keep_old: true", 15);
+    apply(&dir);
+    let old = dsn(&dir);
+    psql(&old, SCHEMA).expect("load");
+    assert_eq!(psql(&old, CHECK).expect("check"), "15|5000|5000|1|1|5001");
+
+    config(&dir, "keep_old: true", 17);
+    let plan = pgconverge(&["plan"], &dir);
+    assert!(plan.stdout.contains("upgrade +1 from"), "{}", plan.stdout);
+    assert!(!plan.stdout.contains("backup") && !plan.stdout.contains("restore"), "{}", plan.stdout);
+    let run = apply(&dir);
+    assert!(run.stderr.contains("upgraded"), "{}", run.stderr);
+    assert!(run.stdout.contains("Writes were blocked for"), "{}", run.stdout);
+
+    let new = dsn(&dir);
+    assert_ne!(new, old, "the env file names the new server");
+    assert_eq!(psql(&new, CHECK).expect("check"), "17|5000|5000|1|1|5002", "sequence, index, function, large object");
+    let stats = psql(&new, "SELECT count(*) FROM pg_stats WHERE tablename = 'items'").expect("stats");
+    assert_ne!(stats, "0", "the upgraded server has planner statistics");
+    // The application's role logs in to the copy: the fence did not come along.
+    psql(&new, "INSERT INTO items (name) VALUES ('after')").expect("the application writes to the new server");
+
+    // keep_old: the original is kept, detached, and still the server it was: PostgreSQL
+    // 15 with its data (the transfer consumed nothing), fenced from the application.
+    let kept = pgconverge(&["show", "--format", "json"], &dir);
+    let live: serde_json::Value = serde_json::from_str(&kept.stdout).expect("show json");
+    let services = live["environments"]["test"]["services"].as_array().expect("services").clone();
+    let old_one = services.iter().find(|s| s["prefix"] == "OLD").expect("the kept original");
+    assert_eq!(old_one["version"], 15, "{old_one}");
+    assert_eq!(old_one["status"], "detached", "{old_one}");
+    assert!(psql(&old, "SELECT 1").is_err(), "the application cannot log in to the kept original");
+    let id = old_one["id"].as_str().expect("id");
+    let data = root.join("servers").join(id).join("data");
+    assert_eq!(std::fs::read_to_string(data.join("PG_VERSION")).expect("PG_VERSION").trim(), "15");
+    assert!(data.join("global/pg_control").exists(), "the original's control file is in place: it can start");
+    assert_eq!(major(&new), "17");
+    let plan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
+    assert_eq!(plan.code, 0, "converged: {}", plan.stdout);
+}
+
+/// pg_upgrade refuses reg* columns (their values are OIDs that the new cluster does not
+/// keep): `apply` says so before it fences anything, and the application keeps writing.
+#[test]
+fn what_pg_upgrade_refuses_is_refused_before_the_fence() {
+    let dir = scratch("upgrade_refused");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "transfer: copy", 15);
+    apply(&dir);
+    let url = dsn(&dir);
+    psql(&url, "CREATE TABLE handlers (name text, handler regproc); INSERT INTO handlers VALUES ('now', 'now')")
+        .expect("load");
+
+    config(&dir, "transfer: copy", 16);
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("pg_upgrade refuses to upgrade"), "{}", run.stderr);
+    assert!(run.stderr.contains("reg*"), "pg_upgrade's own reason is shown: {}", run.stderr);
+    assert!(!run.stderr.contains("[test 1/"), "no action ran: {}", run.stderr);
+    psql(&url, "INSERT INTO handlers VALUES ('again', 'now')").expect("the application still writes");
+    assert_eq!(major(&url), "15");
+
+    // Without the reg* column the same config upgrades, copying every file.
+    psql(&url, "ALTER TABLE handlers ALTER COLUMN handler TYPE text").expect("fix");
+    apply(&dir);
+    let url = dsn(&dir);
+    assert_eq!(psql(&url, "SELECT count(*) FROM handlers").expect("rows"), "2");
+    assert_eq!(major(&url), "16");
+}
