@@ -999,6 +999,22 @@ mod tests {
     }
 
     #[test]
+    fn pg_upgrade_is_for_the_local_provider_and_never_downgrades() {
+        let env = "environments:\n  live:\n    postgres: {DEFAULT: 17}\n";
+        let ok = parse(std::path::Path::new("c.yaml"), &format!("version: 1\nupgrade: {{strategy: pg_upgrade}}\n{env}"));
+        let up = &ok.expect("local pg_upgrade").desired()[0].upgrade;
+        assert_eq!((up.strategy, up.transfer), (Strategy::PgUpgrade, Transfer::Auto));
+        let divio = format!(
+            "version: 1\nprovider:\n  divio: {{application: a}}\nupgrade:\n  strategy: pg_upgrade\n{env}"
+        );
+        let e = parse(std::path::Path::new("c.yaml"), &divio).expect_err("divio pg_upgrade");
+        assert!(e.to_string().contains("c.yaml:5:") && e.to_string().contains("Divio does not give"), "{e}");
+        let link = format!("version: 1\nupgrade: {{strategy: pg_upgrade, transfer: link}}\n{env}");
+        let e = parse(std::path::Path::new("c.yaml"), &link).expect_err("link is not offered");
+        assert!(e.to_string().contains("unknown variant `link`"), "{e}");
+    }
+
+    #[test]
     fn divio_zones_and_urls() {
         assert_eq!(divio_base_url("divio.com").as_deref(), Ok("https://api.divio.com"));
         assert_eq!(divio_base_url("http://127.0.0.1:8080/").as_deref(), Ok("http://127.0.0.1:8080"));

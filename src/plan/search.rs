@@ -456,8 +456,8 @@ pub struct Bounds {
 /// acts on one service, so the bound adds up, per service, the fewest actions that
 /// service must still undergo whatever becomes of it; per dataset, the backup or catch-up
 /// (and fence) a copy still needs; and one deploy where something must still appear or
-/// disappear. A copy costs the same two actions either way: backup and restore, or
-/// replicate and catch-up.
+/// disappear. A copy costs two actions, backup and restore or replicate and catch-up, or
+/// one, an upgrade by pg_upgrade.
 pub fn lower_bound(ctx: &Ctx, st: &State) -> Bounds {
     let dead = stranded(ctx, st).is_some()
         || spoiled(ctx, st).is_some()

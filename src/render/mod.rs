@@ -92,11 +92,12 @@ pub fn streams_before_fence(env: &EnvReport) -> bool {
 pub fn copy_risks(env: &EnvReport) -> Vec<String> {
     let up = &env.desired.upgrade;
     let copies = env.steps.iter().any(|s| matches!(s.action, Action::Restore { .. }));
+    let upgrades = env.steps.iter().any(|s| matches!(s.action, Action::Upgrade { .. }));
     let mut risks = Vec::new();
     if copies && !up.fence_writes {
         risks.push("`fence_writes` is off: writes made between the backup and the deploy will be lost.".to_owned());
     }
-    if copies && up.verify == crate::config::Verify::None {
+    if (copies || upgrades) && up.verify == crate::config::Verify::None {
         risks.push("`verify` is `none`: the copy is not compared with its source.".to_owned());
     }
     risks
