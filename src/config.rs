@@ -1001,12 +1001,12 @@ mod tests {
     #[test]
     fn pg_upgrade_is_for_the_local_provider_and_never_downgrades() {
         let env = "environments:\n  live:\n    postgres: {DEFAULT: 17}\n";
-        let ok = parse(std::path::Path::new("c.yaml"), &format!("version: 1\nupgrade: {{strategy: pg_upgrade}}\n{env}"));
+        let ok =
+            parse(std::path::Path::new("c.yaml"), &format!("version: 1\nupgrade: {{strategy: pg_upgrade}}\n{env}"));
         let up = &ok.expect("local pg_upgrade").desired()[0].upgrade;
-        assert_eq!((up.strategy, up.transfer), (Strategy::PgUpgrade, Transfer::Auto));
-        let divio = format!(
-            "version: 1\nprovider:\n  divio: {{application: a}}\nupgrade:\n  strategy: pg_upgrade\n{env}"
-        );
+        assert_eq!((up.strategy, up.transfer), (super::Strategy::PgUpgrade, super::Transfer::Auto));
+        let divio =
+            format!("version: 1\nprovider:\n  divio: {{application: a}}\nupgrade:\n  strategy: pg_upgrade\n{env}");
         let e = parse(std::path::Path::new("c.yaml"), &divio).expect_err("divio pg_upgrade");
         assert!(e.to_string().contains("c.yaml:5:") && e.to_string().contains("Divio does not give"), "{e}");
         let link = format!("version: 1\nupgrade: {{strategy: pg_upgrade, transfer: link}}\n{env}");

@@ -151,8 +151,8 @@ fn config_errors_point_at_the_key() {
         ),
         (
             "unknown strategy",
-            "version: 1\nupgrade: {strategy: pg_upgrade}\nenvironments: {live: {postgres: {A: 1}}}\n",
-            "upgrade.strategy: unknown variant `pg_upgrade`",
+            "version: 1\nupgrade: {strategy: pg_dumpall}\nenvironments: {live: {postgres: {A: 1}}}\n",
+            "upgrade.strategy: unknown variant `pg_dumpall`",
         ),
         (
             "two providers",
