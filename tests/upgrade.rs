@@ -115,3 +115,57 @@ fn what_pg_upgrade_refuses_is_refused_before_the_fence() {
     assert_eq!(psql(&url, "SELECT count(*) FROM handlers").expect("rows"), "2");
     assert_eq!(major(&url), "16");
 }
+
+/// An extension the old server has and the new major's installation lacks (here a
+/// SQL-only one, which pg_upgrade's own check would not find before it failed halfway,
+/// inside the outage) is refused before anything is fenced.
+#[test]
+fn an_extension_the_new_major_lacks_is_refused_before_the_fence() {
+    use pgconverge::provider::local::binaries;
+    ensure_postgres();
+    let dir = scratch("upgrade_extension");
+    let _servers = Servers(dir.join(".pgconverge"));
+    // A PostgreSQL 16 installation of this test's own, with one extension more.
+    let installed = binaries::find(16, &[]).expect("16").dir;
+    let own = dir.join("pg16");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(installed.parent().expect("installation"))
+        .arg(&own)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    let extensions = own.join("share/extension");
+    assert!(extensions.is_dir(), "a relocatable installation keeps its extensions in share/extension");
+    std::fs::write(
+        extensions.join("pgc_only16.control"),
+        "default_version = '1.0'\nrelocatable = true\ntrusted = true\n",
+    )
+    .expect("control");
+    std::fs::write(
+        extensions.join("pgc_only16--1.0.sql"),
+        "CREATE FUNCTION pgc_only16() RETURNS int LANGUAGE sql AS 'SELECT 16';\n",
+    )
+    .expect("script");
+    let write = |major: u32| {
+        let text = format!(
+            "version: 1\nprovider:\n  local:\n    bin_dirs: [{}]\nupgrade: {{strategy: pg_upgrade}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n",
+            own.join("bin").display()
+        );
+        std::fs::write(dir.join("pgconverge.yaml"), text).expect("config");
+    };
+    write(16);
+    apply(&dir);
+    let url = dsn(&dir);
+    psql(&url, "CREATE EXTENSION pgc_only16").expect("the extension, as the database owner");
+    write(17);
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("extension pgc_only16 (database app) is not installed for PostgreSQL 17"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("[test 1/"), "no action ran: {}", run.stderr);
+    assert_eq!(psql(&url, "SELECT pgc_only16()").expect("the application still works"), "16");
+}

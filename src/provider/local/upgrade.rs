@@ -51,7 +51,12 @@ impl LocalProvider {
         meta.untouched = false;
         self.store(env, &meta)?;
         let ports = (server::free_port()?, server::free_port()?);
-        pg_upgrade(&old, &new, Some(transfer), &new.socket_dir, ports)?;
+        if let Err(e) = pg_upgrade(&old, &new, Some(transfer), &new.socket_dir, ports) {
+            // Nothing of the old server was changed: it serves again (fenced) while
+            // whoever runs apply reads why.
+            let _ = old.start();
+            return Err(e.into());
+        }
         crate::failpoint::hit("upgrade:transferred")?;
         new.start()?;
         crate::failpoint::hit("upgrade:started")?;
@@ -84,11 +89,13 @@ impl LocalProvider {
             port: 0,
             run_as: self.run_as,
         };
-        let checked = scratch.init().and_then(|()| {
+        let checked = scratch.init().map_err(ProviderError::from).and_then(|()| {
+            missing_extensions(&old, &scratch)?;
             // A live check reaches the old server where it listens; the new cluster's
             // short start shares its socket directory.
-            pg_upgrade(&old, &scratch, None, &old.socket_dir, (old.port, server::free_port()?))
+            Ok(pg_upgrade(&old, &scratch, None, &old.socket_dir, (old.port, server::free_port()?))?)
         });
+        let _ = scratch.stop();
         let _ = std::fs::remove_dir_all(&dir);
         checked.map_err(|e| {
             ProviderError::Refused(format!(
@@ -97,6 +104,35 @@ impl LocalProvider {
             ))
         })
     }
+}
+
+/// Refuses extensions of the old server that the new major's installation lacks:
+/// pg_upgrade's own check finds only missing libraries, and a missing SQL-only extension
+/// would fail it halfway, inside the outage. `new` is started on a free port for the
+/// question and stopped again.
+fn missing_extensions(old: &Server, new: &Server) -> Result<()> {
+    let mut installed = Vec::new();
+    for db in ["postgres", APP_DB] {
+        let names = old.sql(db, "SELECT extname FROM pg_extension ORDER BY 1")?;
+        installed.extend(names.lines().filter(|l| !l.is_empty()).map(|n| format!("{n} (database {db})")));
+    }
+    let mut asked = new.clone();
+    asked.port = server::free_port()?;
+    asked.start()?;
+    let available = asked.sql("postgres", "SELECT name FROM pg_available_extensions");
+    asked.stop()?;
+    let available: Vec<String> = available?.lines().map(str::to_owned).collect();
+    let missing: Vec<&String> =
+        installed.iter().filter(|e| !available.iter().any(|a| e.split(' ').next() == Some(a.as_str()))).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+    Err(ProviderError::Failed(format!(
+        "extension {} is not installed for PostgreSQL {} on this machine (install it for that major first, or drop it)",
+        names.join(", "),
+        new.bin.major
+    )))
 }
 
 /// What `auto` means for these two servers: `clone` where the file system reflinks
