@@ -499,40 +499,23 @@ impl Ctx {
                 self.check_copy(st, service, from, DataS::copy(b.of, b.complete, from, false))
             }
             Op::Replicate { service, from } => {
-                let f = get(from)?;
                 if !self.logical {
                     return refuse("the strategy makes copies without replication");
                 }
-                let Some(d) = f.data.filter(|d| self.is_declared(d.of) && !d.streaming) else {
-                    return refuse(format!("{} holds no declared data to replicate", self.id(from)));
-                };
-                if f.status == Status::New {
-                    return refuse(format!("{} is not provisioned", self.id(from)));
-                }
-                if self.stale(st, f) {
-                    return refuse(format!("{} is stale: the application has written elsewhere since", self.id(from)));
-                }
+                let d = self.live_source(st, get(from)?, "replicate")?;
                 self.check_copy(st, service, from, DataS::copy(d.of, false, from, true))
             }
             Op::Upgrade { service, from } => {
-                let f = get(from)?;
                 if !self.pg_upgrade {
                     return refuse("the strategy makes copies without pg_upgrade");
                 }
-                let Some(d) = f.data.filter(|d| self.is_declared(d.of) && !d.streaming) else {
-                    return refuse(format!("{} holds no declared data to upgrade", self.id(from)));
-                };
-                if f.status == Status::New {
-                    return refuse(format!("{} is not provisioned", self.id(from)));
-                }
+                let f = get(from)?;
+                let d = self.live_source(st, f, "upgrade")?;
                 if f.visible() && !f.fenced {
                     return refuse(format!(
                         "{} still takes writes: fence it before pg_upgrade stops it",
                         self.id(from)
                     ));
-                }
-                if self.stale(st, f) {
-                    return refuse(format!("{} is stale: the application has written elsewhere since", self.id(from)));
                 }
                 if get(service)?.version < f.version {
                     return refuse("pg_upgrade cannot move data to an older major");
@@ -664,7 +647,23 @@ impl Ctx {
         }
     }
 
-    /// What restore and replicate share: `after` would be the data of `service`, a
+    /// What replicate and upgrade ask of their source, whose live data they copy: it
+    /// holds declared data that is not itself still arriving, is provisioned, and is not
+    /// stale.
+    fn live_source(&self, st: &State, f: &Svc, verb: &str) -> Result<DataS, Refusal> {
+        let Some(d) = f.data.filter(|d| self.is_declared(d.of) && !d.streaming) else {
+            return refuse(format!("{} holds no declared data to {verb}", self.id(f.id)));
+        };
+        if f.status == Status::New {
+            return refuse(format!("{} is not provisioned", self.id(f.id)));
+        }
+        if self.stale(st, f) {
+            return refuse(format!("{} is stale: the application has written elsewhere since", self.id(f.id)));
+        }
+        Ok(d)
+    }
+
+    /// What restore, replicate and upgrade share: `after` would be the data of `service`, a
     /// provisioned service other than `from`, of a version no older, whose own data is
     /// not the last copy of anything, and whose prefix allows the copy.
     fn check_copy(&self, st: &State, service: Id, from: Id, after: DataS) -> Result<(), Refusal> {
