@@ -46,11 +46,13 @@ impl LocalProvider {
         let size = super::checks::database_size(&old)?;
         // Sessions of the superuser or of anyone else end with the server: the fence
         // already ended the application's.
+        let t = std::time::Instant::now();
         old.stop()?;
         crate::failpoint::hit("upgrade:stopped")?;
         meta.untouched = false;
         self.store(env, &meta)?;
         let ports = (server::free_port()?, server::free_port()?);
+        let stopped = t.elapsed().as_secs_f64();
         if let Err(e) = pg_upgrade(&old, &new, Some(transfer), &new.socket_dir, ports) {
             // Nothing of the old server was changed: it serves again (fenced) while
             // whoever runs apply reads why.
@@ -58,14 +60,19 @@ impl LocalProvider {
             return Err(e.into());
         }
         crate::failpoint::hit("upgrade:transferred")?;
+        let upgraded = t.elapsed().as_secs_f64();
         new.start()?;
         crate::failpoint::hit("upgrade:started")?;
         // The application's role came over fenced (NOLOGIN, as the fence left it on the
         // old server); the copy is not fenced.
         new.sql("postgres", &format!("ALTER ROLE {} LOGIN", quote::ident(APP_ROLE)))?;
+        let started = t.elapsed().as_secs_f64();
         analyze(&new)?;
+        let analyzed = t.elapsed().as_secs_f64();
         old.start()?;
         tracing::info!(service = %id, from = %from, transfer = transfer.as_str(), "upgraded with pg_upgrade");
+        // Seconds since the old server began to stop, at the end of each step.
+        tracing::debug!(stopped, upgraded, started, analyzed, restarted = t.elapsed().as_secs_f64(), "upgrade steps");
         Ok(size)
     }
 
