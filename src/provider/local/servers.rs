@@ -106,8 +106,6 @@ impl LocalProvider {
         Ok((meta, server))
     }
 
-    /// Creates, starts and prepares the server of `meta` (role and database), from
-    /// scratch: a half-made server left by a crash is removed first.
     /// The application's role and database on `server`, where they are missing.
     pub(super) fn create_app_database(&self, env: &EnvName, server: &Server) -> Result<()> {
         let secret = self.secret(env)?;
@@ -130,7 +128,9 @@ impl LocalProvider {
             .map_err(|e| ProviderError::Failed(redact(&e.to_string(), &secret.password)))
     }
 
-    /// `bare`: only the bootstrap superuser, as pg_upgrade needs its new cluster.
+    /// Creates, starts and prepares the server of `meta` (role and database; `bare`: only
+    /// the bootstrap superuser, as pg_upgrade needs its new cluster), from scratch: a
+    /// half-made server left by a crash is removed first.
     pub(super) fn create_server(&self, env: &EnvName, meta: &mut Meta, bare: bool) -> Result<()> {
         let dir = self.subdir("servers", None)?.join(meta.service.id.as_str());
         if dir.exists() {
