@@ -13,16 +13,63 @@ use std::time::{Duration, Instant};
 
 use common::{ensure_postgres, env_file, pgconverge, psql, scratch, Servers};
 
+/// A moment of an apply to kill it at: its name, how long after it was seen (ms), and how
+/// it is seen in the services' records and the ledger's entries, or under `root`.
+type Phase = (&'static str, u64, fn(&[serde_json::Value], &std::path::Path) -> bool);
+
+/// The NEW service's record.
+fn new_service(s: &[serde_json::Value]) -> Option<&serde_json::Value> {
+    s.iter().find(|v| v["prefix"] == "NEW" && v["status"].is_string())
+}
+
 #[test]
 fn kill_apply_under_live_writes_and_lose_nothing() {
+    // New server provisioned, old one fenced, copy restored (as the ledger records it),
+    // old one retired.
+    let phases: [Phase; 4] = [
+        ("new server provisioned", 0, |s, _| s.iter().any(|v| v["prefix"] == "NEW" && v["status"] == "provisioned")),
+        ("old server fenced", 30, |s, _| s.iter().any(|v| v["fenced"] == true)),
+        ("copy restored", 0, |s, _| {
+            let new = new_service(s).map(|v| &v["id"]);
+            s.iter().any(|e| Some(&e["service"]) == new && !e["data"]["restored_from"].is_null())
+        }),
+        ("old server retired", 0, |s, _| s.iter().any(|v| v["prefix"] == "OLD")),
+    ];
+    kill_under_writes("dump_restore", &phases);
+}
+
+/// The same with pg_upgrade, killed also while pg_upgrade itself runs (its report
+/// directory exists in the new server's data directory): the whole process group dies,
+/// pg_upgrade and the servers it started with it.
+#[test]
+fn kill_a_pg_upgrade_under_live_writes_and_lose_nothing() {
+    let phases: [Phase; 4] = [
+        ("old server fenced", 0, |s, _| s.iter().any(|v| v["fenced"] == true)),
+        ("pg_upgrade running", 0, |s, root| {
+            new_service(s)
+                .and_then(|v| v["id"].as_str())
+                .is_some_and(|id| root.join("servers").join(id).join("data/pg_upgrade_output.d").exists())
+        }),
+        ("copy upgraded", 0, |s, _| {
+            let new = new_service(s).map(|v| &v["id"]);
+            s.iter().any(|e| Some(&e["service"]) == new && !e["data"]["restored_from"].is_null())
+        }),
+        ("old server retired", 0, |s, _| s.iter().any(|v| v["prefix"] == "OLD")),
+    ];
+    kill_under_writes("pg_upgrade", &phases);
+}
+
+fn kill_under_writes(strategy: &str, phases: &[Phase]) {
     ensure_postgres();
-    let dir = scratch("kill_under_writes");
+    let dir = scratch(&format!("kill_under_writes_{strategy}"));
     let root = dir.join(".pgconverge");
     let _servers = Servers(root.clone());
     let config = |major: u32| {
         std::fs::write(
             dir.join("pgconverge.yaml"),
-            format!("version: 1\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"),
+            format!(
+                "version: 1\nupgrade: {{strategy: {strategy}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
+            ),
         )
         .expect("config");
     };
@@ -66,8 +113,7 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
 
     config(17);
     // Kill when apply reaches each phase in turn (plus a little, to land inside the next
-    // step): new server provisioned, old one fenced, copy restored (as the ledger records
-    // it), old one retired. The provider's records, then the ledger's entries.
+    // step). The provider's records, then the ledger's entries.
     let services = || -> Vec<serde_json::Value> {
         let mut found: Vec<serde_json::Value> = std::fs::read_dir(root.join("state/test"))
             .into_iter()
@@ -81,17 +127,7 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
         found.extend(ledger["entries"].as_array().into_iter().flatten().cloned());
         found
     };
-    type Phase = (&'static str, u64, fn(&[serde_json::Value]) -> bool);
-    let phases: [Phase; 4] = [
-        ("new server provisioned", 0, |s| s.iter().any(|v| v["prefix"] == "NEW" && v["status"] == "provisioned")),
-        ("old server fenced", 30, |s| s.iter().any(|v| v["fenced"] == true)),
-        ("copy restored", 0, |s| {
-            let new = s.iter().find(|v| v["prefix"] == "NEW").map(|v| &v["id"]);
-            s.iter().any(|e| Some(&e["service"]) == new && !e["data"]["restored_from"].is_null())
-        }),
-        ("old server retired", 0, |s| s.iter().any(|v| v["prefix"] == "OLD")),
-    ];
-    for (phase, extra, reached) in phases {
+    for &(phase, extra, reached) in phases {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pgconverge"))
             .args(["apply", "--auto-approve"])
             .env(common::THROWAWAY.0, common::THROWAWAY.1)
@@ -103,13 +139,13 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
             .spawn()
             .expect("apply");
         let waited = Instant::now();
-        while !reached(&services())
+        while !reached(&services(), &root)
             && child.try_wait().expect("wait").is_none()
             && waited.elapsed() < Duration::from_secs(30)
         {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let was_reached = reached(&services());
+        let was_reached = reached(&services(), &root);
         std::thread::sleep(Duration::from_millis(extra));
         let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
         let status = child.wait().expect("wait");
@@ -132,8 +168,9 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
     assert!(missing.is_empty(), "{} committed writes lost: {:?}", missing.len(), &missing[..missing.len().min(10)]);
     assert_eq!(psql(&url, "SELECT count(*) FROM bulk").expect("bulk"), "100000");
     eprintln!(
-        "{} writes committed and all present after 4 kills; longest gap between two committed writes: {:.2} s",
+        "{strategy}: {} writes committed and all present after {} kills; longest gap between two committed writes: {:.2} s",
         committed.len(),
+        phases.len(),
         longest.as_secs_f64()
     );
 }
