@@ -122,3 +122,15 @@ fn a_plan_not_proven_shortest_says_so() {
         assert!(out.contains("Not proven shortest: the exact search ran out of budget"), "{out}");
     }
 }
+
+#[test]
+fn markdown_pg_upgrade_plan() {
+    let text = "version: 1\nupgrade: {strategy: pg_upgrade}\nenvironments:\n  live: {postgres: {DEFAULT: 17}}\n";
+    let config = config::parse(Path::new("pgconverge.yaml"), text).expect("config");
+    let live: Live = serde_json::from_str(
+        r#"{"format_version":1,"environments":{"live":{"services":[
+            {"id":"a","version":15,"prefix":"DEFAULT","status":"attached"}]}}}"#,
+    )
+    .expect("live");
+    insta::assert_snapshot!(markdown(&plan::plan(&config, &live, &[]).expect("plan")));
+}
