@@ -169,3 +169,36 @@ fn an_extension_the_new_major_lacks_is_refused_before_the_fence() {
     assert!(!run.stderr.contains("[test 1/"), "no action ran: {}", run.stderr);
     assert_eq!(psql(&url, "SELECT pgc_only16()").expect("the application still works"), "16");
 }
+
+/// What the upgrade matches the new cluster to: initdb's settings, read back from a
+/// running server as they were given.
+#[test]
+fn initdb_settings_are_read_back_as_given() {
+    use pgconverge::provider::local::{binaries, server};
+    ensure_postgres();
+    let base = scratch("upgrade_settings");
+    let _servers = Servers(base.to_path_buf());
+    let odd = server::Settings {
+        encoding: "SQL_ASCII".into(),
+        collate: "C".into(),
+        ctype: "C".into(),
+        checksums: false,
+        wal_segment_mb: 32,
+    };
+    for (n, settings) in [server::Settings::default(), odd].into_iter().enumerate() {
+        let dir = base.join("servers").join(n.to_string());
+        let mut s = server::Server {
+            bin: binaries::find(17, &[]).expect("17"),
+            data_dir: dir.join("data"),
+            socket_dir: dir.join("run"),
+            log_file: dir.join("log/server.log"),
+            port: 0,
+            run_as: server::RunAs::for_user("postgres").expect("run_as"),
+        };
+        s.init_like(&settings).expect("initdb");
+        common::start_on_a_free_port(&mut s);
+        let read = s.settings();
+        s.stop().expect("stop");
+        assert_eq!(read.expect("settings"), settings);
+    }
+}

@@ -78,6 +78,29 @@ pub fn check_private_dir(dir: &Path, owner: u32) -> Result<bool> {
     Ok(true)
 }
 
+/// What initdb fixes for good in a cluster. The default is what pgconverge gives every
+/// server it makes: UTF-8, locale C, data checksums, 16 MB WAL segments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub encoding: String,
+    pub collate: String,
+    pub ctype: String,
+    pub checksums: bool,
+    pub wal_segment_mb: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            encoding: "UTF8".into(),
+            collate: "C".into(),
+            ctype: "C".into(),
+            checksums: true,
+            wal_segment_mb: 16,
+        }
+    }
+}
+
 /// A server's files and address.
 #[derive(Clone, Debug)]
 pub struct Server {
@@ -144,6 +167,11 @@ impl Server {
     /// initdb: UTF-8, data checksums, local superuser trusted over the socket only. The
     /// server's directories are made for its user alone (mode 0700, whatever the umask).
     pub fn init(&self) -> Result<()> {
+        self.init_like(&Settings::default())
+    }
+
+    /// initdb with `settings` (a cluster pg_upgrade can fill from one that has them).
+    pub fn init_like(&self, settings: &Settings) -> Result<()> {
         let log_dir = self.log_file.parent().unwrap_or(&self.data_dir);
         for dir in [&self.data_dir, &self.socket_dir, &log_dir.to_path_buf()] {
             if !dir.exists() {
@@ -158,8 +186,17 @@ impl Server {
         let mut c = self.command("initdb");
         c.arg("-D")
             .arg(&self.data_dir)
-            .args(["--data-checksums", "--encoding=UTF8", "--locale=C", "--username", SUPERUSER])
+            .arg(format!("--encoding={}", settings.encoding))
+            .arg(format!("--lc-collate={}", settings.collate))
+            .arg(format!("--lc-ctype={}", settings.ctype))
+            .args(["--locale=C", "--username", SUPERUSER])
+            .arg(format!("--wal-segsize={}", settings.wal_segment_mb))
             .args(["--auth-local=trust", "--auth-host=scram-sha-256", "--no-instructions"]);
+        if settings.checksums {
+            c.arg("--data-checksums");
+        } else if self.bin.major >= 18 {
+            c.arg("--no-data-checksums"); // on by default from 18
+        }
         if throwaway() {
             c.arg("--no-sync");
         }
@@ -250,6 +287,28 @@ impl Server {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Ok(())
+    }
+
+    /// What initdb fixed for good in this (running) server's cluster, which pg_upgrade
+    /// needs equal on both sides.
+    pub fn settings(&self) -> Result<Settings> {
+        let out = self.sql(
+            "postgres",
+            "SELECT current_setting('server_encoding'), datcollate, datctype, current_setting('data_checksums'), \
+             pg_size_bytes(current_setting('wal_segment_size')) / 1048576 FROM pg_database WHERE datname = 'template1'",
+        )?;
+        let f: Vec<&str> = out.trim().split('|').collect();
+        let wal = f.get(4).and_then(|w| w.parse().ok());
+        match (f.as_slice(), wal) {
+            ([encoding, collate, ctype, checksums, _], Some(wal_segment_mb)) => Ok(Settings {
+                encoding: encoding.to_string(),
+                collate: collate.to_string(),
+                ctype: ctype.to_string(),
+                checksums: *checksums == "on",
+                wal_segment_mb,
+            }),
+            _ => Err(Error::Server(format!("unexpected answer `{out}` about the cluster's settings"))),
+        }
     }
 
     /// Runs SQL as the superuser in `db`; returns unaligned, tuples-only output.

@@ -1,8 +1,9 @@
 //! The pg_upgrade strategy's copy: the old server's data directory upgraded into the new
 //! server's with `pg_upgrade`, the old server stopped meanwhile and started again after,
 //! as it was (no transfer offered here consumes it). The new server was provisioned bare
-//! (only the bootstrap superuser, as pg_upgrade needs); `pg_upgrade --check` runs against
-//! the running old server before anything is fenced (`check_upgrade`).
+//! (only the bootstrap superuser, as pg_upgrade needs) and is made again with the old
+//! cluster's initdb settings should they differ; `pg_upgrade --check` runs against the
+//! running old server before anything is fenced (`check_upgrade`).
 //!
 //! Crash safety: the new server's record says `untouched` while its cluster is as initdb
 //! left it; the upgrade clears it before pg_upgrade writes there, and an upgrade that
@@ -23,6 +24,7 @@ impl LocalProvider {
         transfer: Transfer,
     ) -> Result<u64> {
         let (_, old) = self.running_server(env, from)?;
+        let like = old.settings()?;
         let mut meta = self.load(env, id)?;
         let new = self.server(&meta)?;
         // Bare: only what initdb makes (a server provisioned for another strategy has the
@@ -33,12 +35,15 @@ impl LocalProvider {
                 "postgres",
                 "SELECT count(*) FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')",
             )? == "0"
-            && new.sql("postgres", "SELECT count(*) FROM pg_roles WHERE rolname !~ '^pg_'")? == "1";
+            && new.sql("postgres", "SELECT count(*) FROM pg_roles WHERE rolname !~ '^pg_'")? == "1"
+            // initdb's settings as the old cluster's (provision, not knowing the source,
+            // gave it pgconverge's own).
+            && new.settings()? == like;
         new.stop()?;
         if !bare {
             // An earlier attempt got as far as pg_upgrade: its files are no start.
             std::fs::remove_dir_all(&new.data_dir).map_err(|e| io_err("remove", &new.data_dir, e))?;
-            new.init()?;
+            new.init_like(&like)?;
             meta.untouched = true;
             self.store(env, &meta)?;
         }
@@ -96,12 +101,13 @@ impl LocalProvider {
             port: 0,
             run_as: self.run_as,
         };
-        let checked = scratch.init().map_err(ProviderError::from).and_then(|()| {
-            missing_extensions(&old, &scratch)?;
-            // A live check reaches the old server where it listens; the new cluster's
-            // short start shares its socket directory.
-            Ok(pg_upgrade(&old, &scratch, None, &old.socket_dir, (old.port, server::free_port()?))?)
-        });
+        let checked =
+            old.settings().and_then(|like| scratch.init_like(&like)).map_err(ProviderError::from).and_then(|()| {
+                missing_extensions(&old, &scratch)?;
+                // A live check reaches the old server where it listens; the new cluster's
+                // short start shares its socket directory.
+                Ok(pg_upgrade(&old, &scratch, None, &old.socket_dir, (old.port, server::free_port()?))?)
+            });
         let _ = scratch.stop();
         let _ = std::fs::remove_dir_all(&dir);
         checked.map_err(|e| {
