@@ -59,6 +59,19 @@ fn kill_a_pg_upgrade_under_live_writes_and_lose_nothing() {
     kill_under_writes("pg_upgrade", &phases);
 }
 
+/// The processes with `path` open, as `pid command`.
+fn holders(path: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let fds = std::fs::read_dir(p.path().join("fd")).into_iter().flatten().flatten();
+        if fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|l| l == path) {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            found.push(format!("{} {}", p.file_name().to_string_lossy(), comm.trim()));
+        }
+    }
+    found
+}
+
 fn kill_under_writes(strategy: &str, phases: &[Phase]) {
     ensure_postgres();
     let dir = scratch(&format!("kill_under_writes_{strategy}"));
@@ -153,8 +166,21 @@ fn kill_under_writes(strategy: &str, phases: &[Phase]) {
         eprintln!("{phase}: apply {}", if status.success() { "had finished" } else { "killed" });
         assert!(!status.success(), "apply finished before the kill at '{phase}'");
     }
-    let last = pgconverge(&["apply", "--auto-approve"], &dir);
-    assert_eq!(last.code, 0, "{}{}", last.stdout, last.stderr);
+    // Seen once in CI: the last apply found the killed apply's lock still held. A server
+    // start forked just before the kill leaves a child that has moved to a process group
+    // of its own (so the group kill missed it) and holds a copy of the lock's descriptor
+    // until its exec closes it, which a loaded machine may delay. The wait lets it go;
+    // the processes that hold the lock file are named if it is ever held for good.
+    let last = pgconverge(&["apply", "--auto-approve", "--lock-timeout", "30s"], &dir);
+    assert_eq!(
+        last.code,
+        0,
+        "{}{}\nholding {}: {:?}",
+        last.stdout,
+        last.stderr,
+        root.join("lock").display(),
+        holders(&root.join("lock"))
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let (committed, longest) = writer.join().expect("writer");
