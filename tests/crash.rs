@@ -51,6 +51,13 @@ impl Upgrade {
     fn acted(self) -> Vec<String> {
         failpoint::acted(self.actions)
     }
+
+    /// Both: every failpoint and every place between an action and its record.
+    fn every(self) -> Vec<String> {
+        let mut names = self.failpoints();
+        names.extend(self.acted());
+        names
+    }
 }
 
 /// One service on PostgreSQL 15, as the crash suite's first apply leaves it.
@@ -183,23 +190,17 @@ fn crash_at_every_failpoint_with_the_ledger_in_a_state_database_then_apply_again
     let base = scratch("crash_state_db");
     let (_state_server, dsn) = common::state_database(&base);
     let upgrade = Upgrade::of(Strategy::DumpRestore);
-    let mut names = upgrade.failpoints();
-    names.extend(upgrade.acted());
-    trip("crash", upgrade, &names, Some(&dsn));
+    trip("crash", upgrade, &upgrade.every(), Some(&dsn));
 }
 
 #[test]
 fn crash_at_every_failpoint_of_a_logical_upgrade_then_apply_again() {
     let upgrade = Upgrade::of(Strategy::Logical);
-    let mut names = upgrade.failpoints();
-    names.extend(upgrade.acted());
-    trip("crash", upgrade, &names, None);
+    trip("crash", upgrade, &upgrade.every(), None);
 }
 
 #[test]
 fn crash_at_every_failpoint_of_a_pg_upgrade_then_apply_again() {
     let upgrade = Upgrade::of(Strategy::PgUpgrade);
-    let mut names = upgrade.failpoints();
-    names.extend(upgrade.acted());
-    trip("crash", upgrade, &names, None);
+    trip("crash", upgrade, &upgrade.every(), None);
 }

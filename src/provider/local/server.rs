@@ -148,12 +148,14 @@ impl Server {
         c
     }
 
-    fn run(&self, mut c: Command, what: &str) -> Result<Output> {
+    /// Runs `c` (one of `command`'s) to its end; a failure keeps the last `lines` lines it
+    /// wrote.
+    pub fn run(&self, mut c: Command, what: &str, lines: usize) -> Result<Output> {
         let out = c.stdin(Stdio::null()).output().map_err(Error::spawn(what))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stdout = String::from_utf8_lossy(&out.stdout);
-            let output = last_lines(&format!("{stdout}{stderr}"), 6);
+            let output = last_lines(&format!("{stdout}{stderr}"), lines);
             return Err(Error::Program { what: what.to_owned(), status: out.status, output });
         }
         Ok(out)
@@ -200,7 +202,7 @@ impl Server {
         if throwaway() {
             c.arg("--no-sync");
         }
-        self.run(c, "initdb").map(drop)
+        self.run(c, "initdb", 6).map(drop)
     }
 
     /// Starts the server detached from pgconverge's process group, listening on
@@ -274,7 +276,7 @@ impl Server {
         let Some(pid) = self.postmaster() else { return Ok(()) };
         let mut c = self.command("pg_ctl");
         c.args(["kill", "INT", &pid.to_string()]);
-        self.run(c, "pg_ctl kill INT")
+        self.run(c, "pg_ctl kill INT", 6)
             .map_err(|e| Error::Server(format!("cannot stop the server in {}: {e}", self.data_dir.display())))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while alive(pid) {

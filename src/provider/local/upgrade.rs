@@ -91,6 +91,7 @@ impl LocalProvider {
         if !old.is_running() {
             return Ok(()); // observe starts it; the upgrade itself checks again
         }
+        // Named as `add` names servers, so that tidy removes what a crash leaves of it.
         let id = format!("pg{major}-{}", random_hex(4)?);
         let dir = self.subdir("servers", None)?.join(&id);
         let scratch = Server {
@@ -124,26 +125,24 @@ impl LocalProvider {
 /// would fail it halfway, inside the outage. `new` is started on a free port for the
 /// question and stopped again.
 fn missing_extensions(old: &Server, new: &Server) -> Result<()> {
-    let mut installed = Vec::new();
-    for db in ["postgres", APP_DB] {
-        let names = old.sql(db, "SELECT extname FROM pg_extension ORDER BY 1")?;
-        installed.extend(names.lines().filter(|l| !l.is_empty()).map(|n| format!("{n} (database {db})")));
-    }
     let mut asked = new.clone();
     asked.port = server::free_port()?;
     asked.start()?;
     let available = asked.sql("postgres", "SELECT name FROM pg_available_extensions");
     asked.stop()?;
-    let available: Vec<String> = available?.lines().map(str::to_owned).collect();
-    let missing: Vec<&String> =
-        installed.iter().filter(|e| !available.iter().any(|a| e.split(' ').next() == Some(a.as_str()))).collect();
+    let available = available?;
+    let mut missing = Vec::new();
+    for db in ["postgres", APP_DB] {
+        let installed = old.sql(db, "SELECT extname FROM pg_extension ORDER BY 1")?;
+        let lacking = installed.lines().filter(|n| !n.is_empty() && !available.lines().any(|a| a == *n));
+        missing.extend(lacking.map(|n| format!("{n} (database {db})")));
+    }
     if missing.is_empty() {
         return Ok(());
     }
-    let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
     Err(ProviderError::Failed(format!(
         "extension {} is not installed for PostgreSQL {} on this machine (install it for that major first, or drop it)",
-        names.join(", "),
+        missing.join(", "),
         new.bin.major
     )))
 }
@@ -201,8 +200,7 @@ fn pg_upgrade(
         .arg(socket_dir)
         .args(["--old-port", &ports.0.to_string(), "--new-port", &ports.1.to_string()])
         .args(["--username", server::SUPERUSER]);
-    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-    c.args(["--jobs", &jobs.to_string()]);
+    c.args(["--jobs", &jobs()]);
     match transfer {
         None => {
             c.arg("--check");
@@ -221,14 +219,13 @@ fn pg_upgrade(
             }
         }
     }
-    let out = c.stdin(Stdio::null()).output().map_err(Error::spawn("pg_upgrade"))?;
-    if !out.status.success() {
-        let said = String::from_utf8_lossy(&[out.stdout.as_slice(), out.stderr.as_slice()].concat()).into_owned();
-        // pg_upgrade says what failed last, after its list of passed checks.
-        let output = crate::process::last_lines(&said, 8);
-        return Err(Error::Program { what: "pg_upgrade".into(), status: out.status, output });
-    }
-    Ok(())
+    // pg_upgrade says what failed last, after its list of passed checks, in up to 8 lines.
+    new.run(c, "pg_upgrade", 8).map(drop)
+}
+
+/// `--jobs` for pg_upgrade and vacuumdb: one per core.
+fn jobs() -> String {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).to_string()
 }
 
 /// Fresh planner statistics on the upgraded server (pg_upgrade carries none before 18),
@@ -240,13 +237,8 @@ fn analyze(server: &Server) -> Result<()> {
     c.env("PGOPTIONS", server::SESSION_OPTIONS)
         .args(["--all", "--analyze-only", "--quiet", "--host"])
         .arg(&server.socket_dir)
-        .args(["--port", &server.port.to_string(), "--username", server::SUPERUSER]);
-    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-    c.args(["--jobs", &jobs.to_string()]);
-    let out = c.stdin(Stdio::null()).output().map_err(Error::spawn("vacuumdb"))?;
-    if !out.status.success() {
-        let output = crate::process::last_lines(&String::from_utf8_lossy(&out.stderr), 6);
-        return Err(Error::Program { what: "vacuumdb --analyze-only".into(), status: out.status, output }.into());
-    }
+        .args(["--port", &server.port.to_string(), "--username", server::SUPERUSER])
+        .args(["--jobs", &jobs()]);
+    server.run(c, "vacuumdb --analyze-only", 6)?;
     Ok(())
 }
