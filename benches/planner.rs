@@ -115,6 +115,7 @@ fn random_env(rng: &mut Rng) -> (config::DesiredEnv, pgconverge::model::EnvLive)
             status,
             fenced: status.visible() && rng.below(3) == 0,
             data,
+            consumed_by: None,
         });
     }
     (DesiredEnv { name: EnvName::parse("e").expect("env"), postgres, upgrade }, live)

@@ -386,7 +386,7 @@ fn run(
         }
         Action::Upgrade { service, from } => {
             return p
-                .upgrade(env, &id(service)?, &id(from)?, d.upgrade.transfer)
+                .upgrade(env, &id(service)?, &id(from)?, d.upgrade.transfer, d.upgrade.verify)
                 .map(|b| (None, moved(b, "upgraded")))
                 .map_err(Stop::Failed);
         }

@@ -212,8 +212,8 @@ impl Strategy {
     }
 }
 
-/// How `pg_upgrade` moves the data files. None of these consumes the old server: until
-/// it is deleted, it can be started again as it was.
+/// How `pg_upgrade` moves the data files. All but `link` leave the old server as it was:
+/// until it is deleted, it can be started again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Transfer {
@@ -227,6 +227,10 @@ pub enum Transfer {
     /// Reflink every file (Btrfs, XFS with reflink, APFS): near-instant, no extra space
     /// until either side writes.
     Clone,
+    /// Hard-link every file: near-instant whatever the size, no extra space, but the new
+    /// server takes the old one's files: once it has started, the old server can never
+    /// start again (no way back but a backup). Refused with `keep_old`.
+    Link,
 }
 
 impl Transfer {
@@ -236,7 +240,13 @@ impl Transfer {
             Transfer::Copy => "copy",
             Transfer::CopyFileRange => "copy_file_range",
             Transfer::Clone => "clone",
+            Transfer::Link => "link",
         }
+    }
+
+    /// The new server takes the old one's files.
+    pub fn consumes(self) -> bool {
+        self == Transfer::Link
     }
 }
 
@@ -759,6 +769,13 @@ fn validate(config: &Config) -> Result<(), Invalid> {
                 "remove `allow_downgrade: true`, or use `strategy: dump_restore` for a downgrade",
             ));
         }
+        if upgrade.strategy == Strategy::PgUpgrade && upgrade.transfer.consumes() && upgrade.keep_old {
+            return Err((
+                env_path(&["upgrade"]),
+                "transfer link gives the old server's files to the new one: the old server kept by keep_old could never start again".into(),
+                "remove `keep_old: true`, or use `transfer: auto` (the old server is left as it was)",
+            ));
+        }
         if upgrade.strategy == Strategy::PgUpgrade && config.provider.divio.is_some() {
             let at = if env.upgrade.strategy.is_some() {
                 env_path(&["upgrade", "strategy"])
@@ -1010,8 +1027,14 @@ mod tests {
         let e = parse(std::path::Path::new("c.yaml"), &divio).expect_err("divio pg_upgrade");
         assert!(e.to_string().contains("c.yaml:5:") && e.to_string().contains("Divio does not give"), "{e}");
         let link = format!("version: 1\nupgrade: {{strategy: pg_upgrade, transfer: link}}\n{env}");
-        let e = parse(std::path::Path::new("c.yaml"), &link).expect_err("link is not offered");
-        assert!(e.to_string().contains("unknown variant `link`"), "{e}");
+        let up = &parse(std::path::Path::new("c.yaml"), &link).expect("link").desired()[0].upgrade;
+        assert!(up.transfer.consumes());
+        let kept = format!("version: 1\nupgrade: {{strategy: pg_upgrade, transfer: link, keep_old: true}}\n{env}");
+        let e = parse(std::path::Path::new("c.yaml"), &kept).expect_err("link with keep_old");
+        assert!(e.to_string().contains("could never start again"), "{e}");
+        let swap = format!("version: 1\nupgrade: {{strategy: pg_upgrade, transfer: swap}}\n{env}");
+        let e = parse(std::path::Path::new("c.yaml"), &swap).expect_err("swap is not offered");
+        assert!(e.to_string().contains("unknown variant `swap`"), "{e}");
     }
 
     #[test]

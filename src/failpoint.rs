@@ -22,6 +22,10 @@ const LOGICAL: &[&str] =
 /// pg_upgrade, after the new server's first start.
 const PG_UPGRADE: &[&str] = &["upgrade:stopped", "upgrade:transferred", "upgrade:started"];
 
+/// Places a pg_upgrade reaches only with `transfer: link`: after the old server is
+/// recorded consumed, before the new one first starts.
+pub const LINK: &[&str] = &["upgrade:consumed"];
+
 /// Reached only while an initial copy is still running, so only with tables big enough
 /// to take a while (`tests/logical.rs` trips it with one).
 pub const NEEDS_A_LONG_COPY: &[&str] = &["replicate:copying"];

@@ -48,6 +48,20 @@ impl Ledger {
                     None => {}
                 }
             }
+            // A service the provider saw consumed gave its data to the one that took its
+            // files (the provider records that before the new server first starts): if the
+            // action's own record was lost to a crash, the copy is that data, unverified.
+            let taken: Vec<(ServiceId, ServiceId, Data)> = services
+                .services
+                .iter()
+                .filter_map(|s| Some((s.id.clone(), s.consumed_by.clone()?, s.held())))
+                .collect();
+            for (from, by, held) in taken {
+                let Some(copy) = services.services.iter_mut().find(|s| s.id == by) else { continue };
+                if copy.data.as_ref().is_none_or(|d| d.restored_from.as_ref() != Some(&from)) {
+                    copy.data = Some(Data { restored_from: Some(from), verified: false, streaming: false, ..held });
+                }
+            }
         }
     }
 
@@ -55,7 +69,9 @@ impl Ledger {
     pub fn record(&mut self, env: &EnvName, expected: &EnvLive) {
         self.entries.retain(|e| &e.env != env);
         for s in &expected.services {
-            if let Some(data) = s.effective_data() {
+            // A consumed service's entry says what it held, which names it.
+            let data = if s.consumed_by.is_some() { Some(s.held()) } else { s.effective_data() };
+            if let Some(data) = data {
                 self.entries.push(Entry { env: env.clone(), service: s.id.clone(), data });
             }
         }
@@ -68,6 +84,9 @@ impl Ledger {
         let mut weaker = EnvLive::default();
         for b in &before.services {
             let Some(a) = after.services.iter().find(|a| a.id == b.id) else { continue };
+            // A service the action consumes holds its data until the provider records it
+            // consumed (what `merge` reads), at once with the copy's taking it.
+            let a = if a.consumed_by.is_some() && b.consumed_by.is_none() { b } else { a };
             let data = match (b.effective_data(), a.effective_data()) {
                 (Some(b), Some(a)) if b.of == a.of && b.restored_from == a.restored_from => Some(Data {
                     of: b.of,
@@ -148,6 +167,7 @@ mod tests {
             status,
             fenced: false,
             data,
+            consumed_by: None,
         }
     }
 
@@ -181,6 +201,43 @@ mod tests {
             assert_eq!(entry(&ledger), want, "case {i}");
             ledger.record(&env, &after);
             assert!(ledger.entries.len() == 1, "case {i}: recorded after");
+        }
+    }
+
+    /// A crash between a `link` upgrade's commit (the provider's record of the source
+    /// consumed) and apply's record of it: the ledger still says the source holds the
+    /// data; merge gives it to the copy, which needs its verify, and the source none.
+    #[test]
+    fn a_consumed_source_gives_its_data_to_the_copy() {
+        let env = EnvName::parse("live").expect("env");
+        let id = |s: &str| ServiceId::observed(s).expect("id");
+        let mut old = svc("old", Status::Attached, None);
+        old.prefix = Prefix::parse("DEFAULT").expect("prefix");
+        old.fenced = true;
+        let new = svc("new", Status::Provisioned, None);
+        let before = EnvLive { services: vec![old.clone(), new.clone()] };
+        let mut consumed = old.clone();
+        consumed.consumed_by = Some(id("new"));
+        let mut copied = new.clone();
+        copied.data = copy(true, false).map(|d| Data { restored_from: Some(id("old")), ..d });
+        let after = EnvLive { services: vec![consumed.clone(), copied] };
+        let mut ledger = Ledger::default();
+        ledger.weaken(&env, &before, &after);
+        let held = |l: &Ledger, s: &str| l.entries.iter().find(|e| e.service.as_str() == s).map(|e| e.data.clone());
+        assert!(held(&ledger, "old").is_some_and(|d| d.of.as_str() == "DEFAULT" && d.complete), "{ledger:?}");
+        assert_eq!(held(&ledger, "new"), None);
+        for recorded in [false, true] {
+            if recorded {
+                ledger.record(&env, &after);
+            }
+            let mut live = Live::empty();
+            live.environments.insert(env.clone(), EnvLive { services: vec![consumed.clone(), new.clone()] });
+            ledger.merge(&mut live);
+            let s = &live.environments[&env].services;
+            assert_eq!(s[0].effective_data(), None, "recorded: {recorded}");
+            let d = s[1].data.clone().expect("the copy holds the data");
+            assert_eq!((d.of.as_str(), d.complete, d.verified), ("DEFAULT", true, false), "recorded: {recorded}");
+            assert_eq!(d.restored_from, Some(id("old")));
         }
     }
 

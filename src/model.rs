@@ -330,12 +330,20 @@ pub struct Service {
     pub fenced: bool,
     #[serde(default)]
     pub data: Option<Data>,
+    /// Its data directory became this service's (`pg_upgrade --link`): it holds nothing
+    /// and can never serve again. `data`, if any, says what it held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_by: Option<ServiceId>,
 }
 
 impl Service {
     /// The data as the rules read it: a visible service reported with no data holds its own
-    /// prefix's dataset, complete. A live database is never treated as empty.
+    /// prefix's dataset, complete. A live database is never treated as empty; a consumed
+    /// one holds nothing.
     pub fn effective_data(&self) -> Option<Data> {
+        if self.consumed_by.is_some() {
+            return None;
+        }
         match (&self.data, self.status.visible()) {
             (Some(d), _) => Some(d.clone()),
             (None, true) => Some(Data {
@@ -347,6 +355,18 @@ impl Service {
             }),
             (None, false) => None,
         }
+    }
+
+    /// What a consumed service held before its files became another's: its recorded data,
+    /// or its prefix's dataset.
+    pub fn held(&self) -> Data {
+        self.data.clone().unwrap_or_else(|| Data {
+            of: self.prefix.clone(),
+            complete: true,
+            restored_from: None,
+            verified: false,
+            streaming: false,
+        })
     }
 }
 

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 
 use common::{ensure_postgres, env_file, pgconverge_with, psql, scratch, Servers};
-use pgconverge::config::Strategy;
+use pgconverge::config::{Strategy, Transfer};
 use pgconverge::failpoint;
 
 const ROWS: u32 = 2000;
@@ -20,28 +20,36 @@ const ROWS: u32 = 2000;
 #[derive(Clone, Copy)]
 struct Upgrade {
     strategy: Strategy,
+    transfer: Transfer,
     actions: usize,
 }
 
 impl Upgrade {
     fn of(strategy: Strategy) -> Upgrade {
+        Upgrade::with(strategy, Transfer::Auto)
+    }
+
+    fn with(strategy: Strategy, transfer: Transfer) -> Upgrade {
         ensure_postgres();
         let dir = scratch("crash_plan");
-        write_config(&dir, 17, false, strategy);
+        write_config(&dir, 17, false, Upgrade { strategy, transfer, actions: 0 });
         std::fs::write(dir.join("live.json"), LIVE_ON_15).expect("snapshot");
         let plan = common::pgconverge(&["plan", "--live", "live.json", "--format", "json"], &dir);
         assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
         let plan: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan json");
         let actions = plan["environments"][0]["actions"].as_array().expect("actions").len();
         assert!(actions >= 10, "a whole upgrade: {plan}");
-        Upgrade { strategy, actions }
+        Upgrade { strategy, transfer, actions }
     }
 
     /// Every failpoint of the upgrade: around each action, and inside the actions but those
     /// only a long copy reaches.
     fn failpoints(self) -> Vec<String> {
         let mut names = failpoint::around(self.actions);
-        let inside = failpoint::inside(self.strategy);
+        let mut inside = failpoint::inside(self.strategy);
+        if self.transfer == Transfer::Link {
+            inside.extend(failpoint::LINK);
+        }
         names.extend(inside.iter().filter(|n| !failpoint::NEEDS_A_LONG_COPY.contains(n)).map(|n| n.to_string()));
         names
     }
@@ -64,13 +72,13 @@ impl Upgrade {
 const LIVE_ON_15: &str = r#"{"format_version": 1, "environments": {"test": {"services": [
   {"id": "pg15-00000001", "version": 15, "prefix": "DEFAULT", "status": "attached"}]}}}"#;
 
-fn write_config(dir: &Path, major: u32, state: bool, strategy: Strategy) {
+fn write_config(dir: &Path, major: u32, state: bool, upgrade: Upgrade) {
     let state = if state { "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n" } else { "" };
-    let strategy = strategy.as_str();
+    let (strategy, transfer) = (upgrade.strategy.as_str(), upgrade.transfer.as_str());
     std::fs::write(
         dir.join("pgconverge.yaml"),
         format!(
-            "version: 1\n{state}upgrade:\n  strategy: {strategy}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
+            "version: 1\n{state}upgrade:\n  strategy: {strategy}\n  transfer: {transfer}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
         ),
     )
     .expect("config");
@@ -136,15 +144,14 @@ fn trip_one(mode: &str, upgrade: Upgrade, name: &str, state: Option<&str>) {
     let pgconverge = |args: &[&str], dir: &Path| pgconverge_with(args, dir, &vars);
     let where_ = if state.is_some() { "db" } else { "file" };
     let dir = scratch(&format!("crash_{mode}_{where_}_{}", name.replace(':', "_")));
-    let strategy = upgrade.strategy;
     let root = dir.join(".pgconverge");
     let _servers = Servers(root.clone());
-    write_config(&dir, 15, state.is_some(), strategy);
+    write_config(&dir, 15, state.is_some(), upgrade);
     assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
     let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
     psql(&url, &format!("CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, {ROWS}) g"))
         .expect("load");
-    write_config(&dir, 17, state.is_some(), strategy);
+    write_config(&dir, 17, state.is_some(), upgrade);
 
     let spec = format!("{name}={mode}");
     let mut armed = vars.clone();
@@ -153,8 +160,17 @@ fn trip_one(mode: &str, upgrade: Upgrade, name: &str, state: Option<&str>) {
     let want = if mode == "crash" { 137 } else { 1 };
     assert_eq!(broken.code, want, "{spec}: {}{}", broken.stdout, broken.stderr);
 
+    // With `link`, the old server's record says whether the crash came after the commit:
+    // then it must never serve again; before it, with a link under way, it must be given
+    // its files back.
+    let (linked, committed) = (recorded(&root, "link_from"), recorded(&root, "consumed_by"));
     let again = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(again.code, 0, "{spec}: the second apply failed: {}{}", again.stdout, again.stderr);
+    if upgrade.transfer == Transfer::Link {
+        let undone = again.stderr.contains("undoing a pg_upgrade --link");
+        assert!(!(committed && undone), "{spec}: a consumed server was given its files back: {}", again.stderr);
+        assert_eq!(undone, linked && !committed, "{spec}: a link nothing started is undone: {}", again.stderr);
+    }
     let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
     let check = psql(&url, "SELECT count(*), max(id), current_setting('server_version_num')::int / 10000 FROM t")
         .expect("check");
@@ -165,6 +181,19 @@ fn trip_one(mode: &str, upgrade: Upgrade, name: &str, state: Option<&str>) {
     assert_eq!(dirs, 1, "{spec}: orphan server directories");
     assert_eq!(running_servers(&root), 1, "{spec}: orphan server processes");
     assert_eq!(leftovers(&root), Vec::<String>::new(), "{spec}: files left behind");
+}
+
+/// A service's record under `root` has `key`: `link_from` (a `link` upgrade is under way
+/// into it) or `consumed_by` (its files are another's).
+fn recorded(root: &Path, key: &str) -> bool {
+    let records = std::fs::read_dir(root.join("state/test")).into_iter().flatten().flatten();
+    records.filter_map(|e| std::fs::read_to_string(e.path()).ok()).any(|t| t.contains(&format!("\"{key}\"")))
+}
+
+#[test]
+fn crash_at_every_failpoint_of_a_linking_pg_upgrade_then_apply_again() {
+    let upgrade = Upgrade::with(Strategy::PgUpgrade, Transfer::Link);
+    trip("crash", upgrade, &upgrade.every(), None);
 }
 
 #[test]

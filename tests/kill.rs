@@ -35,7 +35,7 @@ fn kill_apply_under_live_writes_and_lose_nothing() {
         }),
         ("old server retired", 0, |s, _| s.iter().any(|v| v["prefix"] == "OLD")),
     ];
-    kill_under_writes("dump_restore", &phases);
+    kill_under_writes("dump_restore", "strategy: dump_restore", &phases);
 }
 
 /// The same with pg_upgrade, killed also while pg_upgrade itself runs (its report
@@ -56,7 +56,24 @@ fn kill_a_pg_upgrade_under_live_writes_and_lose_nothing() {
         }),
         ("old server retired", 0, |s, _| s.iter().any(|v| v["prefix"] == "OLD")),
     ];
-    kill_under_writes("pg_upgrade", &phases);
+    kill_under_writes("pg_upgrade", "strategy: pg_upgrade", &phases);
+}
+
+/// The same with `transfer: link`, killed also once the old server is recorded consumed
+/// (its files are the new one's): the next apply must never start it again. (What
+/// follows takes a few milliseconds, too short to be caught in the act.)
+#[test]
+fn kill_a_linking_pg_upgrade_under_live_writes_and_lose_nothing() {
+    let phases: [Phase; 3] = [
+        ("old server fenced", 0, |s, _| s.iter().any(|v| v["fenced"] == true)),
+        ("pg_upgrade running", 0, |s, root| {
+            new_service(s)
+                .and_then(|v| v["id"].as_str())
+                .is_some_and(|id| root.join("servers").join(id).join("data/pg_upgrade_output.d").exists())
+        }),
+        ("old server consumed", 0, |s, _| s.iter().any(|v| v["consumed_by"].is_string())),
+    ];
+    kill_under_writes("pg_upgrade_link", "strategy: pg_upgrade, transfer: link", &phases);
 }
 
 /// The processes with `path` open, as `pid command`.
@@ -72,16 +89,17 @@ fn holders(path: &std::path::Path) -> Vec<String> {
     found
 }
 
-fn kill_under_writes(strategy: &str, phases: &[Phase]) {
+/// `upgrade`: the config's `upgrade` keys, inline (`strategy: logical`).
+fn kill_under_writes(name: &str, upgrade: &str, phases: &[Phase]) {
     ensure_postgres();
-    let dir = scratch(&format!("kill_under_writes_{strategy}"));
+    let dir = scratch(&format!("kill_under_writes_{name}"));
     let root = dir.join(".pgconverge");
     let _servers = Servers(root.clone());
     let config = |major: u32| {
         std::fs::write(
             dir.join("pgconverge.yaml"),
             format!(
-                "version: 1\nupgrade: {{strategy: {strategy}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
+                "version: 1\nupgrade: {{{upgrade}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
             ),
         )
         .expect("config");
@@ -194,7 +212,7 @@ fn kill_under_writes(strategy: &str, phases: &[Phase]) {
     assert!(missing.is_empty(), "{} committed writes lost: {:?}", missing.len(), &missing[..missing.len().min(10)]);
     assert_eq!(psql(&url, "SELECT count(*) FROM bulk").expect("bulk"), "100000");
     eprintln!(
-        "{strategy}: {} writes committed and all present after {} kills; longest gap between two committed writes: {:.2} s",
+        "{name}: {} writes committed and all present after {} kills; longest gap between two committed writes: {:.2} s",
         committed.len(),
         phases.len(),
         longest.as_secs_f64()

@@ -87,6 +87,48 @@ fn pg_upgrade_carries_everything_over_and_the_old_server_stays_as_it_was() {
     assert_eq!(plan.code, 0, "converged: {}", plan.stdout);
 }
 
+/// `transfer: link`: the new server takes the old one's files (hard links: no copy), the
+/// plan says there is no way back, verify compares with the fingerprint taken before the
+/// old server was consumed, and the consumed server, never started again, is deleted.
+#[test]
+fn link_gives_the_old_servers_files_to_the_new_one() {
+    let dir = scratch("upgrade_link");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, "transfer: link", 15);
+    apply(&dir);
+    let old = dsn(&dir);
+    psql(&old, SCHEMA).expect("load");
+    let table = psql(&old, "SELECT pg_relation_filepath('items')").expect("file");
+    let servers = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(root.join("servers")).expect("servers").flatten().map(|e| e.path()).collect()
+    };
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("stat"));
+    let before = inode(&servers()[0].join("data").join(&table));
+
+    config(&dir, "transfer: link", 17);
+    let plan = pgconverge(&["plan"], &dir);
+    assert!(plan.stdout.contains("[no way back]"), "{}", plan.stdout);
+    assert!(plan.stdout.contains("no way back to the old server"), "{}", plan.stdout);
+    let markdown = pgconverge(&["plan", "--format", "markdown"], &dir);
+    assert!(markdown.stdout.contains("`no-way-back`"), "{}", markdown.stdout);
+    let run = apply(&dir);
+    assert!(run.stderr.contains("verify +1 against"), "{}", run.stderr);
+
+    let new = dsn(&dir);
+    assert_eq!(psql(&new, CHECK).expect("check"), "17|5000|5000|1|1|5001", "sequence, index, function, large object");
+    psql(&new, "INSERT INTO items (name) VALUES ('after')").expect("the application writes to the new server");
+    // The table's file is the one the old server wrote, linked, not copied; the old
+    // server's directory is gone, the file is the new server's alone.
+    let dirs = servers();
+    assert_eq!(dirs.len(), 1, "the consumed server was deleted");
+    let moved = psql(&new, "SELECT pg_relation_filepath('items')").expect("file");
+    let file = dirs[0].join("data").join(&moved);
+    assert_eq!(inode(&file), before, "{} is {table} of the old server", file.display());
+    let plan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
+    assert_eq!(plan.code, 0, "converged: {}", plan.stdout);
+}
+
 /// pg_upgrade refuses reg* columns (their values are OIDs that the new cluster does not
 /// keep): `apply` says so before it fences anything, and the application keeps writing.
 #[test]

@@ -81,6 +81,8 @@ pub enum Risk {
     DeletesService,
     /// The application's view of its databases changes.
     Cutover,
+    /// The source's files become the copy's: the old server can never start again.
+    ConsumesSource,
 }
 
 impl<S, P, V> Action<S, P, V> {

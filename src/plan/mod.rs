@@ -159,7 +159,7 @@ pub fn report_of(config: &Config, live: &Live, saved: &Plan) -> Result<Report, P
             steps.push(Step {
                 action: action.clone(),
                 reason: reason(&p.ctx, &before, &op),
-                risk: op.risk(),
+                risk: p.ctx.risk(&op),
                 in_outage: inside,
             });
         }
@@ -248,7 +248,7 @@ pub fn plan_env(desired: &DesiredEnv, live: &EnvLive) -> Result<EnvReport, PlanE
         steps.push(Step {
             action: to_action(&ctx, op),
             reason: reason(&ctx, &st, op),
-            risk: op.risk(),
+            risk: ctx.risk(op),
             in_outage: inside,
         });
         st = next;
@@ -421,9 +421,10 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
                 format!("the application switches to {}", attach.join(", "))
             }
         }
-        Op::Delete { service: i } => match svc(i).and_then(|s| s.data) {
-            Some(d) => format!("no longer needed: {}'s data lives on in the attached copy", pre(d.of)),
-            None => "no longer needed: it holds no data".to_owned(),
+        Op::Delete { service: i } => match svc(i).map(|s| (s.data, s.consumed)) {
+            Some((Some(d), _)) => format!("no longer needed: {}'s data lives on in the attached copy", pre(d.of)),
+            Some((None, Some((_, by)))) => format!("no longer needed: its files are {}'s now", ctx.id(by)),
+            _ => "no longer needed: it holds no data".to_owned(),
         },
     }
 }
@@ -526,13 +527,23 @@ impl Prediction {
                 prefix: prefix(s.prefix),
                 status: s.status,
                 fenced: s.fenced,
-                data: s.data.map(|d| crate::model::Data {
-                    of: prefix(d.of),
-                    complete: d.complete,
-                    restored_from: d.restored_from.map(id),
-                    verified: d.verified,
-                    streaming: d.streaming,
-                }),
+                data: s
+                    .data
+                    .map(|d| crate::model::Data {
+                        of: prefix(d.of),
+                        complete: d.complete,
+                        restored_from: d.restored_from.map(id),
+                        verified: d.verified,
+                        streaming: d.streaming,
+                    })
+                    .or(s.consumed.map(|(of, _)| crate::model::Data {
+                        of: prefix(of),
+                        complete: false,
+                        restored_from: None,
+                        verified: false,
+                        streaming: false,
+                    })),
+                consumed_by: s.consumed.map(|(_, by)| id(by)),
             })
             .collect();
         EnvLive { services }

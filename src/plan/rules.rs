@@ -64,6 +64,9 @@ pub struct Svc {
     pub data: Option<DataS>,
     /// The latest backup taken of this service in this plan (snapshots list none).
     pub backup: Option<Backup>,
+    /// Its files became another service's (pg_upgrade's `link`): the dataset it held and
+    /// the service that holds it now. It holds nothing, stays fenced and can only leave.
+    pub consumed: Option<(P, Id)>,
 }
 
 impl DataS {
@@ -76,7 +79,16 @@ impl DataS {
 impl Svc {
     /// The `n`th service a plan adds: status new, no data.
     pub fn added(n: u16, prefix: P, version: u32) -> Self {
-        Svc { id: Id::Added(n), version, prefix, status: Status::New, fenced: false, data: None, backup: None }
+        Svc {
+            id: Id::Added(n),
+            version,
+            prefix,
+            status: Status::New,
+            fenced: false,
+            data: None,
+            backup: None,
+            consumed: None,
+        }
     }
 
     pub fn visible(&self) -> bool {
@@ -128,6 +140,8 @@ pub struct Ctx {
     pub logical: bool,
     /// Copies are made by `upgrade` (pg_upgrade), one action, with the source quiet.
     pub pg_upgrade: bool,
+    /// The upgrade consumes its source (`transfer: link`): the copy takes its files.
+    pub consumes: bool,
     pub keep_old: bool,
     pub allow_downgrade: bool,
     /// What the search aims for; the rules themselves never read it.
@@ -243,14 +257,23 @@ impl Ctx {
                 }),
                 None => None,
             };
+            let consumed = match &s.consumed_by {
+                Some(by) => {
+                    let by = live.services.iter().position(|o| &o.id == by).map_or(GONE, |j| Id::Observed(j as u16));
+                    Some((intern(&s.held().of)?, by))
+                }
+                None => None,
+            };
             svcs.push(Svc {
                 id: Id::Observed(i as u16),
                 version: s.version.get(),
                 prefix: intern(&s.prefix)?,
                 status: s.status,
-                fenced: s.fenced,
+                // Nothing can write to it.
+                fenced: s.fenced || consumed.is_some(),
                 data,
                 backup: None,
+                consumed,
             });
         }
         if live.services.len() > 1000 {
@@ -295,6 +318,7 @@ impl Ctx {
             verify: up.verify,
             logical: up.strategy == crate::config::Strategy::Logical,
             pg_upgrade: up.strategy == crate::config::Strategy::PgUpgrade,
+            consumes: up.strategy == crate::config::Strategy::PgUpgrade && up.transfer.consumes(),
             keep_old: up.keep_old,
             allow_downgrade: up.allow_downgrade,
             goal: Goal::Declared,
@@ -358,7 +382,8 @@ impl Ctx {
 
     /// Prefixes carry meaning (`docs/rules.md`): may `s` sit under its prefix with its data?
     pub fn prefix_meaning_holds(&self, s: &Svc) -> bool {
-        let of = s.data.map(|d| d.of);
+        // A consumed service is named for what it held.
+        let of = s.data.map(|d| d.of).or(s.consumed.map(|(p, _)| p));
         match self.roles[s.prefix as usize] {
             Role::Declared(_) => of.is_none_or(|o| o == s.prefix),
             Role::Temporary(Some(p)) => of.is_none_or(|o| o == p) && Some(s.version) == self.declared_version(p),
@@ -473,8 +498,16 @@ impl Ctx {
                 Ok(())
             }
             Op::Unfence { service: id } => {
-                if !get(id)?.fenced {
+                let s = get(id)?;
+                if !s.fenced {
                     return refuse(format!("{} is not fenced", self.id(id)));
+                }
+                if let Some((_, by)) = s.consumed {
+                    return refuse(format!(
+                        "{} can never serve again: its files are {}'s now",
+                        self.id(id),
+                        self.id(by)
+                    ));
                 }
                 Ok(())
             }
@@ -675,7 +708,7 @@ impl Ctx {
         if self.unmanaged(s) {
             return refuse(format!("{} is not managed by pgconverge and is never touched", self.id(service)));
         }
-        if service == from || s.status != Status::Provisioned {
+        if service == from || s.status != Status::Provisioned || s.consumed.is_some() {
             return refuse(format!("{} is not a provisioned service other than the source", self.id(service)));
         }
         if s.version < f.version && !self.allow_downgrade {
@@ -770,6 +803,12 @@ impl Ctx {
                 let data = st.svcs.iter().find(|s| s.id == from).and_then(|s| s.data);
                 if let (Some(i), Some(d)) = (find(&mut next, service), data) {
                     next.svcs[i].data = Some(DataS::copy(d.of, d.complete, from, false));
+                    if let Some(f) = next.svcs.iter_mut().find(|s| s.id == from).filter(|_| self.consumes) {
+                        f.data = None;
+                        f.backup = None;
+                        f.fenced = true;
+                        f.consumed = Some((d.of, service));
+                    }
                 }
             }
             Op::CatchUp { service: id } => {
@@ -903,6 +942,15 @@ impl Ctx {
             })
             .filter(|(op, next)| !matches!(op, Op::Backup { .. }) || next != st)
             .collect()
+    }
+
+    /// What `op` risks for the application here: as its kind says, and an upgrade that
+    /// consumes its source leaves no server to go back to.
+    pub fn risk(&self, op: &Op) -> Option<super::Risk> {
+        match op {
+            Op::Upgrade { .. } if self.consumes => Some(super::Risk::ConsumesSource),
+            _ => op.risk(),
+        }
     }
 
     /// Inside the write outage: the application cannot write to a visible service.

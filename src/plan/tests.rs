@@ -633,7 +633,7 @@ mod optimality {
         pub(super) fn world()(declared in proptest::sample::subsequence(vec![0usize, 1], 1..=2),
                    versions in (15u32..=17, 15u32..=17),
                    services in proptest::collection::vec(service(), 0..=3),
-                   fence_writes in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(), strategy in 0..3usize,
+                   fence_writes in any::<bool>(), verify in any::<bool>(), keep_old in any::<bool>(), strategy in 0..4usize,
                    allow_downgrade in any::<bool>(), walk in proptest::collection::vec(any::<prop::sample::Index>(), 0..8))
                    -> (DesiredEnv, EnvLive, Vec<prop::sample::Index>) {
             let names = ["A", "B"];
@@ -641,12 +641,14 @@ mod optimality {
                 .iter()
                 .map(|&i| (pfx(names[i]), Major::new(if i == 0 { versions.0 } else { versions.1 }).expect("major")))
                 .collect();
-            let strategy = super::STRATEGIES[strategy];
+            let (strategy, transfer) = super::STRATEGIES[strategy];
             let upgrade = Upgrade {
                 strategy,
+                transfer,
                 fence_writes: fence_writes || strategy == Strategy::Logical,
                 verify: if verify { Verify::Counts } else { Verify::None },
-                keep_old,
+                // As the config allows: a kept original must be able to start.
+                keep_old: keep_old && !transfer.consumes(),
                 // As the config allows: pg_upgrade never downgrades.
                 allow_downgrade: allow_downgrade && strategy != Strategy::PgUpgrade,
                 ..Upgrade::default()
@@ -669,6 +671,7 @@ mod optimality {
                         verified,
                         streaming: false,
                     }),
+                    consumed_by: None,
                 });
             }
             let desired = DesiredEnv { name: EnvName::parse("e").expect("env"), postgres, upgrade };
@@ -784,17 +787,19 @@ mod writes_kept {
                        (0..PREFIXES.len(), 15u32..=17, 0..5usize, any::<bool>(),
                         proptest::option::of((0..4usize, any::<bool>(), proptest::option::of(0..7usize), any::<bool>()))),
                        1..=3),
-                   strategy in 0..3usize, verify in any::<bool>(), keep_old in any::<bool>(),
+                   strategy in 0..4usize, verify in any::<bool>(), keep_old in any::<bool>(),
                    walk in proptest::collection::vec(any::<prop::sample::Index>(), 0..14))
                    -> (DesiredEnv, EnvLive, Vec<prop::sample::Index>) {
             let pfx = |s: &str| Prefix::parse(s).expect("prefix");
             let names = ["A", "B", "C"];
             let postgres = names.iter().zip(&versions).map(|(n, v)| (pfx(n), Major::new(*v).expect("major"))).collect();
+            let (strategy, transfer) = super::STRATEGIES[strategy];
             let upgrade = Upgrade {
-                strategy: super::STRATEGIES[strategy],
+                strategy,
+                transfer,
                 fence_writes: true,
                 verify: if verify { Verify::Counts } else { Verify::None },
-                keep_old,
+                keep_old: keep_old && !transfer.consumes(),
                 ..Upgrade::default()
             };
             let mut live = EnvLive::default();
@@ -806,6 +811,7 @@ mod writes_kept {
                     status: Status::Attached,
                     fenced: false,
                     data: None,
+                    consumed_by: None,
                 });
             }
             for (i, (p, version, status, fenced, data)) in extra.into_iter().enumerate() {
@@ -827,6 +833,7 @@ mod writes_kept {
                         verified,
                         streaming: false,
                     }),
+                    consumed_by: None,
                 });
             }
             let desired = DesiredEnv { name: EnvName::parse("e").expect("env"), postgres, upgrade };
@@ -1024,6 +1031,7 @@ fn prediction_matches_a_copy_of_a_deleted_source() {
         status: Status::New,
         fenced: false,
         data: None,
+        consumed_by: None,
     });
     assert_eq!(differences(&expected, &observed), Vec::<String>::new());
     observed.services[0].fenced = true;
@@ -1120,6 +1128,58 @@ fn pg_upgrade_runbook_upgrades_in_one_action_inside_the_outage() {
     assert!(refused.0.contains("fence it before pg_upgrade stops it"), "{refused}");
 }
 
+/// `transfer: link`: the same runbook, the upgrade marked as having no way back. The
+/// consumed source holds nothing, cannot be fenced, unfenced, copied from or into, and
+/// leaves as the runbook's old server does; verify compares with what it held.
+#[test]
+fn a_consuming_upgrade_leaves_its_source_nothing_but_the_way_out() {
+    let (d, l) =
+        env("    upgrade: {strategy: pg_upgrade, transfer: link}\n    postgres: {DEFAULT: 17}\n", OLD_ATTACHED);
+    let r = plan_env(&d, &l).expect("plan");
+    let shape = short(&r);
+    assert_eq!(shape[3], "upgrade +1 from svc-1");
+    assert_eq!(shape.len(), 10, "{shape:?}");
+    let risks: Vec<_> = r.steps.iter().filter_map(|s| s.risk).collect();
+    assert!(risks.contains(&crate::plan::Risk::ConsumesSource), "{risks:?}");
+    let (ctx, st) = rules::Ctx::new(&d, &l).expect("ctx");
+    let mut st = st;
+    for op in [
+        Op::Add { service: Id::Added(1), prefix: 1, version: 17 },
+        Op::Provision { service: Id::Added(1) },
+        Op::Fence { service: Id::Observed(0) },
+        Op::Upgrade { service: Id::Added(1), from: Id::Observed(0) },
+    ] {
+        ctx.check(&st, &op).expect("runbook step");
+        st = ctx.effect(&st, &op);
+    }
+    let old = st.svcs.iter().find(|s| s.id == Id::Observed(0)).expect("old").clone();
+    assert_eq!((old.data, old.consumed, old.fenced), (None, Some((0, Id::Added(1))), true));
+    let new = st.svcs.iter().find(|s| s.id == Id::Added(1)).expect("new");
+    assert!(new.data.is_some_and(|d| d.complete && d.of == 0), "{new:?}");
+    let o = Id::Observed(0);
+    for (op, why) in [
+        (Op::Unfence { service: o }, "can never serve again"),
+        (Op::Backup { service: o }, "holds no data"),
+        (Op::Fence { service: o }, "not a visible, unfenced service holding data"),
+    ] {
+        let refused = ctx.check(&st, &op).expect_err(why);
+        assert!(refused.0.contains(why), "{op:?}: {refused}");
+    }
+    ctx.check(&st, &Op::Verify { service: Id::Added(1), against: o }).expect("verify against what it held");
+    ctx.check(&st, &Op::Rename { service: o, to: 2 }).expect("retired under OLD, named for what it held");
+    // Through the snapshot and back: what apply checks its prediction against.
+    let mut p = crate::plan::Prediction::new(&d, &l).expect("prediction");
+    for step in &r.steps[..4] {
+        p.advance(&step.action, step.action.stand_in()).expect("advance");
+    }
+    let seen = p.expected();
+    let old = seen.services.iter().find(|s| s.id.as_str() == "svc-1").expect("old");
+    assert_eq!(old.consumed_by.as_ref().map(|c| c.as_str()), Some("+1"));
+    assert_eq!(old.effective_data(), None, "a consumed service holds nothing");
+    let (_, again) = rules::Ctx::new(&d, &seen).expect("ctx from the snapshot");
+    assert_eq!(again.svcs[0].consumed, Some((0, Id::Observed(1))));
+}
+
 /// Half-done logical upgrades: a copy still streaming is caught up, never deployed; its
 /// source cannot be deleted under it; a dump_restore config finishes it too.
 #[test]
@@ -1147,9 +1207,17 @@ fn a_streaming_copy_is_caught_up_before_anything_depends_on_it() {
     assert!(ctx.check(&st, &Op::CatchUp { service: Id::Observed(1) }).is_err(), "the source still takes writes");
 }
 
-/// The strategies, as the property tests draw them.
-const STRATEGIES: [crate::config::Strategy; 3] =
-    [crate::config::Strategy::DumpRestore, crate::config::Strategy::Logical, crate::config::Strategy::PgUpgrade];
+/// The strategies, as the property tests draw them: pg_upgrade both leaving its source
+/// as it was and consuming it.
+const STRATEGIES: [(crate::config::Strategy, crate::config::Transfer); 4] = {
+    use crate::config::{Strategy, Transfer};
+    [
+        (Strategy::DumpRestore, Transfer::Auto),
+        (Strategy::Logical, Transfer::Auto),
+        (Strategy::PgUpgrade, Transfer::Auto),
+        (Strategy::PgUpgrade, Transfer::Link),
+    ]
+};
 
 #[test]
 fn each_strategy_copies_its_own_way_and_logical_needs_the_fence() {

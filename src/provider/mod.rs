@@ -160,10 +160,18 @@ pub trait Provider {
     }
     /// pg_upgrade strategy: with `from` quiet (fenced), upgrades its data into the
     /// provisioned `id` with `transfer`, starts `id`, and leaves `from` as it was (started
-    /// again, still fenced); returns the bytes of data moved. A failure leaves `from`
-    /// startable and the next attempt starts afresh.
-    fn upgrade(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId, transfer: Transfer) -> Result<u64> {
-        let _ = (env, id, from, transfer);
+    /// again, still fenced), or with `link` consumed (its snapshot's `consumed_by`: `id`,
+    /// its fingerprint for `verify` kept); returns the bytes of data moved. A failure
+    /// leaves `from` startable and the next attempt starts afresh.
+    fn upgrade(
+        &mut self,
+        env: &EnvName,
+        id: &ServiceId,
+        from: &ServiceId,
+        transfer: Transfer,
+        verify: Verify,
+    ) -> Result<u64> {
+        let _ = (env, id, from, transfer, verify);
         Err(ProviderError::Refused("this provider cannot upgrade data directories with pg_upgrade".into()))
     }
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()>;

@@ -93,6 +93,9 @@ fn risk_labels(env: &EnvReport) -> Vec<&'static str> {
     if env.steps.iter().any(|s| s.risk == Some(Risk::DeletesService)) {
         labels.push("deletes-service");
     }
+    if env.steps.iter().any(|s| s.risk == Some(Risk::ConsumesSource)) {
+        labels.push("no-way-back");
+    }
     if copies_unfenced(env) {
         labels.push("no-fence: writes may be lost");
     }

@@ -14,6 +14,7 @@ pub fn risk_label(r: Risk) -> &'static str {
         Risk::BlocksWrites => "blocks writes",
         Risk::DeletesService => "deletes a service",
         Risk::Cutover => "cutover",
+        Risk::ConsumesSource => "no way back",
     }
 }
 
@@ -30,6 +31,9 @@ pub fn live_lines(live: &EnvLive, unmanaged: &[crate::model::ServiceId]) -> Vec<
             }
             if s.fenced {
                 notes.push("fenced".to_owned());
+            }
+            if s.consumed_by.is_some() {
+                notes.push("consumed".to_owned());
             }
             if let Some(d) = s.data.as_ref().filter(|d| d.of != s.prefix) {
                 notes.push(format!("holds {}", d.of));
@@ -99,6 +103,13 @@ pub fn copy_risks(env: &EnvReport) -> Vec<String> {
     }
     if (copies || upgrades) && up.verify == crate::config::Verify::None {
         risks.push("`verify` is `none`: the copy is not compared with its source.".to_owned());
+    }
+    if upgrades && up.transfer.consumes() {
+        risks.push(
+            "`transfer: link`: the new server takes the old one's files; once it has started there is no way back \
+             to the old server, except a backup you made."
+                .to_owned(),
+        );
     }
     risks
 }

@@ -118,10 +118,10 @@ pub fn live(out: &mut impl Write, live: &Live) -> io::Result<()> {
             .services
             .iter()
             .map(|s| {
-                let data = match &s.data {
-                    None if !s.status.visible() => "-".to_owned(),
-                    _ => {
-                        let d = s.effective_data().unwrap_or_else(|| unreachable!("visible services hold data"));
+                let data = match (s.effective_data(), &s.consumed_by) {
+                    (_, Some(by)) => format!("none: its files are {by}'s"),
+                    (None, None) => "-".to_owned(),
+                    (Some(d), None) => {
                         let mut w = vec![d.of.to_string()];
                         w.push(if d.complete { "complete" } else { "incomplete" }.into());
                         if let Some(f) = &d.restored_from {

@@ -388,6 +388,7 @@ mod tests {
             status,
             fenced: false,
             data: None,
+            consumed_by: None,
         };
         let id = |i: &str| ServiceId::observed(i).expect("id");
         let new = svc("n", "NEW", Status::Provisioned);

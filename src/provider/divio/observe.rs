@@ -161,6 +161,7 @@ impl DivioProvider {
                     status,
                     fenced: false,
                     data: None,
+                    consumed_by: None,
                 };
                 found.push((service, item.region.clone(), seen, word.clone()));
             }

@@ -89,7 +89,7 @@ impl LocalProvider {
                     Action::Add { version, .. } => self.check_binaries(*version)?,
                     Action::Upgrade { service, from } => {
                         if let Some(major) = version_of(service) {
-                            self.check_upgrade(&env_plan.name, from, major)?;
+                            self.check_upgrade(&env_plan.name, from, major, self.transfer(&env_plan.name))?;
                         }
                     }
                     Action::Replicate { service, .. } if version_of(service).is_some_and(|v| v.get() < 16) => {
@@ -111,11 +111,17 @@ impl LocalProvider {
                     continue;
                 }
                 let size = database_size(&server)?;
-                needed += size.saturating_mul(COPY_SPACE_FACTOR);
+                // pg_upgrade writes the data once more, or with `link` only its catalog.
+                let factor = match action {
+                    Action::Upgrade { .. } if self.transfer(&env_plan.name).consumes() => 0,
+                    Action::Upgrade { .. } => 1,
+                    _ => COPY_SPACE_FACTOR,
+                };
+                needed += size.saturating_mul(factor);
                 let free = free_bytes(&self.root)?;
                 if needed > free {
                     return Err(ProviderError::Refused(format!(
-                        "environment {}: copying {source}'s database ({}) needs about {} free on the disk that holds {} ({COPY_SPACE_FACTOR} × the database: the new server's data, the WAL written while it is loaded, and the kept dump), and it has {}; free some space or point provider.local.root at a larger disk",
+                        "environment {}: copying {source}'s database ({}) needs about {} free on the disk that holds {} (a dump and restore needs {COPY_SPACE_FACTOR} × the database: the new server's data, the WAL written while it is loaded, and the kept dump; pg_upgrade 1 ×, or nothing with `transfer: link`), and it has {}; free some space or point provider.local.root at a larger disk",
                         env_plan.name,
                         crate::model::human_bytes(size),
                         crate::model::human_bytes(needed),
@@ -135,6 +141,11 @@ impl LocalProvider {
             }
         }
         Ok(())
+    }
+
+    /// How pg_upgrade moves files in `env`.
+    fn transfer(&self, env: &EnvName) -> crate::config::Transfer {
+        self.bare.get(env).copied().unwrap_or(crate::config::Transfer::Auto)
     }
 
     /// Adds to a failed copy step what a full disk explains: PostgreSQL names the file it

@@ -69,9 +69,9 @@ pub struct LocalProvider {
     bin_dirs: Vec<PathBuf>,
     run_as: Option<RunAs>,
     env_file: String,
-    /// The environments whose copies are made by pg_upgrade: their new servers are
-    /// provisioned bare, as pg_upgrade needs them.
-    bare: std::collections::BTreeSet<EnvName>,
+    /// The environments whose copies are made by pg_upgrade, with its transfer: their
+    /// new servers are provisioned bare, as pg_upgrade needs them.
+    bare: BTreeMap<EnvName, crate::config::Transfer>,
     command: Option<String>,
     /// Postmaster pids whose server answered with its recorded major: observe asks a
     /// server once per start, not after every action.
@@ -121,7 +121,7 @@ impl LocalProvider {
     /// Provisions bare servers in the environments whose strategy is pg_upgrade.
     pub fn for_envs(mut self, envs: &[crate::config::DesiredEnv]) -> Self {
         let upgrades = envs.iter().filter(|d| d.upgrade.strategy == crate::config::Strategy::PgUpgrade);
-        self.bare = upgrades.map(|d| d.name.clone()).collect();
+        self.bare = upgrades.map(|d| (d.name.clone(), d.upgrade.transfer)).collect();
         self
     }
 
@@ -180,9 +180,11 @@ impl Provider for LocalProvider {
         let Ok(entries) = std::fs::read_dir(self.root.join("state")) else { return Ok(live) };
         for e in entries.flatten() {
             let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) else { continue };
+            self.settle_links(&env)?;
             let mut services = Vec::new();
             for mut meta in self.metas(&env)? {
-                if meta.service.status != Status::New {
+                // A consumed server's files are another's: it is never started again.
+                if meta.service.status != Status::New && meta.service.consumed_by.is_none() {
                     self.private_socket_dir(&env, &mut meta)?;
                     let server = self.server(&meta)?;
                     if !server.data_dir.join("PG_VERSION").exists() {
@@ -222,17 +224,32 @@ impl Provider for LocalProvider {
     fn add(&mut self, env: &EnvName, prefix: &Prefix, version: Major) -> Result<ServiceId> {
         self.check_binaries(version)?;
         let id = ServiceId::observed(&format!("pg{version}-{}", random_hex(4)?)).map_err(failed)?;
-        let service =
-            Service { id: id.clone(), version, prefix: prefix.clone(), status: Status::New, fenced: false, data: None };
-        let meta =
-            Meta { service, streaming_from: None, port: None, untouched: false, loading: false, socket_dir: None };
+        let service = Service {
+            id: id.clone(),
+            version,
+            prefix: prefix.clone(),
+            status: Status::New,
+            fenced: false,
+            data: None,
+            consumed_by: None,
+        };
+        let meta = Meta {
+            service,
+            streaming_from: None,
+            port: None,
+            untouched: false,
+            loading: false,
+            socket_dir: None,
+            link_from: None,
+            fingerprint: None,
+        };
         self.store(env, &meta)?;
         Ok(id)
     }
 
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let mut meta = self.load(env, id)?;
-        self.create_server(env, &mut meta, self.bare.contains(env))?;
+        self.create_server(env, &mut meta, self.bare.contains_key(env))?;
         meta.service.status = Status::Provisioned;
         meta.untouched = true;
         self.store(env, &meta)
@@ -293,19 +310,29 @@ impl Provider for LocalProvider {
         id: &ServiceId,
         from: &ServiceId,
         transfer: crate::config::Transfer,
+        verify: Verify,
     ) -> Result<u64> {
-        let result = self.upgrade_now(env, id, from, transfer);
+        let result = self.upgrade_now(env, id, from, transfer, verify);
         result.map_err(|e| self.disk_full(e))
     }
 
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
         let (_, copy) = self.running_server(env, id)?;
-        let (_, source) = self.running_server(env, against)?;
+        let kept = self.load(env, against)?;
+        let consumed = kept.service.consumed_by.is_some();
+        let kept = kept.fingerprint.filter(|(h, _)| *h == how).map(|(_, fp)| fp);
+        if consumed && kept.is_none() {
+            return Err(ProviderError::Failed(format!(
+                "{against}'s files are {id}'s now and no fingerprint of it was kept to compare with: set `upgrade.verify: none`, or compare by hand"
+            )));
+        }
+        let source =
+            if consumed { self.server(&self.load(env, against)?)? } else { self.running_server(env, against)?.1 };
         let mut taken = |id: &ServiceId| match self.fingerprints.remove(id) {
             Some((h, fp)) if h == how => Some(fp),
             _ => None,
         };
-        let (a, b) = (taken(against), taken(id));
+        let (a, b) = (taken(against).or(kept), taken(id));
         // What is missing is taken now, both servers at once.
         let (a, b) = std::thread::scope(|s| {
             let a = s.spawn(|| a.map_or_else(|| fingerprint::timed(&source, APP_DB, how, "source"), Ok));

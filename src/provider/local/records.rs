@@ -26,6 +26,14 @@ pub(super) struct Meta {
     /// one made under the system's temporary directory with a random name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) socket_dir: Option<PathBuf>,
+    /// The service whose files `pg_upgrade --link` gives this server, until the upgrade is
+    /// finished or undone (`upgrade::settle_links`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) link_from: Option<ServiceId>,
+    /// This server's fingerprint, taken before a `link` upgrade consumed it, for the
+    /// verify of its copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) fingerprint: Option<(Verify, fingerprint::Fingerprint)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -225,7 +225,9 @@ impl Server {
         // output would wait for the server to exit.
         c.stdout(Stdio::null()).stderr(Stdio::piped());
         let out = c.stdin(Stdio::null()).output().map_err(Error::spawn("pg_ctl start"))?;
-        if !out.status.success() {
+        // A start begun by a killed apply may win the race (its pg_ctl and server live on
+        // in a process group of their own): the server runs, as asked.
+        if !out.status.success() && !self.is_running() {
             let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
             return Err(Error::Server(format!(
                 "the PostgreSQL {} server in {} did not start: {}{}",

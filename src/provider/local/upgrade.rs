@@ -1,14 +1,23 @@
 //! The pg_upgrade strategy's copy: the old server's data directory upgraded into the new
-//! server's with `pg_upgrade`, the old server stopped meanwhile and started again after,
-//! as it was (no transfer offered here consumes it). The new server was provisioned bare
-//! (only the bootstrap superuser, as pg_upgrade needs) and is made again with the old
-//! cluster's initdb settings should they differ; `pg_upgrade --check` runs against the
-//! running old server before anything is fenced (`check_upgrade`).
+//! server's with `pg_upgrade`, the old server stopped meanwhile. The new server was
+//! provisioned bare (only the bootstrap superuser, as pg_upgrade needs) and is made again
+//! with the old cluster's initdb settings should they differ; `pg_upgrade --check` runs
+//! against the running old server before anything is fenced (`check_upgrade`).
 //!
 //! Crash safety: the new server's record says `untouched` while its cluster is as initdb
 //! left it; the upgrade clears it before pg_upgrade writes there, and an upgrade that
-//! finds it cleared makes the cluster afresh first. The old server is only ever stopped
-//! and started: observe starts it again after any crash.
+//! finds it cleared makes the cluster afresh first. Every transfer but `link` leaves the
+//! old server as it was: it is started again, and observe starts it after any crash.
+//!
+//! `link` gives the old server's files to the new one. pg_upgrade renames the old
+//! cluster's `global/pg_control` away before it links, and renaming it back undoes the
+//! upgrade for as long as nothing has started the new cluster. So the commit is the old
+//! server's record saying `consumed_by` the new one, written after pg_upgrade and before
+//! the new server's first start: a linked server (`link_from`) whose source's record does
+//! not say so was never started, and `settle_links` rolls it back (the old server serves
+//! again, the new one is made afresh); one whose source's does is finished (started,
+//! LOGIN given back, ANALYZE) and its source is never started again. The ledger learns
+//! of the copy from the same record (`ledger::Ledger::merge`).
 
 use super::error::Error;
 use super::*;
@@ -22,8 +31,9 @@ impl LocalProvider {
         id: &ServiceId,
         from: &ServiceId,
         transfer: Transfer,
+        verify: Verify,
     ) -> Result<u64> {
-        let (_, old) = self.running_server(env, from)?;
+        let (mut source, old) = self.running_server(env, from)?;
         let like = old.settings()?;
         let mut meta = self.load(env, id)?;
         let new = self.server(&meta)?;
@@ -49,43 +59,125 @@ impl LocalProvider {
         }
         let transfer = resolve(transfer, &old, &new);
         let size = super::checks::database_size(&old)?;
+        let link = transfer.consumes();
+        if link && verify != Verify::None {
+            // Verify compares the copy with its source, which will be gone: the source's
+            // side is taken now, fenced, and kept in its record.
+            source.fingerprint = Some((verify, fingerprint::timed(&old, APP_DB, verify, "source")?));
+            self.store(env, &source)?;
+        }
         // Sessions of the superuser or of anyone else end with the server: the fence
         // already ended the application's.
         let t = std::time::Instant::now();
         old.stop()?;
         crate::failpoint::hit("upgrade:stopped")?;
         meta.untouched = false;
+        meta.link_from = link.then(|| from.clone());
         self.store(env, &meta)?;
         let ports = (server::free_port()?, server::free_port()?);
         let stopped = t.elapsed().as_secs_f64();
-        if let Err(e) = pg_upgrade(&old, &new, Some(transfer), &new.socket_dir, ports) {
-            // Nothing of the old server was changed: it serves again (fenced) while
-            // whoever runs apply reads why.
-            let _ = old.start();
+        if let Err(e) = pg_upgrade(&old, &new, transfer, false, &new.socket_dir, ports) {
+            // The old server serves again (fenced) while whoever runs apply reads why.
+            if link {
+                self.roll_back_link(env, meta, source)?;
+            } else {
+                let _ = old.start();
+            }
             return Err(e.into());
         }
         crate::failpoint::hit("upgrade:transferred")?;
         let upgraded = t.elapsed().as_secs_f64();
+        if link {
+            // The commit: from here on the old server's files are the new one's.
+            source.service.consumed_by = Some(id.clone());
+            self.store(env, &source)?;
+            crate::failpoint::hit("upgrade:consumed")?;
+        }
         new.start()?;
         crate::failpoint::hit("upgrade:started")?;
-        // The application's role came over fenced (NOLOGIN, as the fence left it on the
-        // old server); the copy is not fenced.
-        new.sql("postgres", &format!("ALTER ROLE {} LOGIN", quote::ident(APP_ROLE)))?;
         let started = t.elapsed().as_secs_f64();
-        analyze(&new)?;
+        self.finish_upgrade(env, meta, &new)?;
         let analyzed = t.elapsed().as_secs_f64();
-        old.start()?;
+        if !link {
+            old.start()?;
+        }
         tracing::info!(service = %id, from = %from, transfer = transfer.as_str(), "upgraded with pg_upgrade");
         // Seconds since the old server began to stop, at the end of each step.
         tracing::debug!(stopped, upgraded, started, analyzed, restarted = t.elapsed().as_secs_f64(), "upgrade steps");
         Ok(size)
     }
 
+    /// What follows the upgraded server's start: the application's role may log in again
+    /// (it came over fenced, NOLOGIN as the fence left it on the old server; the copy is
+    /// not fenced), and the planner's statistics are made. Then a linked server is done.
+    fn finish_upgrade(&self, env: &EnvName, mut meta: Meta, new: &Server) -> Result<()> {
+        new.sql("postgres", &format!("ALTER ROLE {} LOGIN", quote::ident(APP_ROLE)))?;
+        analyze(new)?;
+        if meta.link_from.take().is_some() {
+            self.store(env, &meta)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes or undoes what a crash left of a `link` upgrade in `env` (see the module
+    /// text), before observe starts any server.
+    pub(super) fn settle_links(&self, env: &EnvName) -> Result<()> {
+        for meta in self.metas(env)? {
+            let Some(from) = meta.link_from.clone() else { continue };
+            let source = self.load(env, &from).ok();
+            // A source whose record is gone was deleted, which only a consumed one may be.
+            if source.as_ref().is_none_or(|s| s.service.consumed_by.as_ref() == Some(&meta.service.id)) {
+                tracing::warn!(service = %meta.service.id, "finishing an upgrade that a crash interrupted");
+                let (_, new) = self.running_server(env, &meta.service.id)?;
+                self.finish_upgrade(env, meta, &new)?;
+            } else if let Some(source) = source {
+                tracing::warn!(service = %meta.service.id, from = %from, "undoing a pg_upgrade --link that did not finish");
+                self.roll_back_link(env, meta, source)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes a `link` upgrade into `meta`'s server from `source`'s, which nothing has
+    /// started since: the old cluster gets its `pg_control` back and serves again, the
+    /// new one is made afresh (removing its links leaves the old files as they are).
+    fn roll_back_link(&self, env: &EnvName, mut meta: Meta, source: Meta) -> Result<()> {
+        let new = self.server(&meta)?;
+        if let Some(pid) = upgrading(&new.data_dir) {
+            return Err(ProviderError::Failed(format!(
+                "pg_upgrade (pid {pid}) still runs into {}: wait for it to end, then run pgconverge again",
+                meta.service.id
+            )));
+        }
+        let old = self.server(&source)?;
+        new.stop()?;
+        old.stop()?; // a killed pg_upgrade may leave it running on a port of its own
+        let global = old.data_dir.join("global");
+        let (control, renamed) = (global.join("pg_control"), global.join("pg_control.old"));
+        if !control.exists() && renamed.exists() {
+            std::fs::rename(&renamed, &control).map_err(|e| io_err("rename", &renamed, e))?;
+        }
+        old.start()?;
+        std::fs::remove_dir_all(&new.data_dir).map_err(|e| io_err("remove", &new.data_dir, e))?;
+        new.init_like(&old.settings()?)?;
+        meta.link_from = None;
+        meta.untouched = true;
+        self.store(env, &meta)?;
+        new.start()?;
+        Ok(())
+    }
+
     /// `pg_upgrade --check` of `from`'s running server against a new cluster of `major`,
     /// made for the check in a directory of its own and removed after: what pg_upgrade
     /// refuses (an extension the new major lacks, reg* columns, settings of the clusters)
     /// is said before the plan fences anything.
-    pub(super) fn check_upgrade(&self, env: &EnvName, from: &ServiceId, major: Major) -> Result<()> {
+    pub(super) fn check_upgrade(
+        &self,
+        env: &EnvName,
+        from: &ServiceId,
+        major: Major,
+        transfer: Transfer,
+    ) -> Result<()> {
         let meta = self.load(env, from)?;
         let old = self.server(&meta)?;
         if !old.is_running() {
@@ -107,7 +199,8 @@ impl LocalProvider {
                 missing_extensions(&old, &scratch)?;
                 // A live check reaches the old server where it listens; the new cluster's
                 // short start shares its socket directory.
-                Ok(pg_upgrade(&old, &scratch, None, &old.socket_dir, (old.port, server::free_port()?))?)
+                let ports = (old.port, server::free_port()?);
+                Ok(pg_upgrade(&old, &scratch, transfer, true, &old.socket_dir, ports)?)
             });
         let _ = scratch.stop();
         let _ = std::fs::remove_dir_all(&dir);
@@ -175,12 +268,14 @@ fn resolve(transfer: Transfer, old: &Server, new: &Server) -> Transfer {
 }
 
 /// Runs the new major's pg_upgrade as the servers' user, from `old` into `new` (both
-/// stopped, unless `transfer` is `None`: then `--check` against `old` running on
-/// `ports.0`). Its servers listen on `ports` and on a socket in `socket_dir` only.
+/// stopped, unless `check`: then `--check` against `old` running on `ports.0`, with the
+/// transfer's own checks). Its servers listen on `ports` and on a socket in `socket_dir`
+/// only.
 fn pg_upgrade(
     old: &Server,
     new: &Server,
-    transfer: Option<Transfer>,
+    transfer: Transfer,
+    check: bool,
     socket_dir: &Path,
     ports: (u16, u16),
 ) -> std::result::Result<(), Error> {
@@ -202,25 +297,36 @@ fn pg_upgrade(
         .args(["--username", server::SUPERUSER]);
     c.args(["--jobs", &jobs()]);
     match transfer {
-        None => {
-            c.arg("--check");
-        }
-        Some(t) => {
-            c.arg(match t {
-                Transfer::Clone => "--clone",
-                Transfer::CopyFileRange => "--copy-file-range",
-                Transfer::Copy | Transfer::Auto => "--copy",
-            });
-            if server::throwaway() {
-                c.arg("--no-sync");
-            } else if new.bin.major >= 17 {
-                // One syncfs per file system instead of an fsync per file.
-                c.arg("--sync-method=syncfs");
-            }
-        }
+        Transfer::Clone => c.arg("--clone"),
+        Transfer::CopyFileRange => c.arg("--copy-file-range"),
+        Transfer::Link => c.arg("--link"),
+        // `auto` is resolved before; a check of it checks a plain copy.
+        Transfer::Copy | Transfer::Auto => c.arg("--copy"),
+    };
+    if check {
+        c.arg("--check");
+    } else if server::throwaway() {
+        c.arg("--no-sync");
+    } else if new.bin.major >= 17 {
+        // One syncfs per file system instead of an fsync per file.
+        c.arg("--sync-method=syncfs");
     }
     // pg_upgrade says what failed last, after its list of passed checks, in up to 8 lines.
     new.run(c, "pg_upgrade", 8).map(drop)
+}
+
+/// The pid of a pg_upgrade still running into `data_dir` (one whose apply was killed
+/// alone), read from /proc.
+fn upgrading(data_dir: &Path) -> Option<u32> {
+    let wanted = data_dir.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        let program = args.next()?;
+        let named = program.ends_with(b"pg_upgrade") && args.any(|a| a == wanted);
+        named.then_some(pid)
+    })
 }
 
 /// `--jobs` for pg_upgrade and vacuumdb: one per core.
