@@ -636,6 +636,10 @@ fn parse_error(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml
     };
     let hint = if duplicate.is_some() {
         "each key may appear once in a map; remove or merge the repeated one"
+    } else if message.starts_with("unknown variant `swap`") {
+        // PostgreSQL 18's --swap destroys the old cluster as its transfer begins: a crash
+        // then leaves neither server whole, and no backup is taken inside the fence.
+        "`swap` is not offered: a crash during it would leave neither server whole; `link` is nearly as fast and can be undone until the new server starts"
     } else if message.starts_with("unknown field") || message.starts_with("unknown variant") {
         "check the spelling; see `pgconverge schema` for every key"
     } else if [
@@ -1035,6 +1039,7 @@ mod tests {
         let swap = format!("version: 1\nupgrade: {{strategy: pg_upgrade, transfer: swap}}\n{env}");
         let e = parse(std::path::Path::new("c.yaml"), &swap).expect_err("swap is not offered");
         assert!(e.to_string().contains("unknown variant `swap`"), "{e}");
+        assert!(e.hint().is_some_and(|h| h.contains("`link`")), "{e:?}");
     }
 
     #[test]

@@ -123,14 +123,24 @@ fn a_plan_not_proven_shortest_says_so() {
     }
 }
 
-#[test]
-fn markdown_pg_upgrade_plan() {
-    let text = "version: 1\nupgrade: {strategy: pg_upgrade}\nenvironments:\n  live: {postgres: {DEFAULT: 17}}\n";
-    let config = config::parse(Path::new("pgconverge.yaml"), text).expect("config");
+fn pg_upgrade_report(upgrade: &str) -> plan::Report {
+    let text = format!("version: 1\nupgrade: {{{upgrade}}}\nenvironments:\n  live: {{postgres: {{DEFAULT: 17}}}}\n");
+    let config = config::parse(Path::new("pgconverge.yaml"), &text).expect("config");
     let live: Live = serde_json::from_str(
         r#"{"format_version":1,"environments":{"live":{"services":[
             {"id":"a","version":15,"prefix":"DEFAULT","status":"attached"}]}}}"#,
     )
     .expect("live");
-    insta::assert_snapshot!(markdown(&plan::plan(&config, &live, &[]).expect("plan")));
+    plan::plan(&config, &live, &[]).expect("plan")
+}
+
+#[test]
+fn markdown_pg_upgrade_plan() {
+    insta::assert_snapshot!(markdown(&pg_upgrade_report("strategy: pg_upgrade")));
+}
+
+/// `transfer: link`: the upgrade marked as having no way back, and the warning.
+#[test]
+fn markdown_pg_upgrade_link_plan() {
+    insta::assert_snapshot!(markdown(&pg_upgrade_report("strategy: pg_upgrade, transfer: link")));
 }

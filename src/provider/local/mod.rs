@@ -318,16 +318,19 @@ impl Provider for LocalProvider {
 
     fn verify(&mut self, env: &EnvName, id: &ServiceId, against: &ServiceId, how: Verify) -> Result<()> {
         let (_, copy) = self.running_server(env, id)?;
-        let kept = self.load(env, against)?;
-        let consumed = kept.service.consumed_by.is_some();
-        let kept = kept.fingerprint.filter(|(h, _)| *h == how).map(|(_, fp)| fp);
-        if consumed && kept.is_none() {
-            return Err(ProviderError::Failed(format!(
-                "{against}'s files are {id}'s now and no fingerprint of it was kept to compare with: set `upgrade.verify: none`, or compare by hand"
-            )));
-        }
-        let source =
-            if consumed { self.server(&self.load(env, against)?)? } else { self.running_server(env, against)?.1 };
+        // A consumed source cannot be asked: its fingerprint was kept before the transfer.
+        let meta = self.load(env, against)?;
+        let kept = match meta.fingerprint.clone().filter(|(h, _)| *h == how) {
+            Some((_, fp)) if meta.service.consumed_by.is_some() => Some(fp),
+            None if meta.service.consumed_by.is_some() => {
+                return Err(ProviderError::Failed(format!(
+                    "{against}'s files are {id}'s now and no {} fingerprint of it was kept to compare with: set `upgrade.verify: none`, or compare by hand",
+                    how.as_str()
+                )));
+            }
+            _ => None,
+        };
+        let source = if kept.is_some() { self.server(&meta)? } else { self.running_server(env, against)?.1 };
         let mut taken = |id: &ServiceId| match self.fingerprints.remove(id) {
             Some((h, fp)) if h == how => Some(fp),
             _ => None,

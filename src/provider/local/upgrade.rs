@@ -183,6 +183,15 @@ impl LocalProvider {
         if !old.is_running() {
             return Ok(()); // observe starts it; the upgrade itself checks again
         }
+        let slots = old.sql(
+            "postgres",
+            "SELECT current_setting('server_version_num') || '|' || setting FROM pg_settings WHERE name = 'max_slot_wal_keep_size'",
+        )?;
+        if let Some(why) = slot_keep_trap(&slots) {
+            return Err(ProviderError::Refused(format!(
+                "environment {env}: pg_upgrade cannot upgrade {from} to PostgreSQL {major}: {why}; nothing was touched"
+            )));
+        }
         // Named as `add` names servers, so that tidy removes what a crash leaves of it.
         let id = format!("pg{major}-{}", random_hex(4)?);
         let dir = self.subdir("servers", None)?.join(&id);
@@ -211,6 +220,24 @@ impl LocalProvider {
             ))
         })
     }
+}
+
+/// PostgreSQL 17.0 to 17.5 refuse to start in pg_upgrade's binary-upgrade mode when
+/// their configuration sets `max_slot_wal_keep_size` (anything but -1): an old server of
+/// those releases so configured would fail pg_upgrade inside the outage, and the live
+/// `--check` never starts it. `answer` is the old server's `version_num|setting`.
+fn slot_keep_trap(answer: &str) -> Option<String> {
+    let (version, setting) = answer.trim().split_once('|')?;
+    let version: u32 = version.parse().ok()?;
+    ((170000..170006).contains(&version) && setting != "-1").then(|| {
+        format!(
+            "its server, release {}.{}, sets max_slot_wal_keep_size ({setting} MB), with which releases 17.0 to 17.5 \
+             do not start for pg_upgrade; remove the setting from its postgresql.conf and postgresql.auto.conf for \
+             the upgrade, or update it to 17.6 or later first",
+            version / 10000,
+            version % 100
+        )
+    })
 }
 
 /// Refuses extensions of the old server that the new major's installation lacks:
@@ -334,8 +361,9 @@ fn jobs() -> String {
     std::thread::available_parallelism().map_or(1, |n| n.get()).to_string()
 }
 
-/// Fresh planner statistics on the upgraded server (pg_upgrade carries none before 18),
-/// inside the outage, so that the application's first queries are planned as before.
+/// Planner statistics on the upgraded server, inside the outage, so that the
+/// application's first queries are planned as before: pg_upgrade carries none before 18,
+/// and from 18 on all but extended statistics, so only what is missing is made then.
 /// Run as the superuser, with the search path pinned; ANALYZE evaluates the
 /// application's index expressions as each table's owner.
 fn analyze(server: &Server) -> Result<()> {
@@ -345,6 +373,32 @@ fn analyze(server: &Server) -> Result<()> {
         .arg(&server.socket_dir)
         .args(["--port", &server.port.to_string(), "--username", server::SUPERUSER])
         .args(["--jobs", &jobs()]);
+    if server.bin.major >= 18 {
+        c.arg("--missing-stats-only");
+    }
     server.run(c, "vacuumdb --analyze-only", 6)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_keep_trap;
+
+    #[test]
+    fn only_17_0_to_17_5_with_the_setting_fall_into_the_slot_trap() {
+        let cases = [
+            ("170000|1024", true),
+            ("170005|1", true),
+            ("170005|-1", false),
+            ("170006|1024", false),
+            ("160009|1024", false),
+            ("180001|1024", false),
+            ("garbage", false),
+        ];
+        for (answer, trapped) in cases {
+            assert_eq!(slot_keep_trap(answer).is_some(), trapped, "{answer}");
+        }
+        let why = slot_keep_trap("170002|2048").expect("trapped");
+        assert!(why.contains("17.2") && why.contains("2048 MB") && why.contains("17.6"), "{why}");
+    }
 }
