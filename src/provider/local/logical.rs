@@ -219,11 +219,13 @@ pub fn wait_initial_copy(target: &Server, name: &str) -> Result<()> {
 
 /// The source's WAL flushed so far, after a transaction of our own whose synchronous
 /// commit flushes every commit before it (asynchronous ones included): with writes
-/// fenced, every change the copy needs is at or before it. (The write position could be
-/// later, on records the WAL writer flushes only on its next round, up to 200 ms on.)
+/// fenced, every change the copy needs is at or before it. The transaction must write
+/// WAL (a logical message, which the publication does not send): PostgreSQL flushes at
+/// the commit of one that wrote none only on the WAL writer's next round, up to 200 ms
+/// on, and the flush position before that misses the application's asynchronous
+/// commits of those last moments.
 pub fn flushed_lsn(source: &Server) -> Result<String> {
-    let sql =
-        "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT; SELECT pg_current_wal_flush_lsn();";
+    let sql = "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'pgconverge', 'catch-up');                COMMIT; SELECT pg_current_wal_flush_lsn();";
     let out = source.sql("postgres", sql)?;
     Ok(out.lines().last().unwrap_or_default().trim().to_owned())
 }
