@@ -134,6 +134,23 @@ pub struct LocalConfig {
     /// What deploy does.
     #[serde(default)]
     pub deploy: LocalDeployConfig,
+    /// A connection pooler in front of each environment's servers: the application's DSNs
+    /// name it and never change; the fence pauses it, the deploy points it at the new
+    /// server and resumes it. Absent: the DSNs name the servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooler: Option<PoolerKind>,
+}
+
+/// How long the pooler lets a client's query wait beyond `max_pause_seconds` before it
+/// fails it (PgBouncer's `query_wait_timeout`): pgconverge gives a pause up first.
+pub const POOLER_WAIT_MARGIN_SECONDS: u32 = 60;
+
+/// The connection pooler the local provider runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolerKind {
+    /// PgBouncer (Debian's `pgbouncer` package), transaction pooling.
+    Pgbouncer,
 }
 
 /// Deploy on the local provider: write the environment's env file, then run a command.
@@ -301,6 +318,11 @@ pub struct UpgradeConfig {
     /// Allow restoring into an older major. Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_downgrade: Option<bool>,
+    /// With a pooler: the longest the application's queries may wait at the fence's pause.
+    /// A pause that cannot begin within it (a transaction held open) is given up, the
+    /// pooler resumed on the old server. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pause_seconds: Option<u32>,
 }
 
 /// One environment.
@@ -325,6 +347,7 @@ pub struct Upgrade {
     pub retired_prefix: Prefix,
     pub keep_old: bool,
     pub allow_downgrade: bool,
+    pub max_pause_seconds: u32,
 }
 
 impl Default for Upgrade {
@@ -354,6 +377,7 @@ impl UpgradeConfig {
                 .unwrap_or_else(|| fixed("OLD")),
             keep_old: over.keep_old.or(self.keep_old).unwrap_or(false),
             allow_downgrade: over.allow_downgrade.or(self.allow_downgrade).unwrap_or(false),
+            max_pause_seconds: over.max_pause_seconds.or(self.max_pause_seconds).unwrap_or(5),
         }
     }
 }
@@ -771,6 +795,13 @@ fn validate(config: &Config) -> Result<(), Invalid> {
                 env_path(&["upgrade"]),
                 "strategy pg_upgrade cannot downgrade: pg_upgrade only moves data to the same or a newer major".into(),
                 "remove `allow_downgrade: true`, or use `strategy: dump_restore` for a downgrade",
+            ));
+        }
+        if upgrade.max_pause_seconds == 0 {
+            return Err((
+                env_path(&["upgrade"]),
+                "max_pause_seconds is 0: no pause could ever begin".into(),
+                "give the pooler's pause at least 1 second (the default is 5)",
             ));
         }
         if upgrade.strategy == Strategy::PgUpgrade && upgrade.transfer.consumes() && upgrade.keep_old {

@@ -209,6 +209,25 @@ fn rollout_warnings(config: &Config, desired: &[DesiredEnv], live: &Live, planne
             }
         }
     }
+    // With a pooler the fence pauses the application's queries, which wait through the
+    // whole outage: where the copy itself runs inside it, they wait for the copy.
+    if config.provider.local.as_ref().is_some_and(|l| l.pooler.is_some()) {
+        for report in planned {
+            let copies_inside = report.steps.iter().any(|s| {
+                s.in_outage
+                    && matches!(s.action, Action::Backup { .. } | Action::Restore { .. } | Action::Upgrade { .. })
+            });
+            if copies_inside {
+                out.push(format!(
+                    "`{}`: the pooler holds the application's queries through the whole write outage, the copy included \
+                     (strategy {}): they wait, and fail after {} s; `strategy: logical` keeps the copy out of the pause",
+                    report.name,
+                    report.desired.upgrade.strategy.as_str(),
+                    report.desired.upgrade.max_pause_seconds + crate::config::POOLER_WAIT_MARGIN_SECONDS
+                ));
+            }
+        }
+    }
     out
 }
 

@@ -120,6 +120,12 @@ impl Drop for Servers {
     fn drop(&mut self) {
         use pgconverge::provider::local::{binaries, server::RunAs};
         use std::os::unix::process::CommandExt;
+        // The environments' poolers, by the pid each wrote.
+        for e in std::fs::read_dir(self.0.join("poolers")).into_iter().flatten().flatten() {
+            if let Ok(pid) = std::fs::read_to_string(e.path().join("pgbouncer.pid")) {
+                let _ = Command::new("kill").arg(pid.trim()).stderr(Stdio::null()).status();
+            }
+        }
         let Ok(entries) = std::fs::read_dir(self.0.join("servers")) else { return };
         let run_as = RunAs::for_user("postgres").ok().flatten();
         for e in entries.flatten() {

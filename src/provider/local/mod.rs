@@ -28,6 +28,7 @@ mod checks;
 pub mod error;
 pub mod fingerprint;
 mod logical;
+mod pooler;
 mod private;
 pub mod quote;
 mod records;
@@ -76,6 +77,12 @@ pub struct LocalProvider {
     /// Postmaster pids whose server answered with its recorded major: observe asks a
     /// server once per start, not after every action.
     answered: std::collections::BTreeSet<i32>,
+    /// The pooler in front of each environment's servers, if any.
+    pooler: Option<crate::config::PoolerKind>,
+    /// Each environment's `upgrade.max_pause_seconds`.
+    pause_bounds: BTreeMap<EnvName, u32>,
+    /// The environments whose paused pooler this process has warned of.
+    told_paused: std::collections::BTreeSet<EnvName>,
     /// Fingerprints taken ahead of a verify, while the copy streamed: each of a service
     /// that nothing can change until the verify (a fenced source, an unattached copy).
     fingerprints: BTreeMap<ServiceId, (Verify, fingerprint::Fingerprint)>,
@@ -114,6 +121,9 @@ impl LocalProvider {
             command: config.deploy.command.clone(),
             answered: Default::default(),
             bare: Default::default(),
+            pooler: config.pooler,
+            pause_bounds: Default::default(),
+            told_paused: Default::default(),
             fingerprints: Default::default(),
         })
     }
@@ -122,6 +132,7 @@ impl LocalProvider {
     pub fn for_envs(mut self, envs: &[crate::config::DesiredEnv]) -> Self {
         let upgrades = envs.iter().filter(|d| d.upgrade.strategy == crate::config::Strategy::PgUpgrade);
         self.bare = upgrades.map(|d| (d.name.clone(), d.upgrade.transfer)).collect();
+        self.pause_bounds = envs.iter().map(|d| (d.name.clone(), d.upgrade.max_pause_seconds)).collect();
         self
     }
 
@@ -154,6 +165,9 @@ impl Provider for LocalProvider {
     }
 
     fn preflight(&self) -> Result<()> {
+        if self.pooler.is_some() {
+            pooler::program()?;
+        }
         self.check_root()
     }
 
@@ -176,7 +190,7 @@ impl Provider for LocalProvider {
 
     fn observe(&mut self) -> Result<Live> {
         let mut live = Live { format_version: FORMAT_VERSION, environments: BTreeMap::new() };
-        self.check_root()?;
+        self.preflight()?;
         let Ok(entries) = std::fs::read_dir(self.root.join("state")) else { return Ok(live) };
         for e in entries.flatten() {
             let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) else { continue };
@@ -214,6 +228,7 @@ impl Provider for LocalProvider {
                 }
                 services.push(meta.service);
             }
+            self.settle_pooler(&env, &self.metas(&env)?)?;
             if !services.is_empty() {
                 live.environments.insert(env, EnvLive { services });
             }
@@ -256,7 +271,10 @@ impl Provider for LocalProvider {
     }
 
     fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
-        let (_, server) = self.running_server(env, id)?;
+        let (meta, server) = self.running_server(env, id)?;
+        // With a pooler, its queries wait from here on, none running on the server.
+        self.pause(env, &meta, &server)?;
+        crate::failpoint::hit("fence:paused")?;
         // No new sessions, then end the ones there are: their uncommitted work rolls
         // back, and nothing can commit after this returns.
         let sql = format!(
@@ -268,9 +286,10 @@ impl Provider for LocalProvider {
 
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         self.fingerprints.remove(id);
-        let (_, server) = self.running_server(env, id)?;
+        let (meta, server) = self.running_server(env, id)?;
         server.sql("postgres", &format!("ALTER ROLE {APP_ROLE} LOGIN"))?;
-        self.update(env, id, |m| m.service.fenced = false)
+        self.update(env, id, |m| m.service.fenced = false)?;
+        self.unpause(env, &meta)
     }
 
     fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<Backup> {
@@ -381,7 +400,7 @@ impl Provider for LocalProvider {
         let mut lines = Vec::new();
         let mut default = None;
         for meta in metas.iter().filter(|m| visible_after(m)) {
-            let dsn = self.dsn(env, meta)?;
+            let dsn = self.app_dsn(env, meta)?;
             if meta.service.prefix.as_str() == "DEFAULT" {
                 default = Some(dsn.clone());
             }
@@ -401,6 +420,8 @@ impl Provider for LocalProvider {
         let text = lines.join("\n") + "\n";
         write_atomically(&path, text.as_bytes(), 0o600).map_err(|e| io_err("write", &path, e))?;
         crate::failpoint::hit("deploy:env_written")?;
+        // The pooler's DSNs never change: it is the pooler that moves to the new servers.
+        self.repoint(env, &metas, visible_after)?;
         if let Some(cmd) = &self.command {
             let status = Command::new("sh")
                 .args(["-c", cmd])

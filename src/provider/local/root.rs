@@ -33,7 +33,7 @@ impl LocalProvider {
     /// missing, checked if present: the servers' user passes through `servers` and `run`
     /// to its own directories; the rest is root's alone.
     pub(super) fn subdir(&self, name: &str, sub: Option<&str>) -> Result<PathBuf> {
-        let mode = if matches!(name, "servers" | "run") { 0o711 } else { 0o700 };
+        let mode = if matches!(name, "servers" | "run" | "poolers") { 0o711 } else { 0o700 };
         let mut dir = self.root.join(name);
         private::dir(&dir, mode)?;
         if let Some(sub) = sub {

@@ -1,0 +1,227 @@
+//! `provider.local.pooler: pgbouncer`, with real servers and Debian's PgBouncer: writers on
+//! long-lived connections through the pooler see no failed statement across an upgrade
+//! and keep their DSN; a transaction held open past `max_pause_seconds` makes the fence
+//! give the pause up, nothing failed; a crash inside the pause leaves the pooler paused,
+//! and the next apply finishes with the waiting statement's row on the new server.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ensure_postgres, env_file, pgconverge, pgconverge_with, psql, scratch, Servers};
+
+fn config(dir: &Path, major: u32, upgrade: &str) {
+    ensure_postgres();
+    let text = format!(
+        "version: 1\nprovider:\n  local:\n    pooler: pgbouncer\nupgrade: {{{upgrade}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
+    );
+    std::fs::write(dir.join("pgconverge.yaml"), text).expect("config");
+}
+
+fn dsn(root: &Path) -> String {
+    env_file(&root.join("test.env"))["DATABASE_URL"].clone()
+}
+
+/// A psql session on one long-lived connection, fed statements one at a time.
+struct Session {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn open(dsn: &str, name: &str) -> Session {
+        let bin = pgconverge::provider::local::binaries::find(17, &[]).expect("psql");
+        let mut child = Command::new(bin.program("psql"))
+            .args(["-X", "-q", "-A", "-t", dsn])
+            .env("PGAPPNAME", name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        Session { child, out }
+    }
+
+    /// Runs `sql` (one statement that returns one row), `Err` if it returned none.
+    fn run(&mut self, sql: &str) -> Result<String, ()> {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{sql};\n\\echo --end").map_err(drop)?;
+        stdin.flush().map_err(drop)?;
+        let mut got = None;
+        loop {
+            let mut line = String::new();
+            if self.out.read_line(&mut line).map_err(drop)? == 0 {
+                return Err(());
+            }
+            match line.trim_end() {
+                "--end" => return got.ok_or(()),
+                l => got = Some(l.to_owned()),
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Four writers, each on one connection through the pooler, inserting until `stop`:
+/// what each saw committed, its failures, its slowest statement.
+fn writers(dsn: &str, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<(Vec<i64>, u32, Duration)>> {
+    (0..4)
+        .map(|w| {
+            let (dsn, stop) = (dsn.to_owned(), stop.clone());
+            std::thread::spawn(move || {
+                let mut s = Session::open(&dsn, &format!("writer{w}"));
+                let (mut committed, mut failed, mut slowest) = (Vec::new(), 0, Duration::ZERO);
+                let started = Instant::now();
+                let mut n = 0i64;
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                    n += 1;
+                    let id = w * 1_000_000 + n;
+                    let t = Instant::now();
+                    match s.run(&format!("INSERT INTO w (n) VALUES ({id}) RETURNING n")) {
+                        Ok(_) => committed.push(id),
+                        Err(()) => {
+                            failed += 1;
+                            s = Session::open(&dsn, &format!("writer{w}"));
+                        }
+                    }
+                    slowest = slowest.max(t.elapsed());
+                }
+                (committed, failed, slowest)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn writers_through_the_pooler_see_no_failure_and_keep_their_dsn() {
+    let dir = scratch("pooler_upgrade");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, 16, "strategy: logical");
+    let first = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(first.code, 0, "{}{}", first.stdout, first.stderr);
+    let url = dsn(&root);
+    psql(&url, "CREATE TABLE w (n bigint PRIMARY KEY)").expect("table");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles = writers(&url, &stop);
+    std::thread::sleep(Duration::from_millis(500));
+    config(&dir, 17, "strategy: logical");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("writer")).collect();
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+
+    assert_eq!(dsn(&root), url, "the application's DSN did not change");
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("major"), "17");
+    let failed: u32 = results.iter().map(|r| r.1).sum();
+    assert_eq!(failed, 0, "statements failed through the pooler");
+    let committed: Vec<i64> = results.iter().flat_map(|r| r.0.iter().copied()).collect();
+    assert!(committed.len() > 20, "the writers wrote: {}", committed.len());
+    let present = psql(&url, "SELECT count(*) FROM w").expect("count");
+    assert_eq!(present, committed.len().to_string(), "every committed row is on the new server");
+    let slowest = results.iter().map(|r| r.2).max().unwrap_or_default();
+    eprintln!("{} rows, 0 failed, slowest statement {:.3} s", committed.len(), slowest.as_secs_f64());
+}
+
+#[test]
+fn a_transaction_held_open_makes_the_fence_give_up_and_nothing_fails() {
+    let dir = scratch("pooler_held");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, 16, "strategy: logical, max_pause_seconds: 1");
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    let url = dsn(&root);
+    psql(&url, "CREATE TABLE w (n bigint PRIMARY KEY)").expect("table");
+    // The copy streams first (its start waits for transactions open then), up to the fence.
+    config(&dir, 17, "strategy: logical, max_pause_seconds: 1");
+    let streaming = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "before:4=error")]);
+    assert_eq!(streaming.code, 1, "{}{}", streaming.stdout, streaming.stderr);
+    assert!(streaming.stderr.contains("[test 4/"), "stopped before the fence: {}", streaming.stderr);
+    let mut holder = Session::open(&url, "holder");
+    holder.run("BEGIN; INSERT INTO w (n) VALUES (1) RETURNING n").expect("held open");
+
+    let t = Instant::now();
+    let refused = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stderr.contains("could not pause DEFAULT within"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("holder idle in transaction"), "the holder is named: {}", refused.stderr);
+    eprintln!("the pause was given up, apply ended {:.2} s after it began", t.elapsed().as_secs_f64());
+    // Resumed on the old server: the application writes, nothing failed meanwhile.
+    psql(&url, "INSERT INTO w (n) VALUES (2)").expect("writes go on");
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("major"), "16");
+
+    holder.run("COMMIT; SELECT 1").expect("commit");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(psql(&url, "SELECT string_agg(n::text, ',' ORDER BY n) FROM w").expect("rows"), "1,2");
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("major"), "17");
+}
+
+/// Crashes at each place inside the pause: in the fence, after it, after the catch-up,
+/// in the deploy before the pooler is pointed at the new server.
+#[test]
+fn a_crash_inside_the_pause_leaves_queries_waiting_and_the_next_apply_finishes() {
+    for failpoint in ["fence:paused", "after:4", "after:5", "deploy:env_written"] {
+        crash_inside_the_pause(failpoint);
+    }
+}
+
+fn crash_inside_the_pause(failpoint: &str) {
+    let dir = scratch(&format!("pooler_crash_{}", failpoint.replace(':', "_")));
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, 16, "strategy: logical");
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    let url = dsn(&root);
+    psql(&url, "CREATE TABLE w (n bigint PRIMARY KEY)").expect("table");
+
+    config(&dir, 17, "strategy: logical");
+    let spec = format!("{failpoint}=crash");
+    let crashed = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", &spec)]);
+    assert_eq!(crashed.code, 137, "{spec}: {}{}", crashed.stdout, crashed.stderr);
+    // The pooler outlived apply, paused: a statement now waits rather than fails.
+    let waiting = {
+        let url = url.clone();
+        std::thread::spawn(move || psql(&url, "INSERT INTO w (n) VALUES (7)"))
+    };
+    let show = pgconverge(&["show"], &dir);
+    assert_eq!(show.code, 0, "{spec}: {}{}", show.stdout, show.stderr);
+    // Paused with its server fenced: said; paused on a server not yet recorded fenced
+    // (the crash came between the two): resumed, and said.
+    assert!(
+        show.stderr.contains("the pooler is paused")
+            || show.stderr.contains("left paused on a server that is not fenced"),
+        "{spec}: show says so: {}",
+        show.stderr
+    );
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 0, "{spec}: {}{}", run.stdout, run.stderr);
+    waiting.join().expect("waiting statement").unwrap_or_else(|e| panic!("{spec}: the waiting statement failed: {e}"));
+    assert_eq!(psql(&url, "SELECT count(*) FROM w WHERE n = 7").expect("row"), "1", "{spec}");
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("major"), "17");
+    assert_eq!(dsn(&root), url, "{spec}: the DSN did not change");
+}
+
+#[test]
+fn a_missing_pgbouncer_is_a_plan_time_error() {
+    let dir = scratch("pooler_missing");
+    let _servers = Servers(dir.join(".pgconverge"));
+    config(&dir, 16, "strategy: logical");
+    let plan = common::pgconverge_with(&["plan"], &dir, &[("PGCONVERGE_PGBOUNCER", "/nonexistent/pgbouncer")]);
+    assert_eq!(plan.code, 1, "{}{}", plan.stdout, plan.stderr);
+    assert!(plan.stderr.contains("apt-get install pgbouncer"), "{}", plan.stderr);
+}
