@@ -155,7 +155,7 @@ pub fn apply(
         })?;
         let total = env_plan.actions.len();
         let mut outage = Duration::ZERO;
-        let mut blocked_since = None;
+        let mut blocked_since: Option<Instant> = None;
         // A backup followed by a restore of it runs as one streamed step; the restore's
         // turn then only reports it.
         let mut restored_with_backup = false;
@@ -180,6 +180,38 @@ pub fn apply(
             };
             if crate::interrupt::requested() {
                 return Err(interrupted(&done, prediction.writes_blocked()));
+            }
+            // With a pooler, the application's queries wait through the pause: past its
+            // bound no further action starts but the deploy that ends it; the pause is
+            // given up instead, everything unfenced, as safe as before the fence.
+            let bound = provider.pause_bound(&d.name).filter(|_| !matches!(action, Action::Deploy));
+            if let Some((bound, since)) = bound.zip(blocked_since) {
+                if since.elapsed() > bound {
+                    let unfenced = give_up_pause(provider, &d.name, &mut prediction, ledger).map_err(|source| {
+                        ApplyError::Action {
+                            env: env.clone(),
+                            number,
+                            action: label.clone(),
+                            source,
+                            done: done.clone(),
+                        }
+                    })?;
+                    return Err(ApplyError::Action {
+                        env: env.clone(),
+                        number,
+                        action: label.clone(),
+                        source: ProviderError::Failed(format!(
+                            "the pause had lasted {:.1} s, past upgrade.max_pause_seconds ({} s), before this action: \
+                             it was given up, {} unfenced and the application's queries resumed on the old server; \
+                             the next apply starts the copy's last steps again (raise the bound, or use verify: none \
+                             to take the comparison out of the pause)",
+                            since.elapsed().as_secs_f64(),
+                            bound.as_secs(),
+                            unfenced.join(", ")
+                        )),
+                        done,
+                    });
+                }
             }
             prediction.check(action).map_err(|r| refused(r, &done))?;
             progress.started(&env, number, total, action);
@@ -290,6 +322,33 @@ pub fn apply(
         }
     }
     Ok(Applied { done, write_outages })
+}
+
+/// Unfences every fenced service the application sees, each as an `unfence` action would
+/// (the ledger weakened before, recorded after); returns their ids.
+fn give_up_pause(
+    provider: &mut dyn Provider,
+    env: &crate::model::EnvName,
+    prediction: &mut Prediction,
+    ledger: &mut Kept,
+) -> Result<Vec<String>, ProviderError> {
+    let keep = |ledger: &mut Kept, change: &dyn Fn(&mut crate::ledger::Ledger)| {
+        ledger.update(change).map_err(|e| ProviderError::Failed(format!("cannot record what the action changes: {e}")))
+    };
+    let mut unfenced = Vec::new();
+    let fenced: Vec<_> =
+        prediction.expected().services.into_iter().filter(|s| s.status.visible() && s.fenced).map(|s| s.id).collect();
+    for id in fenced {
+        let unfence = Action::Unfence { service: id.clone() };
+        let now = prediction.expected();
+        let after = prediction.clone().advance(&unfence, None).map_err(ProviderError::Failed)?;
+        keep(ledger, &|l| l.weaken(env, &now, &after))?;
+        provider.unfence(env, &id)?;
+        let made = prediction.advance(&unfence, None).map_err(ProviderError::Failed)?;
+        keep(ledger, &|l| l.record(env, &made))?;
+        unfenced.push(id.to_string());
+    }
+    Ok(unfenced)
 }
 
 /// Runs every action of `plan` through the rules from `live` before the first one is

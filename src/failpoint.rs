@@ -3,7 +3,7 @@
 //!
 //! `PGCONVERGE_FAILPOINTS="backup:dumped=crash,after:4=error"` arms them: `crash` ends
 //! the process at once (exit status 137, as if killed: no destructor runs, the lock stays
-//! behind), `error` makes the step fail. Unset, a failpoint costs one environment lookup.
+//! behind), `error` makes the step fail, `sleep<ms>` makes it take that long. Unset, a failpoint costs one environment lookup.
 //! They are compiled into every build, so the binary the tests break is the one users run.
 
 use crate::config::Strategy;
@@ -65,6 +65,11 @@ pub fn hit(name: &str) -> Result<(), Tripped> {
                 std::process::exit(137);
             }
             Some((n, "error")) if n == name => return Err(Tripped(name.to_owned())),
+            Some((n, how)) if n == name && how.starts_with("sleep") => {
+                // `sleep<ms>`: a step that takes that long (a slow copy, a slow disk).
+                let ms = how["sleep".len()..].parse().unwrap_or(1000);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             _ => {}
         }
     }

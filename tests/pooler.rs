@@ -171,6 +171,31 @@ fn a_transaction_held_open_makes_the_fence_give_up_and_nothing_fails() {
     assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("major"), "17");
 }
 
+/// Work inside the pause that runs past `max_pause_seconds` (the catch-up made slow by a
+/// failpoint): no further action starts; the pause is given up, the old server unfenced
+/// and the pooler resumed on it, nothing failed; the next apply finishes.
+#[test]
+fn a_pause_that_would_run_past_its_bound_is_given_up() {
+    let dir = scratch("pooler_bound");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, 16, "strategy: logical, max_pause_seconds: 1");
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    let url = dsn(&root);
+    psql(&url, "CREATE TABLE w (n bigint PRIMARY KEY)").expect("table");
+    config(&dir, 17, "strategy: logical, max_pause_seconds: 1");
+    let slow = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "after:5=sleep1500")]);
+    assert_eq!(slow.code, 1, "{}{}", slow.stdout, slow.stderr);
+    assert!(slow.stderr.contains("past upgrade.max_pause_seconds (1 s)"), "{}", slow.stderr);
+    assert!(slow.stderr.contains("catch up"), "the catch-up ran, the next action did not: {}", slow.stderr);
+    psql(&url, "INSERT INTO w (n) VALUES (1)").expect("the application writes to the old server again");
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("major"), "16");
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(psql(&url, "SELECT count(*) FROM w").expect("rows"), "1");
+    assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("major"), "17");
+}
+
 /// Crashes at each place inside the pause: in the fence, after it, after the catch-up,
 /// in the deploy before the pooler is pointed at the new server.
 #[test]

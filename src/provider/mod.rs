@@ -124,6 +124,12 @@ pub trait Provider {
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
     fn fence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
     fn unfence(&mut self, env: &EnvName, id: &ServiceId) -> Result<()>;
+    /// With a pooler in front, the longest its pause may last (`upgrade.max_pause_seconds`):
+    /// apply gives the pause up, unfencing, rather than start an action past it.
+    fn pause_bound(&self, env: &EnvName) -> Option<std::time::Duration> {
+        let _ = env;
+        None
+    }
     fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<Backup>;
     /// Replaces what `id` holds with `backup`; returns the size restored, in bytes.
     fn restore(&mut self, env: &EnvName, id: &ServiceId, backup: &Backup) -> Result<u64>;

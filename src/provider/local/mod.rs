@@ -292,6 +292,10 @@ impl Provider for LocalProvider {
         self.unpause(env, &meta)
     }
 
+    fn pause_bound(&self, env: &EnvName) -> Option<std::time::Duration> {
+        self.pooler.map(|_| std::time::Duration::from_secs(self.pause_bound(env).into()))
+    }
+
     fn backup(&mut self, env: &EnvName, id: &ServiceId) -> Result<Backup> {
         let result = self.backup_now(env, id);
         result.map_err(|e| self.disk_full(e))

@@ -247,7 +247,7 @@ impl LocalProvider {
     }
 
     /// The longest pause `env`'s config allows.
-    fn pause_bound(&self, env: &EnvName) -> u32 {
+    pub(super) fn pause_bound(&self, env: &EnvName) -> u32 {
         self.pause_bounds.get(env).copied().unwrap_or(5)
     }
 
