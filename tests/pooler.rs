@@ -241,6 +241,33 @@ fn crash_inside_the_pause(failpoint: &str) {
     assert_eq!(dsn(&root), url, "{spec}: the DSN did not change");
 }
 
+/// The pooler outlives pgconverge; killed, the next command that observes starts it
+/// again, on the same port, so the DSN still works.
+#[test]
+fn a_pooler_that_died_is_started_again() {
+    let dir = scratch("pooler_restart");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, 16, "strategy: logical");
+    assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
+    let url = dsn(&root);
+    let pidfile = root.join("poolers/test/pgbouncer.pid");
+    let pid = std::fs::read_to_string(&pidfile).expect("the pooler runs after apply");
+    assert!(Command::new("kill").args(["-KILL", pid.trim()]).status().expect("kill").success());
+    // Gone, or a zombie nobody reaps (PID 1 of a container may not).
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    };
+    while !gone() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(psql(&url, "SELECT 1").is_err(), "no pooler, no connection");
+    let show = pgconverge(&["show"], &dir);
+    assert!(show.stderr.contains("the pooler was down; starting it"), "{}", show.stderr);
+    assert_eq!(psql(&url, "SELECT 1").expect("the same DSN works again"), "1");
+}
+
 #[test]
 fn a_missing_pgbouncer_is_a_plan_time_error() {
     let dir = scratch("pooler_missing");

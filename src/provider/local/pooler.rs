@@ -124,6 +124,12 @@ impl Pooler {
 
     /// Starts it, detached in a process group of its own, as the servers' user.
     fn start(&self) -> Result<()> {
+        // PgBouncer refuses to start while its pid file names a live process, and a dead
+        // one left unreaped (by a container's first process) still counts for it.
+        let pidfile = self.file("pgbouncer.pid");
+        if self.pid().is_none() && pidfile.exists() {
+            std::fs::remove_file(&pidfile).map_err(|e| io_err("remove", &pidfile, e))?;
+        }
         let mut c = Command::new(&self.program);
         c.arg("-d").arg(self.file("pgbouncer.ini")).current_dir("/").process_group(0);
         if let Some(r) = self.run_as {
