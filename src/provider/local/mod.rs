@@ -401,6 +401,9 @@ impl Provider for LocalProvider {
             self.create_app_database(env, &server)?;
         }
         let visible_after = |m: &Meta| matches!(m.service.status, Status::New | Status::Provisioned | Status::Attached);
+        // The pooler's DSNs never change: it is the pooler that moves to the new servers,
+        // before the env file names it (the first time, it may still change its port).
+        self.repoint(env, &metas, visible_after)?;
         let mut lines = Vec::new();
         let mut default = None;
         for meta in metas.iter().filter(|m| visible_after(m)) {
@@ -424,8 +427,6 @@ impl Provider for LocalProvider {
         let text = lines.join("\n") + "\n";
         write_atomically(&path, text.as_bytes(), 0o600).map_err(|e| io_err("write", &path, e))?;
         crate::failpoint::hit("deploy:env_written")?;
-        // The pooler's DSNs never change: it is the pooler that moves to the new servers.
-        self.repoint(env, &metas, visible_after)?;
         if let Some(cmd) = &self.command {
             let status = Command::new("sh")
                 .args(["-c", cmd])

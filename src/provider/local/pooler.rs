@@ -266,15 +266,14 @@ impl LocalProvider {
     /// Observe's part: the pooler runs, and its pauses agree with the fences recorded of
     /// the servers it points at (see the module text).
     pub(super) fn settle_pooler(&mut self, env: &EnvName, metas: &[Meta]) -> Result<()> {
-        let Some(pooler) = self.pooler(env)? else { return Ok(()) };
+        let Some(mut pooler) = self.pooler(env)? else { return Ok(()) };
         let visible = |m: &Meta| m.service.status.visible();
         if !metas.iter().any(visible) {
             return Ok(()); // nothing to point it at yet: deploy starts it
         }
         if pooler.pid().is_none() {
             tracing::warn!(env = %env, "the pooler was down; starting it");
-            pooler.configure(&self.secret(env)?, &Self::targets(metas, visible), self.pause_bound(env))?;
-            pooler.start()?;
+            self.start_pooler(env, &mut pooler, &Self::targets(metas, visible))?;
         }
         for (db, port, paused) in pooler.databases()? {
             let fenced = metas.iter().any(|m| m.port == Some(port) && m.service.fenced);
@@ -341,16 +340,39 @@ impl LocalProvider {
     /// Deploy's part: the pooler pointed at the servers the application sees from now
     /// on, reloaded, resumed.
     pub(super) fn repoint(&self, env: &EnvName, metas: &[Meta], visible: impl Fn(&Meta) -> bool) -> Result<()> {
-        let Some(pooler) = self.pooler(env)? else { return Ok(()) };
-        pooler.configure(&self.secret(env)?, &Self::targets(metas, &visible), self.pause_bound(env))?;
+        let Some(mut pooler) = self.pooler(env)? else { return Ok(()) };
         if pooler.pid().is_none() {
-            return pooler.start();
+            return self.start_pooler(env, &mut pooler, &Self::targets(metas, &visible));
         }
+        pooler.configure(&self.secret(env)?, &Self::targets(metas, &visible), self.pause_bound(env))?;
         pooler.admin("RELOAD", None)?;
         for db in pooler.paused()? {
             pooler.admin(&format!("RESUME {db}"), None)?;
         }
         Ok(())
+    }
+
+    /// Configures and starts `pooler`. Its port, once an env file names it, is the
+    /// application's for good; until then a port taken meanwhile is traded for another.
+    fn start_pooler(&self, env: &EnvName, pooler: &mut Pooler, targets: &[(Prefix, u16)]) -> Result<()> {
+        let mut attempts = 0;
+        loop {
+            pooler.configure(&self.secret(env)?, targets, self.pause_bound(env))?;
+            let started = pooler.start();
+            let published = std::fs::read_to_string(self.env_file_path(env))
+                .is_ok_and(|t| t.contains(&format!("@127.0.0.1:{}/", pooler.record.port)));
+            match started {
+                Err(e) if !published && attempts < 3 => {
+                    tracing::debug!(error = %e, "the pooler did not start; trying another port");
+                    attempts += 1;
+                    pooler.record.port = server::free_port()?;
+                    let path = self.subdir("poolers", None)?.join(format!("{env}.json"));
+                    let text = serde_json::to_vec(&pooler.record).map_err(failed)?;
+                    write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))?;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The DSN the application uses for `meta`'s prefix: the pooler's, or its server's.
