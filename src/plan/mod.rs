@@ -220,10 +220,12 @@ fn rollout_warnings(config: &Config, desired: &[DesiredEnv], live: &Live, planne
             if copies_inside {
                 out.push(format!(
                     "`{}`: the pooler holds the application's queries through the whole write outage, the copy included \
-                     (strategy {}): they wait, and fail after {} s; `strategy: logical` keeps the copy out of the pause",
+                     (strategy {}); once the pause has lasted upgrade.max_pause_seconds ({} s) apply gives it up, \
+                     unfencing, so only a copy that fits in it can finish: `strategy: logical` keeps the copy out of \
+                     the pause",
                     report.name,
                     report.desired.upgrade.strategy.as_str(),
-                    report.desired.upgrade.max_pause_seconds + crate::config::POOLER_WAIT_MARGIN_SECONDS
+                    report.desired.upgrade.max_pause_seconds
                 ));
             }
         }

@@ -577,6 +577,26 @@ fn environments_follow_rollout_then_file_order() {
     assert!(matches!(plan(&config, &Live::empty(), &unknown), Err(PlanError::UnknownEnvironment(_))));
 }
 
+/// With a pooler, a copy inside the outage is inside the pause: the plan says so, for
+/// dump_restore, and not for logical, whose copy streams before the fence.
+#[test]
+fn a_pooler_pausing_through_a_copy_is_warned_of() {
+    let warnings = |strategy: &str| {
+        let text = format!(
+            "version: 1\nprovider:\n  local: {{pooler: pgbouncer}}\nupgrade: {{strategy: {strategy}}}\nenvironments:\n  live: {{postgres: {{DEFAULT: 17}}}}\n"
+        );
+        let config = parse(Path::new("t.yaml"), &text).expect("config");
+        let live: Live = serde_json::from_str(
+            r#"{"format_version":1,"environments":{"live":{"services":[{"id":"l","version":16,"prefix":"DEFAULT","status":"attached"}]}}}"#,
+        )
+        .expect("live");
+        plan(&config, &live, &[]).expect("plan").rollout_warnings
+    };
+    let w = warnings("dump_restore");
+    assert!(w.len() == 1 && w[0].contains("only a copy that fits in it can finish"), "{w:?}");
+    assert!(warnings("logical").is_empty());
+}
+
 #[test]
 fn rollout_warns_when_a_later_environment_runs_ahead() {
     let warnings = |rollout: &str, test_major: u32, test_prefix: &str| {
