@@ -17,6 +17,7 @@ use common::{ensure_postgres, env_file, pgconverge, pgconverge_with, psql, scrat
 
 fn config(dir: &Path, major: u32, upgrade: &str) {
     ensure_postgres();
+    common::ensure_pgbouncer();
     let text = format!(
         "version: 1\nprovider:\n  local:\n    pooler: pgbouncer\nupgrade: {{{upgrade}}}\nenvironments:\n  test:\n    postgres:\n      DEFAULT: {major}\n"
     );
@@ -27,13 +28,14 @@ fn dsn(root: &Path) -> String {
     env_file(&root.join("test.env"))["DATABASE_URL"].clone()
 }
 
-/// An environment on PostgreSQL 16 behind the pooler, with an empty table `w`: the
-/// scratch directory, its root's guard, the application's DSN.
+/// An environment on PostgreSQL 16 behind the pooler, with an empty table `w`: its root's
+/// guard, the scratch directory, the application's DSN. (Fields drop in order: the guard
+/// stops the servers and the pooler before the directory goes.)
 struct On16 {
+    _servers: Servers,
     dir: common::Scratch,
     root: std::path::PathBuf,
     url: String,
-    _servers: Servers,
 }
 
 fn on_16(name: &str, upgrade: &str) -> On16 {
@@ -45,7 +47,7 @@ fn on_16(name: &str, upgrade: &str) -> On16 {
     assert_eq!(first.code, 0, "{}{}", first.stdout, first.stderr);
     let url = dsn(&root);
     psql(&url, "CREATE TABLE w (n bigint PRIMARY KEY)").expect("table");
-    On16 { dir, root, url, _servers: servers }
+    On16 { _servers: servers, dir, root, url }
 }
 
 /// The major of the server behind `url`.

@@ -29,6 +29,21 @@ pub fn ensure_postgres() {
     });
 }
 
+/// Makes sure PgBouncer is installed, from Debian's package when it is missing and this
+/// runs as root (as `scripts/fetch-postgres` fetches PostgreSQL): once per test binary.
+pub fn ensure_pgbouncer() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let found = |p: &str| Command::new("sh").args(["-c", p]).status().is_ok_and(|s| s.success());
+        if found("command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ]") {
+            return;
+        }
+        let install = "DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null || \
+             { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null; }";
+        assert!(found(install), "PgBouncer is missing and could not be installed: run `apt-get install pgbouncer` as root");
+    });
+}
+
 /// The test suites' servers are thrown away with their directory: they need not wait for
 /// the disk (`PGCONVERGE_UNSAFE_NO_FSYNC`; crashes of processes, which the suites make,
 /// lose nothing without fsync). A variable the caller passes wins.

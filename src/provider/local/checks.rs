@@ -145,7 +145,7 @@ impl LocalProvider {
 
     /// How pg_upgrade moves files in `env`.
     fn transfer(&self, env: &EnvName) -> crate::config::Transfer {
-        self.bare.get(env).copied().unwrap_or(crate::config::Transfer::Auto)
+        self.pg_upgrades.get(env).copied().unwrap_or(crate::config::Transfer::Auto)
     }
 
     /// Adds to a failed copy step what a full disk explains: PostgreSQL names the file it

@@ -72,7 +72,7 @@ pub struct LocalProvider {
     env_file: String,
     /// The environments whose copies are made by pg_upgrade, with its transfer: their
     /// new servers are provisioned bare, as pg_upgrade needs them.
-    bare: BTreeMap<EnvName, crate::config::Transfer>,
+    pg_upgrades: BTreeMap<EnvName, crate::config::Transfer>,
     command: Option<String>,
     /// Postmaster pids whose server answered with its recorded major: observe asks a
     /// server once per start, not after every action.
@@ -120,7 +120,7 @@ impl LocalProvider {
             env_file: config.deploy.env_file.clone().unwrap_or_else(|| "{env}.env".into()),
             command: config.deploy.command.clone(),
             answered: Default::default(),
-            bare: Default::default(),
+            pg_upgrades: Default::default(),
             pooler: config.pooler,
             pause_bounds: Default::default(),
             told_paused: Default::default(),
@@ -131,7 +131,7 @@ impl LocalProvider {
     /// Provisions bare servers in the environments whose strategy is pg_upgrade.
     pub fn for_envs(mut self, envs: &[crate::config::DesiredEnv]) -> Self {
         let upgrades = envs.iter().filter(|d| d.upgrade.strategy == crate::config::Strategy::PgUpgrade);
-        self.bare = upgrades.map(|d| (d.name.clone(), d.upgrade.transfer)).collect();
+        self.pg_upgrades = upgrades.map(|d| (d.name.clone(), d.upgrade.transfer)).collect();
         self.pause_bounds = envs.iter().map(|d| (d.name.clone(), d.upgrade.max_pause_seconds)).collect();
         self
     }
@@ -264,7 +264,7 @@ impl Provider for LocalProvider {
 
     fn provision(&mut self, env: &EnvName, id: &ServiceId) -> Result<()> {
         let mut meta = self.load(env, id)?;
-        self.create_server(env, &mut meta, self.bare.contains_key(env))?;
+        self.create_server(env, &mut meta, self.pg_upgrades.contains_key(env))?;
         meta.service.status = Status::Provisioned;
         meta.untouched = true;
         self.store(env, &meta)

@@ -240,8 +240,7 @@ impl LocalProvider {
             read_record(&path)?
         } else {
             let record = Record { port: server::free_port()?, admin_password: random_hex(24)? };
-            let text = serde_json::to_vec(&record).map_err(failed)?;
-            write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))?;
+            self.save_pooler_record(env, &record)?;
             record
         };
         let psql = self
@@ -254,7 +253,7 @@ impl LocalProvider {
 
     /// The longest pause `env`'s config allows.
     pub(super) fn pause_bound(&self, env: &EnvName) -> u32 {
-        self.pause_bounds.get(env).copied().unwrap_or(5)
+        self.pause_bounds.get(env).copied().unwrap_or_else(|| crate::config::Upgrade::default().max_pause_seconds)
     }
 
     /// The pooler's targets: each service in `metas` that the application will see, by
@@ -366,13 +365,17 @@ impl LocalProvider {
                     tracing::debug!(error = %e, "the pooler did not start; trying another port");
                     attempts += 1;
                     pooler.record.port = server::free_port()?;
-                    let path = self.subdir("poolers", None)?.join(format!("{env}.json"));
-                    let text = serde_json::to_vec(&pooler.record).map_err(failed)?;
-                    write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))?;
+                    self.save_pooler_record(env, &pooler.record)?;
                 }
                 other => return other,
             }
         }
+    }
+
+    fn save_pooler_record(&self, env: &EnvName, record: &Record) -> Result<()> {
+        let path = self.subdir("poolers", None)?.join(format!("{env}.json"));
+        let text = serde_json::to_vec(record).map_err(failed)?;
+        write_atomically(&path, &text, 0o600).map_err(|e| io_err("write", &path, e))
     }
 
     /// The DSN the application uses for `meta`'s prefix: the pooler's, or its server's.

@@ -52,10 +52,7 @@ impl LocalProvider {
         new.stop()?;
         if !bare {
             // An earlier attempt got as far as pg_upgrade: its files are no start.
-            std::fs::remove_dir_all(&new.data_dir).map_err(|e| io_err("remove", &new.data_dir, e))?;
-            new.init_like(&like)?;
-            meta.untouched = true;
-            self.store(env, &meta)?;
+            self.make_afresh(env, &mut meta, &new, &like)?;
         }
         let transfer = resolve(transfer, &old, &new);
         let size = super::checks::database_size(&old)?;
@@ -158,13 +155,18 @@ impl LocalProvider {
             std::fs::rename(&renamed, &control).map_err(|e| io_err("rename", &renamed, e))?;
         }
         old.start()?;
-        std::fs::remove_dir_all(&new.data_dir).map_err(|e| io_err("remove", &new.data_dir, e))?;
-        new.init_like(&old.settings()?)?;
         meta.link_from = None;
-        meta.untouched = true;
-        self.store(env, &meta)?;
+        self.make_afresh(env, &mut meta, &new, &old.settings()?)?;
         new.start()?;
         Ok(())
+    }
+
+    /// Makes `meta`'s stopped cluster again, bare, with `like`'s initdb settings.
+    fn make_afresh(&self, env: &EnvName, meta: &mut Meta, new: &Server, like: &server::Settings) -> Result<()> {
+        std::fs::remove_dir_all(&new.data_dir).map_err(|e| io_err("remove", &new.data_dir, e))?;
+        new.init_like(like)?;
+        meta.untouched = true;
+        self.store(env, meta)
     }
 
     /// `pg_upgrade --check` of `from`'s running server against a new cluster of `major`,
