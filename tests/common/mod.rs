@@ -40,7 +40,10 @@ pub fn ensure_pgbouncer() {
         }
         let install = "DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null || \
              { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null; }";
-        assert!(found(install), "PgBouncer is missing and could not be installed: run `apt-get install pgbouncer` as root");
+        assert!(
+            found(install),
+            "PgBouncer is missing and could not be installed: run `apt-get install pgbouncer` as root"
+        );
     });
 }
 
