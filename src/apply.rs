@@ -439,7 +439,7 @@ fn run(
         }
         Action::Replicate { service, from } => {
             return p
-                .replicate(env, &id(service)?, &id(from)?)
+                .replicate(env, &id(service)?, &id(from)?, verified_later(rest, service, d))
                 .map(|b| (None, moved(b, "copied")))
                 .map_err(Stop::Failed);
         }

@@ -15,8 +15,14 @@ const COMMON: &[&str] = &["provision:started", "deploy:env_written", "delete:rec
 const DUMP_RESTORE: &[&str] = &["backup:dumped", "copy:backed_up", "restore:roles", "restore:restored"];
 
 /// Places inside the logical strategy's copy.
-const LOGICAL: &[&str] =
-    &["replicate:subscribed", "replicate:copying", "replicate:streaming", "catch_up:caught_up", "catch_up:recorded"];
+const LOGICAL: &[&str] = &[
+    "replicate:slot",
+    "replicate:copied",
+    "replicate:subscribed",
+    "replicate:streaming",
+    "catch_up:caught_up",
+    "catch_up:recorded",
+];
 
 /// Places inside the pg_upgrade strategy's upgrade: with the old server stopped, after
 /// pg_upgrade, after the new server's first start.
@@ -25,10 +31,6 @@ const PG_UPGRADE: &[&str] = &["upgrade:stopped", "upgrade:transferred", "upgrade
 /// Places a pg_upgrade reaches only with `transfer: link`: after the old server is
 /// recorded consumed, before the new one first starts.
 pub const LINK: &[&str] = &["upgrade:consumed"];
-
-/// Reached only while an initial copy is still running, so only with tables big enough
-/// to take a while (`tests/logical.rs` trips it with one).
-pub const NEEDS_A_LONG_COPY: &[&str] = &["replicate:copying"];
 
 /// Every place inside the actions of an upgrade by `strategy`.
 pub fn inside(strategy: Strategy) -> Vec<&'static str> {

@@ -42,15 +42,14 @@ impl Upgrade {
         Upgrade { strategy, transfer, actions }
     }
 
-    /// Every failpoint of the upgrade: around each action, and inside the actions but those
-    /// only a long copy reaches.
+    /// Every failpoint of the upgrade: around each action, and inside the actions.
     fn failpoints(self) -> Vec<String> {
         let mut names = failpoint::around(self.actions);
         let mut inside = failpoint::inside(self.strategy);
         if self.transfer == Transfer::Link {
             inside.extend(failpoint::LINK);
         }
-        names.extend(inside.iter().filter(|n| !failpoint::NEEDS_A_LONG_COPY.contains(n)).map(|n| n.to_string()));
+        names.extend(inside.iter().map(|n| n.to_string()));
         names
     }
 

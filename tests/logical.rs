@@ -113,10 +113,15 @@ fn logical_upgrade_under_writes_loses_nothing_and_keeps_sequences() {
     let plan = pgconverge(&["plan"], &dir);
     assert!(plan.stdout.contains("3. replicate +1 from") && plan.stdout.contains("5. catch up +1"), "{}", plan.stdout);
     let writer = Writer::start(&dir);
-    let run = pgconverge(&["apply", "--auto-approve"], &dir);
+    let run = pgconverge_with(&["apply", "--auto-approve"], &dir, &[("RUST_LOG", "pgconverge=debug")]);
     let (committed, longest) = writer.finish();
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(run.stderr.contains("replicate +1 from") && run.stderr.contains("catch up +1"), "{}", run.stderr);
+    // The rows were compared before the fence, where the stream starts: inside the
+    // outage only the catalogs are fingerprinted.
+    assert!(run.stderr.contains("rows compared where the stream starts"), "{}", run.stderr);
+    let taken: Vec<&str> = run.stderr.lines().filter(|l| l.contains("fingerprint taken")).collect();
+    assert!(taken.len() >= 2 && taken.iter().all(|l| l.contains("part=Catalog")), "{taken:#?}");
     assert!(run.stdout.contains("Writes were blocked for"), "{}", run.stdout);
     assert_nothing_lost(&dir, &committed);
     let next = psql(&url(&dir), "SELECT nextval('items_id_seq')").expect("nextval");
@@ -150,7 +155,15 @@ fn a_schema_change_during_replication_stops_the_upgrade_with_nothing_lost() {
 
 #[test]
 fn crashes_inside_replicate_and_catch_up_are_finished_and_leave_no_slot() {
-    for failpoint in ["replicate:subscribed", "after:3", "catch_up:caught_up", "catch_up:recorded", "after:5"] {
+    for failpoint in [
+        "replicate:slot",
+        "replicate:copied",
+        "replicate:subscribed",
+        "after:3",
+        "catch_up:caught_up",
+        "catch_up:recorded",
+        "after:5",
+    ] {
         let (dir, _servers) = loaded(&format!("logical_crash_{}", failpoint.replace(':', "_")), SCHEMA);
         let writer = Writer::start(&dir);
         let spec = format!("{failpoint}=crash");
@@ -169,12 +182,19 @@ fn crashes_inside_replicate_and_catch_up_are_finished_and_leave_no_slot() {
 }
 
 #[test]
-fn large_objects_are_refused_and_dump_restore_then_finishes_the_job() {
-    let (dir, _servers) =
-        loaded("logical_large_objects", "CREATE TABLE t (id int PRIMARY KEY); SELECT lo_from_bytea(0, 'x')");
+fn large_objects_and_unlogged_tables_are_refused_and_dump_restore_then_finishes_the_job() {
+    let (dir, _servers) = loaded(
+        "logical_large_objects",
+        "CREATE TABLE t (id int PRIMARY KEY); SELECT lo_from_bytea(0, 'x'); CREATE UNLOGGED TABLE \"Scratch\" (n int)",
+    );
     let refused = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
     assert!(refused.stderr.contains("large objects") && refused.stderr.contains("dump_restore"), "{}", refused.stderr);
+    psql(&url(&dir), "SELECT lo_unlink(oid) FROM pg_largeobject_metadata").expect("unlink");
+    let refused = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stderr.contains(r#"unlogged tables (public."Scratch")"#), "{}", refused.stderr);
+    psql(&url(&dir), "SELECT lo_from_bytea(0, 'x')").expect("a large object again");
     let text = std::fs::read_to_string(dir.join("pgconverge.yaml")).expect("config");
     std::fs::write(dir.join("pgconverge.yaml"), text.replace("strategy: logical", "strategy: dump_restore"))
         .expect("config");
@@ -205,26 +225,28 @@ fn big_unverified(name: &str) -> (common::Scratch, Servers) {
 
 /// With `verify: none`, nothing but the copy's own bookkeeping stands between an
 /// unfinished initial copy and the deletion of the old server.
-fn assert_big_copied(dir: &Path) {
+fn assert_big_copied(dir: &Path, small: u32) {
     let url = url(dir);
     assert_eq!(psql(&url, "SELECT current_setting('server_version_num')::int / 10000").expect("version"), "17");
     assert_eq!(psql(&url, "SELECT count(*) FROM big").expect("big"), "1500000", "rows lost from the big table");
-    assert_eq!(psql(&url, "SELECT count(*) FROM small").expect("small"), "10");
+    assert_eq!(psql(&url, "SELECT count(*) FROM small").expect("small"), small.to_string());
 }
 
 #[test]
-fn an_apply_crashed_inside_the_initial_copy_copies_afresh() {
+fn an_apply_crashed_between_the_copy_and_its_subscription_copies_afresh() {
     let (dir, _servers) = big_unverified("logical_crash_initial_copy");
     let crashed =
-        pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "replicate:copying=crash")]);
+        pgconverge_with(&["apply", "--auto-approve"], &dir, &[("PGCONVERGE_FAILPOINTS", "replicate:copied=crash")]);
     assert_eq!(crashed.code, 137, "{}{}", crashed.stdout, crashed.stderr);
-    // The copy's subscription goes on copying inside the server: the next apply must not
-    // take it for a finished copy.
+    // The copy holds every row, but nothing streams the writes that follow into it: the
+    // next apply must not take it for a copy that does.
+    psql(&url(&dir), "INSERT INTO small VALUES (11)").expect("a write after the crash");
     let plan = pgconverge(&["plan"], &dir);
     assert!(plan.stdout.contains("replicate"), "the interrupted copy is made again: {}", plan.stdout);
     let again = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
-    assert_big_copied(&dir);
+    assert!(again.stderr.contains("dropping a replication slot left behind"), "{}", again.stderr);
+    assert_big_copied(&dir, 11);
 }
 
 #[test]
@@ -241,5 +263,5 @@ fn sigterm_inside_the_initial_copy_stops_cleanly_and_the_next_apply_copies_afres
     assert!(!dir.join(".pgconverge/lock").exists(), "the lock is released");
     let again = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
-    assert_big_copied(&dir);
+    assert_big_copied(&dir, 10);
 }

@@ -150,11 +150,12 @@ pub trait Provider {
         self.restore(env, id, &backup)?;
         Ok(backup)
     }
-    /// Logical strategy: copies the schema of `from` into `id`, subscribes `id` to every
-    /// change of `from`, and returns once the initial copy is done (its size in bytes);
-    /// changes keep streaming until `catch_up`.
-    fn replicate(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
-        let _ = (env, id, from);
+    /// Logical strategy: copies `from` into `id`, subscribes `id` to every later change
+    /// of `from`, and returns once the copy streams (its size in bytes); changes keep
+    /// streaming until `catch_up`. `verify` says how a later verify will compare the two,
+    /// so that the provider may compare the rows where the stream starts.
+    fn replicate(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId, verify: Verify) -> Result<u64> {
+        let _ = (env, id, from, verify);
         Err(ProviderError::Refused("this provider cannot copy by logical replication".into()))
     }
     /// With the source quiet: waits until `id` holds every change its source committed,

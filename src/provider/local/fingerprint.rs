@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::error::{Error, Result};
+use super::quote::literal;
 use super::server::Server;
 use crate::config::Verify;
 
@@ -13,18 +14,39 @@ const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema'
 /// `kind:name` → value, for every object compared.
 pub type Fingerprint = BTreeMap<String, String>;
 
-/// `take`, with the time it took logged; `what` names the server for the log.
-pub fn timed(server: &Server, db: &str, how: Verify, what: &str) -> Result<Fingerprint> {
+/// `take_part`, with the time it took logged; `what` names the server for the log.
+pub fn timed(server: &Server, db: &str, how: Verify, part: Part, what: &str) -> Result<Fingerprint> {
     let t = std::time::Instant::now();
-    let fp = take(server, db, how);
-    tracing::debug!(what, seconds = t.elapsed().as_secs_f64(), "fingerprint taken");
+    let fp = take_part(server, db, how, part, None);
+    tracing::debug!(what, ?part, seconds = t.elapsed().as_secs_f64(), "fingerprint taken");
     fp
+}
+
+/// Which parts of a fingerprint to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    All,
+    /// Each table's rows (count, and hash with `checksums`): what grows with the data.
+    Rows,
+    /// Everything else: lists of objects, sequence values, the database's properties.
+    Catalog,
+}
+
+/// Whether `key` belongs to the rows part.
+pub fn is_rows(key: &str) -> bool {
+    key.starts_with("rows:") || key.starts_with("row hash:")
 }
 
 /// Takes the fingerprint of database `db`, in one session: every value comes back as a
 /// `key|value` line, and psql's `\gexec` runs one statement per table (each free to use
 /// parallel workers), so a fingerprint costs one program start, not one per query.
 pub fn take(server: &Server, db: &str, how: Verify) -> Result<Fingerprint> {
+    take_part(server, db, how, Part::All, None)
+}
+
+/// `take`, of one part, and with `snapshot` in the snapshot another session exported
+/// (the rows as they were then; sequence values are not kept by snapshots).
+pub fn take_part(server: &Server, db: &str, how: Verify, part: Part, snapshot: Option<&str>) -> Result<Fingerprint> {
     let not_extension =
         |oid: &str| format!("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = {oid} AND d.deptype = 'e')");
     let relations = |relkinds: &str| {
@@ -76,11 +98,19 @@ pub fn take(server: &Server, db: &str, how: Verify) -> Result<Fingerprint> {
              'rows:' || name, name, 'row hash:' || name, name",
         _ => "'SELECT %L || ''|'' || (SELECT count(*) FROM %s)::text', 'rows:' || name, name",
     };
-    let sql = format!(
-        "{};\nSELECT format({per_table}) FROM ({}) t ORDER BY name \\gexec\n",
-        parts.join(" UNION ALL "),
-        relations("'r','p'")
-    );
+    let mut sql = String::new();
+    if let Some(snapshot) = snapshot {
+        sql += &format!("BEGIN ISOLATION LEVEL REPEATABLE READ;\nSET TRANSACTION SNAPSHOT {};\n", literal(snapshot));
+    }
+    if part != Part::Rows {
+        sql += &format!("{};\n", parts.join(" UNION ALL "));
+    }
+    if part != Part::Catalog {
+        sql += &format!("SELECT format({per_table}) FROM ({}) t ORDER BY name \\gexec\n", relations("'r','p'"));
+    }
+    if snapshot.is_some() {
+        sql += "COMMIT;\n";
+    }
     let mut fp = Fingerprint::new();
     for line in server.sql(db, &sql)?.lines().filter(|l| !l.is_empty()) {
         let (key, value) =

@@ -3,6 +3,8 @@
 //! that say when the copy holds every committed change. Each function is one step, safe
 //! to run again after a crash (leftovers of an earlier attempt are dropped first).
 
+use std::io::{BufRead, Write};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::error::{Error, Result};
@@ -13,10 +15,6 @@ use crate::model::ServiceId;
 
 /// How often the catalogs are asked while waiting for a catch-up (inside the outage).
 const POLL: Duration = Duration::from_millis(20);
-
-/// How often while the initial copy runs: each look starts programs, and the copy needs
-/// the CPU.
-const COPY_POLL: Duration = Duration::from_millis(250);
 
 /// How long the catch-up may take with the source quiet: the changes still in flight when
 /// writes stopped, which a healthy subscription applies in milliseconds.
@@ -66,21 +64,30 @@ pub fn replica_identity_full(source: &Server) -> Result<Vec<String>> {
 /// the source. Either server may be missing.
 pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: &str) -> Result<()> {
     if let Some(target) = target {
-        if subscribed(target, name)? {
-            // Three statements, each in its own transaction (psql without -1).
-            let sub = ident(name);
-            target.sql(
-                APP_DB,
-                &format!(
-                    "ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE); DROP SUBSCRIPTION {sub};"
-                ),
-            )?;
-        }
+        // One session (each statement in its own transaction): this runs inside the
+        // outage, where every program started costs milliseconds.
+        let sub = ident(name);
+        target.sql(
+            APP_DB,
+            &format!(
+                "SELECT count(*) > 0 AS subscribed FROM pg_subscription WHERE subname = {} \\gset\n\
+                 \\if :subscribed\n\
+                 ALTER SUBSCRIPTION {sub} DISABLE;\nALTER SUBSCRIPTION {sub} SET (slot_name = NONE);\nDROP SUBSCRIPTION {sub};\n\
+                 \\endif\n\
+                 ALTER SYSTEM RESET wal_writer_delay;\nSELECT pg_reload_conf() \\g /dev/null\n",
+                literal(name)
+            ),
+        )?;
     }
     if let Some(source) = source {
         drop_slot(source, name)?;
-        source.sql(APP_DB, &format!("DROP PUBLICATION IF EXISTS {}", ident(name)))?;
-        source.sql("postgres", "ALTER SYSTEM RESET max_slot_wal_keep_size; SELECT pg_reload_conf();")?;
+        source.sql(
+            APP_DB,
+            &format!(
+                "DROP PUBLICATION IF EXISTS {};\nALTER SYSTEM RESET max_slot_wal_keep_size;\nSELECT pg_reload_conf() \\g /dev/null\n",
+                ident(name)
+            ),
+        )?;
     }
     Ok(())
 }
@@ -90,15 +97,19 @@ pub fn drop_replication(source: Option<&Server>, target: Option<&Server>, name: 
 pub fn drop_slot(source: &Server, name: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let slot = literal(name);
+    // From 14 on, the termination can be waited for, and the slot dropped in the same go.
+    let terminate = if source.bin.major >= 14 {
+        "pg_terminate_backend(active_pid, 5000)"
+    } else {
+        "pg_terminate_backend(active_pid)"
+    };
     loop {
         let sql = format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = {slot} AND active_pid IS NOT NULL; \
-             SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = {slot} AND NOT active;"
+            "SELECT {terminate} FROM pg_replication_slots WHERE slot_name = {slot} AND active_pid IS NOT NULL \\g /dev/null\n\
+             SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = {slot} AND NOT active \\g /dev/null\n\
+             SELECT count(*) FROM pg_replication_slots WHERE slot_name = {slot};"
         );
-        source.sql("postgres", &sql)?;
-        let left =
-            count(source, "postgres", &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = {slot}"))?;
-        if left == 0 {
+        if count(source, "postgres", &sql)? == 0 {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -108,9 +119,8 @@ pub fn drop_slot(source: &Server, name: &str) -> Result<()> {
     }
 }
 
-/// Publishes every table of the source and subscribes the copy to it; the subscription
-/// starts with a copy of every table.
-pub fn subscribe(source: &Server, target: &Server, name: &str, wal_bound_mb: u64) -> Result<()> {
+/// Publishes every table of the source, its slot bounded to `wal_bound_mb` of WAL.
+pub fn publish(source: &Server, name: &str, wal_bound_mb: u64) -> Result<()> {
     // The slot may keep at most this much WAL on the source: past it the slot is given
     // up (and the copy with it), never the source's disk and its application's writes.
     source.sql(
@@ -121,25 +131,133 @@ pub fn subscribe(source: &Server, target: &Server, name: &str, wal_bound_mb: u64
         ),
     )?;
     source.sql(APP_DB, &format!("CREATE PUBLICATION {} FOR ALL TABLES", ident(name)))?;
+    Ok(())
+}
+
+/// The replication connection that created the copy's slot. Until it is dropped it holds
+/// the snapshot the slot starts from, which others can take up with
+/// `SET TRANSACTION SNAPSHOT`: the source exactly as it was at `lsn`.
+pub struct Slot {
+    psql: Child,
+    /// Where the slot's stream starts: every transaction that committed before it is in
+    /// the snapshot, every later one in the stream.
+    pub lsn: String,
+    /// The exported snapshot's name.
+    pub snapshot: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let _ = self.psql.kill();
+        let _ = self.psql.wait();
+    }
+}
+
+/// How long the slot may wait for the transactions open when it was asked for.
+const SLOT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Creates the logical slot `name` in the application database of `source`, keeping its
+/// exported snapshot open (`Slot`). The slot waits for every transaction open at that
+/// moment to end; one held open past `SLOT_LIMIT` is named in the error.
+pub fn create_slot(source: &Server, name: &str) -> Result<Slot> {
+    let conn = format!("dbname={APP_DB} replication=database");
+    let mut args = source.conn_args(APP_DB);
+    *args.last_mut().expect("conn_args ends with the database") = conn;
+    let mut c = Command::new(source.bin.program("psql"));
+    c.current_dir("/")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .args(args)
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().map_err(Error::spawn("psql"))?;
+    let (stdout, mut stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+    let mut slot = Slot { psql: child, lsn: String::new(), snapshot: String::new() };
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The old spelling of the options, which every release since 10 takes.
+    let ask = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT;\n", ident(name));
+    let stdin = slot.psql.stdin.as_mut().expect("piped");
+    stdin.write_all(ask.as_bytes()).and_then(|()| stdin.flush()).map_err(Error::spawn("psql"))?;
+    let asked = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let fields: Vec<&str> = line.split('|').collect();
+                if let [_, lsn, snapshot, _] = fields[..] {
+                    slot.lsn = lsn.to_owned();
+                    slot.snapshot = snapshot.to_owned();
+                    return Ok(slot);
+                }
+                return Err(Error::Server(format!("unexpected answer `{line}` to CREATE_REPLICATION_SLOT")));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = slot.psql.wait();
+                let text = errors.join().unwrap_or_default();
+                return Err(Error::Server(format!(
+                    "the replication slot {name} could not be made: {}",
+                    crate::process::last_lines(&text, 4)
+                )));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        crate::interrupt::check()?;
+        if asked.elapsed() > SLOT_LIMIT {
+            let holders = source
+                .sql(
+                    "postgres",
+                    "SELECT format('pid %s (%s, %s since %s)', pid, coalesce(nullif(application_name, ''), 'no application_name'), \
+                     state, xact_start) FROM pg_stat_activity WHERE backend_type = 'client backend' AND xact_start IS NOT NULL \
+                     AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL ORDER BY xact_start",
+                )
+                .unwrap_or_default();
+            return Err(Error::Server(format!(
+                "the replication slot {name} waited {} s for transactions open when it was asked for: {}; end them and apply again",
+                SLOT_LIMIT.as_secs(),
+                if holders.is_empty() { "none is named".to_owned() } else { holders.lines().collect::<Vec<_>>().join(", ") }
+            )));
+        }
+    }
+}
+
+/// Subscribes the copy to the publication, from the slot `create_slot` made: the copy
+/// holds the source as it was at the slot's start, and streams every change after it.
+pub fn subscribe(source: &Server, target: &Server, name: &str) -> Result<()> {
     // Over the source's socket, as its superuser: trusted locally, no password to keep.
     let conn = format!(
         "host={} port={} user={SUPERUSER} dbname={APP_DB} application_name={name}",
         source.socket_dir.display(),
         source.port
     );
-    // Each applied transaction is flushed before the copy reports it: otherwise the
-    // report waits for the WAL writer's next round, up to 200 ms inside the outage.
-    // Changes are applied as each table's owner, never as the subscription's superuser
+    // Applied transactions commit asynchronously, so that one apply worker keeps up with
+    // many writers on the source (a flush per transaction would not); the copy's WAL
+    // writer flushes them every 10 ms, so that the report the catch-up waits for does not
+    // wait for its default 200 ms round. Changes are applied as each table's owner, never as the subscription's superuser
     // owner: the application's check constraints and triggers run with its own rights.
     // A subscription that fails stops (pgconverge then gives the copy up) rather than
     // retrying against a live source whose slot keeps WAL meanwhile.
+    target.sql("postgres", "ALTER SYSTEM SET wal_writer_delay = '10ms'; SELECT pg_reload_conf();")?;
     target.sql(
         APP_DB,
         &format!(
             "CREATE SUBSCRIPTION {0} CONNECTION {1} PUBLICATION {0} \
-             WITH (synchronous_commit = on, run_as_owner = false, disable_on_error = true)",
+             WITH (create_slot = false, slot_name = {2}, copy_data = false, synchronous_commit = off, \
+             run_as_owner = false, disable_on_error = true)",
             ident(name),
-            literal(&conn)
+            literal(&conn),
+            literal(name)
         ),
     )?;
     Ok(())
@@ -168,53 +286,36 @@ fn failing(target: &Server, name: &str, what: &str) -> Error {
     Error::Server(format!("the replication {name} failed {what}: {tail}"))
 }
 
-/// How long the subscription may go without a worker before the copy is given up:
-/// a copy of any size keeps its workers running, one that cannot connect does not.
+/// How long a wait for the copy may go on before a subscription without a worker (one
+/// that cannot connect) is given up: a healthy one keeps its worker running.
 const NO_WORKER_LIMIT: Duration = Duration::from_secs(60);
+
+/// Whether the subscription's apply worker runs.
+fn working(target: &Server, name: &str) -> Result<bool> {
+    let sql =
+        format!("SELECT count(*) FROM pg_stat_subscription WHERE subname = {} AND pid IS NOT NULL", literal(name));
+    Ok(count(target, APP_DB, &sql)? > 0)
+}
 
 /// The tables of the subscription whose initial copy has not finished: any state but
 /// ready (`r`) or synchronized (`s`, ready once the stream passes the copy's end).
-pub fn unsynchronized_tables(target: &Server, name: &str) -> Result<Vec<String>> {
+/// `None` when there is no such subscription.
+pub fn unsynchronized_tables(target: &Server, name: &str) -> Result<Option<Vec<String>>> {
     let out = target.sql(
         APP_DB,
         &format!(
-            "SELECT r.srrelid::regclass::text || ' (' || r.srsubstate::text || ')' FROM pg_subscription_rel r \
-             JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = {} AND r.srsubstate NOT IN ('r', 's') ORDER BY 1",
+            "SELECT x FROM (SELECT 0 AS o, 'subscribed' AS x FROM pg_subscription WHERE subname = {0} UNION ALL \
+             SELECT 1, r.srrelid::regclass::text || ' (' || r.srsubstate::text || ')' FROM pg_subscription_rel r \
+             JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = {0} AND r.srsubstate NOT IN ('r', 's')) t \
+             ORDER BY o, x",
             literal(name)
         ),
     )?;
-    Ok(out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
-}
-
-/// Waits until the subscription has copied every table and streams.
-pub fn wait_initial_copy(target: &Server, name: &str) -> Result<()> {
-    let sql = format!(
-        "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
-         WHERE s.subname = {} AND r.srsubstate <> 'r'",
-        literal(name)
-    );
-    let workers =
-        format!("SELECT count(*) FROM pg_stat_subscription WHERE subname = {} AND pid IS NOT NULL", literal(name));
-    let mut working = Instant::now();
-    let mut first = true;
-    loop {
-        if count(target, APP_DB, &sql)? == 0 {
-            return Ok(());
-        }
-        if std::mem::take(&mut first) {
-            crate::failpoint::hit("replicate:copying")?;
-        }
-        crate::interrupt::check()?;
-        if errors(target, name)? > 0 {
-            return Err(failing(target, name, "during its initial copy"));
-        }
-        if count(target, APP_DB, &workers)? > 0 {
-            working = Instant::now();
-        } else if working.elapsed() > NO_WORKER_LIMIT {
-            return Err(failing(target, name, &format!("to start: no worker ran for {} s", NO_WORKER_LIMIT.as_secs())));
-        }
-        std::thread::sleep(COPY_POLL);
+    let mut lines = out.lines().filter(|l| !l.is_empty());
+    if lines.next() != Some("subscribed") {
+        return Ok(None);
     }
+    Ok(Some(lines.map(str::to_owned).collect()))
 }
 
 /// The source's WAL flushed so far, after a transaction of our own whose synchronous
@@ -225,7 +326,7 @@ pub fn wait_initial_copy(target: &Server, name: &str) -> Result<()> {
 /// on, and the flush position before that misses the application's asynchronous
 /// commits of those last moments.
 pub fn flushed_lsn(source: &Server) -> Result<String> {
-    let sql = "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'pgconverge', 'catch-up');                COMMIT; SELECT pg_current_wal_flush_lsn();";
+    let sql = "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'pgconverge', 'catch-up'); COMMIT; SELECT pg_current_wal_flush_lsn();";
     let out = source.sql("postgres", sql)?;
     Ok(out.lines().last().unwrap_or_default().trim().to_owned())
 }
@@ -245,6 +346,9 @@ pub fn wait_caught_up(source: &Server, target: &Server, name: &str, lsn: &str, l
         if errors(target, name)? > 0 {
             return Err(failing(target, name, "while catching up"));
         }
+        if started.elapsed() > NO_WORKER_LIMIT && !working(target, name)? {
+            return Err(failing(target, name, &format!("to run: no worker for {} s", NO_WORKER_LIMIT.as_secs())));
+        }
         if started.elapsed() > limit {
             return Err(Error::Server(format!(
                 "the copy did not catch up with {lsn} within {} s; is the subscription {name} running?",
@@ -253,11 +357,6 @@ pub fn wait_caught_up(source: &Server, target: &Server, name: &str, lsn: &str, l
         }
         std::thread::sleep(POLL);
     }
-}
-
-/// Whether the copy still has its subscription.
-pub fn subscribed(target: &Server, name: &str) -> Result<bool> {
-    Ok(count(target, APP_DB, &format!("SELECT count(*) FROM pg_subscription WHERE subname = {}", literal(name)))? > 0)
 }
 
 /// The tables and columns of the application database, one line each: logical
@@ -275,25 +374,24 @@ fn columns(server: &Server) -> Result<Vec<String>> {
 
 /// What the source has that the copy does not, and the reverse, in their schemas.
 pub fn schema_differences(source: &Server, target: &Server) -> Result<Vec<String>> {
-    let (a, b) = (columns(source)?, columns(target)?);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| columns(source));
+        (a.join().unwrap_or_else(|_| Err(Error::Server("the schema thread panicked".into()))), columns(target))
+    });
+    let (a, b) = (a?, b?);
     let mut out: Vec<String> = a.iter().filter(|c| !b.contains(c)).map(|c| format!("source has {c}")).collect();
     out.extend(b.iter().filter(|c| !a.contains(c)).map(|c| format!("copy has {c}")));
     Ok(out)
 }
 
-/// Sets every sequence of the copy to the source's value (logical replication does not
-/// carry sequences before PostgreSQL 18); returns how many.
-pub fn sync_sequences(source: &Server, target: &Server) -> Result<usize> {
-    let statements = source.sql(
+/// The statements that set every sequence of a copy to the source's value now (logical
+/// replication does not carry sequences before PostgreSQL 18), one per line.
+pub fn sequence_statements(source: &Server) -> Result<String> {
+    source.sql(
         APP_DB,
-        "SELECT format('SELECT setval(%L, %s, %L);', format('%I.%I', schemaname, sequencename), \
+        "SELECT format('SELECT setval(%L, %s, %L) \\g /dev/null', format('%I.%I', schemaname, sequencename), \
          coalesce(last_value, start_value), last_value IS NOT NULL) FROM pg_sequences ORDER BY 1",
-    )?;
-    let n = statements.lines().filter(|l| !l.is_empty()).count();
-    if n > 0 {
-        target.sql(APP_DB, &statements)?;
-    }
-    Ok(n)
+    )
 }
 
 #[cfg(test)]

@@ -257,6 +257,7 @@ impl Provider for LocalProvider {
             socket_dir: None,
             link_from: None,
             fingerprint: None,
+            matched: None,
         };
         self.store(env, &meta)?;
         Ok(id)
@@ -317,8 +318,8 @@ impl Provider for LocalProvider {
         result.map_err(|e| self.disk_full(e))
     }
 
-    fn replicate(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
-        let result = self.replicate_now(env, id, from);
+    fn replicate(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId, verify: Verify) -> Result<u64> {
+        let result = self.replicate_now(env, id, from, verify);
         result.map_err(|e| self.disk_full(e))
     }
 
@@ -361,21 +362,16 @@ impl Provider for LocalProvider {
         let (a, b) = (taken(against).or(kept), taken(id));
         // What is missing is taken now, both servers at once.
         let (a, b) = std::thread::scope(|s| {
-            let a = s.spawn(|| a.map_or_else(|| fingerprint::timed(&source, APP_DB, how, "source"), Ok));
-            let b = b.map_or_else(|| fingerprint::timed(&copy, APP_DB, how, "copy"), Ok);
+            let a = s.spawn(|| {
+                a.map_or_else(|| fingerprint::timed(&source, APP_DB, how, fingerprint::Part::All, "source"), Ok)
+            });
+            let b = b.map_or_else(|| fingerprint::timed(&copy, APP_DB, how, fingerprint::Part::All, "copy"), Ok);
             (a.join().unwrap_or_else(|_| Err(error::Error::Server("the fingerprint thread panicked".into()))), b)
         });
         let (a, b) = (a?, b?);
         let diff = fingerprint::differences(&a, &b);
         if !diff.is_empty() {
-            let shown: Vec<String> = diff.iter().take(20).cloned().collect();
-            return Err(ProviderError::Failed(format!(
-                "the copy {id} differs from its source {against} ({} difference{}): {}{}",
-                diff.len(),
-                if diff.len() == 1 { "" } else { "s" },
-                shown.join("; "),
-                if diff.len() > 20 { "; …" } else { "" }
-            )));
+            return Err(replica::differ(id, against, "", &diff));
         }
         tracing::info!(service = %id, against = %against, objects = a.len(), "copy verified");
         Ok(())

@@ -34,6 +34,21 @@ pub(super) struct Meta {
     /// verify of its copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) fingerprint: Option<(Verify, fingerprint::Fingerprint)>,
+    /// The rows this copy and its source held alike where its replication starts,
+    /// compared before the fence: from `replicate` until the catch-up ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) matched: Option<Matched>,
+}
+
+/// Rows compared alike at one point of the source's WAL.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Matched {
+    pub(super) source: ServiceId,
+    pub(super) lsn: String,
+    pub(super) how: Verify,
+    /// Both sides' rows part (`fingerprint::Part::Rows`), equal.
+    pub(super) rows: fingerprint::Fingerprint,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

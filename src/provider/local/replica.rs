@@ -1,7 +1,33 @@
-//! The logical strategy's copy: subscribe, wait for the initial copy, and the catch-up
-//! with the source fenced.
+//! The logical strategy's copy: loaded from the replication slot's snapshot, its rows
+//! compared with the source's there, subscribed from the slot; and the catch-up with the
+//! source fenced.
 
+use super::fingerprint::Part;
 use super::*;
+
+/// The source database's own properties, dumped by `replicate` for the catch-up.
+const DATABASE_FILE: &str = "replica.database.sql";
+
+/// How many times at most the copy is brought up to the source before the fence.
+const PRE_FENCE_ROUNDS: u32 = 10;
+
+/// A round of the pre-fence catch-up this short leaves the outage's catch-up about as
+/// little to do.
+const CLOSE_ENOUGH: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The error of a copy that differs from its source, `when` ("at …" or empty).
+pub(super) fn differ(id: &ServiceId, source: &ServiceId, when: &str, diff: &[String]) -> ProviderError {
+    let shown: Vec<String> = diff.iter().take(20).cloned().collect();
+    ProviderError::Failed(format!(
+        "the copy {id} differs from its source {source}{}{} ({} difference{}): {}{}",
+        if when.is_empty() { "" } else { " " },
+        when,
+        diff.len(),
+        if diff.len() == 1 { "" } else { "s" },
+        shown.join("; "),
+        if diff.len() > 20 { "; …" } else { "" }
+    ))
+}
 
 impl LocalProvider {
     /// The catch-up proper: waits until the copy has every change up to the source's
@@ -19,15 +45,17 @@ impl LocalProvider {
         // is dropped (nothing is lost: the source keeps the data) and copied afresh.
         let give_up = |why: String| -> ProviderError {
             let _ = logical::drop_replication(Some(source), Some(target), &name);
-            let _ = self.update(env, id, |m| m.streaming_from = None);
+            let _ = self.update(env, id, |m| {
+                m.streaming_from = None;
+                m.matched = None;
+            });
             ProviderError::Failed(format!(
                 "{why}; the upgrade stopped with nothing lost, and the next apply copies afresh"
             ))
         };
-        if !logical::subscribed(target, &name)? {
+        let Some(unsynced) = logical::unsynchronized_tables(target, &name)? else {
             return Err(give_up(format!("the replication into {id} ended before its catch-up was recorded")));
-        }
-        let unsynced = logical::unsynchronized_tables(target, &name)?;
+        };
         if !unsynced.is_empty() {
             return Err(give_up(format!(
                 "the initial copy of {} table{} into {id} never finished ({})",
@@ -37,9 +65,19 @@ impl LocalProvider {
             )));
         }
         let schema_changed = |diff: Vec<String>| format!("the schema changed during replication ({})", diff.join("; "));
-        let lsn = logical::flushed_lsn(source)?;
-        let waited = match logical::wait_caught_up(source, target, &name, &lsn, logical::CATCH_UP_LIMIT) {
-            Ok(waited) => waited,
+        // The fenced source's sequences stand still: read while the copy catches up.
+        let (caught, sequences) = std::thread::scope(|s| {
+            let sequences = s.spawn(|| logical::sequence_statements(source));
+            let caught = logical::flushed_lsn(source).and_then(|lsn| {
+                logical::wait_caught_up(source, target, &name, &lsn, logical::CATCH_UP_LIMIT).map(|w| (lsn, w))
+            });
+            (
+                caught,
+                sequences.join().unwrap_or_else(|_| Err(error::Error::Server("the sequence thread panicked".into()))),
+            )
+        });
+        let (lsn, waited) = match caught {
+            Ok(caught) => caught,
             Err(e) => {
                 let diff = logical::schema_differences(source, target).unwrap_or_default();
                 return Err(give_up(if diff.is_empty() { e.to_string() } else { schema_changed(diff) }));
@@ -50,20 +88,33 @@ impl LocalProvider {
             return Err(give_up(schema_changed(diff)));
         }
         crate::failpoint::hit("catch_up:caught_up")?;
-        let sequences = logical::sync_sequences(source, target)?;
-        // The database's own properties, last: a read-only default or a short statement
-        // timeout among them must not stop the copy's workers.
-        let database = self.subdir("backups", Some(id.as_str()))?.join("replica.database.sql");
-        self.dump_database(source, &self.newest_binaries(env)?, &database)?;
-        restore_database(target, &database)?;
+        // The sequences, and the database's own properties last: a read-only default or a
+        // short statement timeout among them must not stop the copy's workers. `replicate`
+        // dumped them; verify's catalogs compare them, should they have changed since.
+        let sequences = sequences?;
+        let database = self.subdir("backups", Some(id.as_str()))?.join(DATABASE_FILE);
+        if !database.exists() {
+            self.dump_database(source, &self.newest_binaries(env)?, &database)?;
+        }
+        target.sql(APP_DB, &format!("{sequences}\n{}", database_script(&database)?))?;
         let _ = std::fs::remove_file(&database);
+        let sequences = sequences.lines().filter(|l| !l.is_empty()).count();
         tracing::info!(service = %id, lsn = %lsn, ms = waited.as_millis() as u64, sequences, "copy caught up");
-        self.update(env, id, |m| m.streaming_from = None)?;
+        self.update(env, id, |m| {
+            m.streaming_from = None;
+            m.matched = None;
+        })?;
         crate::failpoint::hit("catch_up:recorded")?;
         logical::drop_replication(Some(source), Some(target), &name).map_err(ProviderError::from)
     }
 
-    pub(super) fn replicate_now(&mut self, env: &EnvName, id: &ServiceId, from: &ServiceId) -> Result<u64> {
+    pub(super) fn replicate_now(
+        &mut self,
+        env: &EnvName,
+        id: &ServiceId,
+        from: &ServiceId,
+        verify: Verify,
+    ) -> Result<u64> {
         self.fingerprints.remove(id);
         let (_, source) = self.running_server(env, from)?;
         let (_, target) = self.running_server(env, id)?;
@@ -81,6 +132,20 @@ impl LocalProvider {
                 objects.trim()
             )));
         }
+        // Nor unlogged tables: the copy would hold their rows as they were when it was
+        // made, and none of the writes after.
+        let unlogged = source.sql(
+            APP_DB,
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' ORDER BY 1",
+        )?;
+        if !unlogged.trim().is_empty() {
+            let tables: Vec<&str> = unlogged.lines().collect();
+            return Err(ProviderError::Refused(format!(
+                "{from} holds unlogged tables ({}), which logical replication does not carry; use `upgrade.strategy: dump_restore`, or make them logged (ALTER TABLE … SET LOGGED)",
+                tables.join(", ")
+            )));
+        }
         // Servers started before pgconverge set wal_level = logical need a restart: a
         // second's break in the application's connections, before any write is blocked.
         if !logical::wal_level_is_logical(&source)? {
@@ -88,53 +153,109 @@ impl LocalProvider {
             source.stop()?;
             source.start()?;
         }
-        // Until the initial copy of every table is done the copy is not streaming, and a
-        // crash meanwhile leaves a subscription that tidy_replication drops.
-        self.update(env, id, |m| m.streaming_from = None)?;
+        // Until the copy is loaded and subscribed it is not streaming, and a crash
+        // meanwhile leaves a slot that tidy_replication drops.
+        self.update(env, id, |m| {
+            m.streaming_from = None;
+            m.matched = None;
+        })?;
         logical::drop_replication(Some(&source), Some(&target), &name)?;
-        // The schema first (replication carries rows only), then every row.
-        let bin = self.newest_binaries(env)?;
-        let work = self.subdir("backups", Some(id.as_str()))?;
-        let (roles, schema) = (work.join("replica.roles.sql"), work.join("replica.schema.dump"));
-        self.dump_roles(&source, &bin, &roles)?;
-        let mut c = Command::new(bin.program("pg_dump"));
-        c.env("PGOPTIONS", server::SESSION_OPTIONS)
-            .args(source.conn_args(APP_DB))
-            .args(["-Fc", "--schema-only", "--no-publications", "--no-subscriptions", "-f"])
-            .arg(&schema);
-        private_file(&schema)?;
-        self.run_client(c, "pg_dump --schema-only")?;
-        self.prepare_restore(env, id, &target, &roles)?;
-        let mut c = restore_command(&target);
-        c.arg(&schema);
-        self.run_client(c, "pg_restore --schema-only")?;
-        drop_restorer(&target)?;
         let full = logical::replica_identity_full(&source)?;
         if !full.is_empty() {
             tracing::info!(tables = %full.join(", "), "tables without a primary key replicate with REPLICA IDENTITY FULL");
         }
         // Half of what is free now: room for what the application writes during the
-        // initial copy, and for the copy itself.
+        // copy, and for the copy itself.
         let bound_mb = (free_bytes(&self.root)? / 2 / (1024 * 1024)).max(64);
-        logical::subscribe(&source, &target, &name, bound_mb)?;
-        crate::failpoint::hit("replicate:subscribed")?;
+        logical::publish(&source, &name, bound_mb)?;
+        let bin = self.newest_binaries(env)?;
+        let roles = self.subdir("backups", Some(id.as_str()))?.join("replica.roles.sql");
+        self.dump_roles(&source, &bin, &roles)?;
+        self.prepare_restore(env, id, &target, &roles)?;
+        let _ = std::fs::remove_file(&roles);
         let started = std::time::Instant::now();
-        logical::wait_initial_copy(&target, &name)?;
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "initial copy done");
-        // Only now is the copy streaming: every table holds its initial copy, and what
-        // follows is the stream of changes the catch-up waits for.
+        let slot = logical::create_slot(&source, &name)?;
+        crate::failpoint::hit("replicate:slot")?;
+        // The copy is the source exactly as the slot's snapshot shows it, and the
+        // subscription streams every change after it: so its rows can be compared with
+        // the source's at that one point now, before the fence, and the catch-up inside
+        // the outage only has to prove that the stream got past the fence.
+        let mut dump = Command::new(bin.program("pg_dump"));
+        dump.env("PGOPTIONS", server::SESSION_OPTIONS).args(source.conn_args(APP_DB)).args([
+            "-Fc",
+            "-Z0",
+            "--no-publications",
+            "--no-subscriptions",
+            "--snapshot",
+            &slot.snapshot,
+        ]);
+        let (streamed, source_rows) = std::thread::scope(|s| {
+            let rows = (verify != Verify::None)
+                .then(|| s.spawn(|| fingerprint::take_part(&source, APP_DB, verify, Part::Rows, Some(&slot.snapshot))));
+            let streamed = stream::pipe(dump, restore_command(&target));
+            (
+                streamed,
+                rows.map(|h| {
+                    h.join().unwrap_or_else(|_| Err(error::Error::Server("the fingerprint thread panicked".into())))
+                }),
+            )
+        });
+        let lsn = slot.lsn.clone();
+        drop(slot);
+        let streamed = streamed?;
+        if let Some(e) = streamed.consumer_error.or(streamed.producer_error) {
+            return Err(ProviderError::Failed(e));
+        }
+        drop_restorer(&target)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), %lsn, "copy loaded at the slot's snapshot");
+        let database = self.subdir("backups", Some(id.as_str()))?.join(DATABASE_FILE);
+        self.dump_database(&source, &bin, &database)?;
+        crate::interrupt::check()?;
+        // Statistics for the application's first queries; the copy's rows counted (which
+        // sets the hint bits of every copied row, which with data checksums the first
+        // read would otherwise log again inside the outage) on the other core.
+        let (analyzed, copy_rows) = std::thread::scope(|s| {
+            let rows = (verify != Verify::None)
+                .then(|| s.spawn(|| fingerprint::take_part(&target, APP_DB, verify, Part::Rows, None)));
+            let analyzed = target.sql(APP_DB, "VACUUM (ANALYZE)");
+            (
+                analyzed,
+                rows.map(|h| {
+                    h.join().unwrap_or_else(|_| Err(error::Error::Server("the fingerprint thread panicked".into())))
+                }),
+            )
+        });
+        analyzed?;
+        let matched = match (source_rows.transpose()?, copy_rows.transpose()?) {
+            (Some(a), Some(b)) => {
+                let diff = fingerprint::differences(&a, &b);
+                if !diff.is_empty() {
+                    let _ = logical::drop_replication(Some(&source), Some(&target), &name);
+                    return Err(differ(id, from, &format!("at {lsn}, where its replication starts"), &diff));
+                }
+                tracing::info!(service = %id, against = %from, %lsn, tables = a.len(), "rows compared where the stream starts");
+                Some(Matched { source: from.clone(), lsn: lsn.clone(), how: verify, rows: a })
+            }
+            _ => None,
+        };
+        self.update(env, id, |m| m.matched = matched)?;
+        crate::failpoint::hit("replicate:copied")?;
+        logical::subscribe(&source, &target, &name)?;
+        crate::failpoint::hit("replicate:subscribed")?;
         self.update(env, id, |m| m.streaming_from = Some(from.clone()))?;
         crate::failpoint::hit("replicate:streaming")?;
-        // Statistics for the application's first queries, and the hint bits of every copied
-        // row set now: the first read after a copy sets them, and with data checksums logs
-        // each page again, which verify's counts would otherwise pay inside the outage.
-        target.sql(APP_DB, "VACUUM (ANALYZE)")?;
         // Stream what the source wrote meanwhile, so that the catch-up inside the outage
-        // has only the last moments' changes to wait for.
-        let lsn = logical::flushed_lsn(&source)?;
-        let lag = logical::wait_caught_up(&source, &target, &name, &lsn, logical::STREAM_LIMIT)?;
-        tracing::debug!(seconds = lag.as_secs_f64(), "streaming caught up before the fence");
-        let _ = std::fs::remove_file(&schema);
+        // has only the last moments' changes to wait for: again while a round takes long
+        // (the writes it waited for came in while the one before it waited).
+        for round in 1..=PRE_FENCE_ROUNDS {
+            let lsn = logical::flushed_lsn(&source)?;
+            let lag = logical::wait_caught_up(&source, &target, &name, &lsn, logical::STREAM_LIMIT)?;
+            tracing::debug!(round, seconds = lag.as_secs_f64(), "streaming caught up before the fence");
+            if lag < CLOSE_ENOUGH {
+                break;
+            }
+            crate::interrupt::check()?;
+        }
         let bytes = target.sql(APP_DB, &format!("SELECT pg_database_size('{APP_DB}')"))?;
         Ok(bytes.trim().parse().unwrap_or(0))
     }
@@ -147,24 +268,40 @@ impl LocalProvider {
         };
         let (_, source) = self.running_server(env, &from)?;
         let (_, target) = self.running_server(env, id)?;
-        // The source is quiet from the fence on: its fingerprint for the verify that
-        // follows is taken while the copy catches up, and the copy's as soon as it has
-        // stopped changing, so that verify itself only compares.
+        // Rows compared where the stream starts need no counting now: the catch-up proves
+        // the stream reached the fence, and only the catalogs are taken (both at once,
+        // once the copy has stopped changing), so that verify itself only compares.
+        let matched = meta.matched.filter(|m| m.source == from && m.how == verify && verify != Verify::None);
+        let part = if matched.is_some() { Part::Catalog } else { Part::All };
         let fingerprint_source = verify != Verify::None && !self.fingerprints.contains_key(&from);
         let (copy_fp, source_fp) = std::thread::scope(|s| {
-            let fp = fingerprint_source.then(|| s.spawn(|| fingerprint::timed(&source, APP_DB, verify, "source")));
-            let copy_fp = self.finish_catch_up(env, id, &source, &target).and_then(|()| {
+            let source = &source;
+            let source_fp = |part| {
+                fingerprint_source.then(|| s.spawn(move || fingerprint::timed(source, APP_DB, verify, part, "source")))
+            };
+            // All of the source's, from the fence unchanging, is taken while the copy
+            // catches up; its catalogs alone are quick, and taken with the copy's.
+            let early = if part == Part::All { source_fp(part) } else { None };
+            let caught = self.finish_catch_up(env, id, source, &target);
+            let late = if part == Part::Catalog && caught.is_ok() { source_fp(part) } else { None };
+            let copy_fp = caught.and_then(|()| {
                 (verify != Verify::None)
-                    .then(|| fingerprint::timed(&target, APP_DB, verify, "copy").map_err(ProviderError::from))
+                    .then(|| fingerprint::timed(&target, APP_DB, verify, part, "copy").map_err(ProviderError::from))
                     .transpose()
             });
-            (copy_fp, fp.and_then(|h| h.join().ok()).and_then(|r| r.ok()))
+            (copy_fp, early.or(late).and_then(|h| h.join().ok()).and_then(|r| r.ok()))
         });
+        let with_rows = |mut fp: fingerprint::Fingerprint| {
+            if let Some(m) = &matched {
+                fp.extend(m.rows.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            fp
+        };
         if let Some(fp) = copy_fp? {
-            self.fingerprints.insert(id.clone(), (verify, fp));
+            self.fingerprints.insert(id.clone(), (verify, with_rows(fp)));
         }
         if let Some(fp) = source_fp {
-            self.fingerprints.insert(from, (verify, fp));
+            self.fingerprints.insert(from, (verify, with_rows(fp)));
         }
         Ok(())
     }

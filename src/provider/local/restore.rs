@@ -51,12 +51,17 @@ pub(super) fn create_restorer(server: &Server) -> Result<()> {
 /// superuser: the statements are pg_dump's, one per property, with every name and value
 /// quoted by it; nothing else of the file is run.
 pub(super) fn restore_database(server: &Server, dumped: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(dumped).map_err(|e| io_err("read", dumped, e))?;
-    let statements = database_statements(&text);
+    let statements = database_script(dumped)?;
     if statements.is_empty() {
         return Ok(());
     }
-    server.sql(APP_DB, &statements.join("\n")).map(drop).map_err(ProviderError::from)
+    server.sql(APP_DB, &statements).map(drop).map_err(ProviderError::from)
+}
+
+/// `restore_database`'s statements, to run with others.
+pub(super) fn database_script(dumped: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(dumped).map_err(|e| io_err("read", dumped, e))?;
+    Ok(database_statements(&text).join("\n"))
 }
 
 /// The statements of a `pg_dump --create` script that set properties of the database

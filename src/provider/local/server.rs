@@ -263,13 +263,40 @@ impl Server {
         self.postmaster().is_some()
     }
 
-    /// `pg_isready` hears the server refuse connections (starting up, recovering).
+    /// The server answers and refuses connections for now (starting up, recovering):
+    /// what `pg_isready` reports as 1 (SQLSTATE 57P03 to a startup packet), asked here
+    /// rather than by starting a program, since every action asks it of each server.
+    /// The packet names the superuser, trusted over the socket, so the server logs nothing.
     fn refusing(&self) -> bool {
-        let mut c = self.command("pg_isready");
-        c.arg("-q").arg("-h").arg(&self.socket_dir).arg("-p").arg(self.port.to_string());
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        // 1: the server answers and rejects; 0 accepts, 2 no answer, 3 no attempt.
-        c.status().is_ok_and(|s| s.code() == Some(1))
+        use std::io::{Read, Write};
+        if !check_private_dir(&self.socket_dir, self.owner()).unwrap_or(false) {
+            return false;
+        }
+        let path = self.socket_dir.join(format!(".s.PGSQL.{}", self.port));
+        let Ok(mut socket) = std::os::unix::net::UnixStream::connect(&path) else { return false };
+        let limit = Some(std::time::Duration::from_secs(10));
+        let _ = socket.set_read_timeout(limit).and_then(|()| socket.set_write_timeout(limit));
+        let mut body = 196_608u32.to_be_bytes().to_vec(); // protocol 3.0
+        for (key, value) in [("user", SUPERUSER), ("database", "postgres")] {
+            body.extend_from_slice(key.as_bytes());
+            body.push(0);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        let mut head = [0u8; 5];
+        if socket.write_all(&packet).and_then(|()| socket.read_exact(&mut head)).is_err() {
+            return false;
+        }
+        if head[0] != b'E' {
+            let _ = socket.write_all(&[b'X', 0, 0, 0, 4]); // Terminate
+            return false;
+        }
+        let length = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut fields = vec![0u8; length.saturating_sub(4).min(64 * 1024)];
+        socket.read_exact(&mut fields).is_ok() && fields.split(|b| *b == 0).any(|f| f == b"C57P03")
     }
 
     /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost)
@@ -371,4 +398,60 @@ pub(crate) fn alive(pid: i32) -> bool {
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind a free port on", "127.0.0.1"))?;
     l.local_addr().map(|a| a.port()).map_err(Error::io("bind a free port on", "127.0.0.1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A server that answers every startup packet with `reply`, on a socket in a private
+    /// directory.
+    fn answering(reply: Vec<u8>) -> (tempfile::TempDir, Server) {
+        let dir = tempfile::Builder::new().prefix("pgconverge-refusing-").tempdir().expect("dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("mode");
+        let listener =
+            std::os::unix::net::UnixListener::bind(dir.path().join(".s.PGSQL.5999")).expect("bind the socket");
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut length = [0u8; 4];
+                conn.read_exact(&mut length).expect("length");
+                let mut rest = vec![0u8; u32::from_be_bytes(length) as usize - 4];
+                conn.read_exact(&mut rest).expect("startup packet");
+                assert!(rest.windows(9).any(|w| w == b"postgres\0"), "names the superuser");
+                let _ = conn.write_all(&reply);
+            }
+        });
+        let server = Server {
+            bin: Binaries { major: 17, dir: PathBuf::from("/nonexistent") },
+            data_dir: dir.path().join("data"),
+            socket_dir: dir.path().to_owned(),
+            log_file: dir.path().join("log"),
+            port: 5999,
+            run_as: None,
+        };
+        (dir, server)
+    }
+
+    fn error(code: &str) -> Vec<u8> {
+        let fields = format!("SFATAL\0C{code}\0Mthe database system is starting up\0\0");
+        let mut out = vec![b'E'];
+        out.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(fields.as_bytes());
+        out
+    }
+
+    #[test]
+    fn a_server_that_cannot_take_connections_yet_is_told_from_one_that_can() {
+        let (_dir, starting) = answering(error("57P03"));
+        assert!(starting.refusing());
+        let (_dir, no_role) = answering(error("28000"));
+        assert!(!no_role.refusing(), "any other error means it takes connections");
+        let (_dir, ready) = answering(vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+        assert!(!ready.refusing());
+        let (dir, silent) = answering(Vec::new());
+        std::fs::remove_file(dir.path().join(".s.PGSQL.5999")).expect("remove the socket");
+        assert!(!silent.refusing(), "no answer is not a refusal");
+    }
 }

@@ -24,16 +24,30 @@ pub struct Streamed {
 }
 
 /// Runs `producer | tee file | consumer`. The caller syncs and publishes `file`.
-pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<Streamed> {
+pub fn tee(producer: Command, consumer: Command, file: &Path) -> Result<Streamed> {
+    run(producer, consumer, Some(file))
+}
+
+/// Runs `producer | consumer`.
+pub fn pipe(producer: Command, consumer: Command) -> Result<Streamed> {
+    run(producer, consumer, None)
+}
+
+fn run(mut producer: Command, mut consumer: Command, file: Option<&Path>) -> Result<Streamed> {
     let program = |c: &Command| c.get_program().to_string_lossy().into_owned();
     let (producer_name, consumer_name) = (program(&producer), program(&consumer));
     // Readable by its owner alone from the first byte, and never a file found there.
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(file)
-        .map_err(Error::io("create", file))?;
+    let mut out = match file {
+        Some(file) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(file)
+                .map_err(Error::io("create", file))?,
+        ),
+        None => None,
+    };
     let mut sink = consumer
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -65,14 +79,20 @@ pub fn tee(mut producer: Command, mut consumer: Command, file: &Path) -> Result<
                 break;
             }
         };
-        if let Err(e) = out.write_all(&buf[..n]) {
-            write_error = Some(format!("writing {}: {e}", file.display()));
-            break;
+        if let (Some(out), Some(file)) = (out.as_mut(), file) {
+            if let Err(e) = out.write_all(&buf[..n]) {
+                write_error = Some(format!("writing {}: {e}", file.display()));
+                break;
+            }
         }
         // A consumer that stopped reading has failed; its status says why. The file
-        // still gets the whole dump.
+        // still gets the whole dump; without one, the producer need not go on.
         if feed.as_mut().is_some_and(|f| f.write_all(&buf[..n]).is_err()) {
             feed = None;
+            if out.is_none() {
+                let _ = source.kill();
+                break;
+            }
         }
     }
     drop(feed);

@@ -60,7 +60,8 @@ impl LocalProvider {
         if link && verify != Verify::None {
             // Verify compares the copy with its source, which will be gone: the source's
             // side is taken now, fenced, and kept in its record.
-            source.fingerprint = Some((verify, fingerprint::timed(&old, APP_DB, verify, "source")?));
+            source.fingerprint =
+                Some((verify, fingerprint::timed(&old, APP_DB, verify, fingerprint::Part::All, "source")?));
             self.store(env, &source)?;
         }
         // Sessions of the superuser or of anyone else end with the server: the fence
