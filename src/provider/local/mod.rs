@@ -83,6 +83,8 @@ pub struct LocalProvider {
     pause_bounds: BTreeMap<EnvName, u32>,
     /// The environments whose paused pooler this process has warned of.
     told_paused: std::collections::BTreeSet<EnvName>,
+    /// The environments whose pooler's pauses this process has made agree with the fences.
+    pooler_checked: std::collections::BTreeSet<EnvName>,
     /// Fingerprints taken ahead of a verify, while the copy streamed: each of a service
     /// that nothing can change until the verify (a fenced source, an unattached copy).
     fingerprints: BTreeMap<ServiceId, (Verify, fingerprint::Fingerprint)>,
@@ -124,6 +126,7 @@ impl LocalProvider {
             pooler: config.pooler,
             pause_bounds: Default::default(),
             told_paused: Default::default(),
+            pooler_checked: Default::default(),
             fingerprints: Default::default(),
         })
     }

@@ -273,6 +273,13 @@ impl LocalProvider {
         if pooler.pid().is_none() {
             tracing::warn!(env = %env, "the pooler was down; starting it");
             self.start_pooler(env, &mut pooler, &Self::targets(metas, visible))?;
+            self.pooler_checked.remove(env);
+        }
+        // Once this process has made the pauses agree with the fences, its own actions
+        // keep them so (asking again costs a program start after every action, inside the
+        // pause too).
+        if !self.pooler_checked.insert(env.clone()) {
+            return Ok(());
         }
         for (db, port, paused) in pooler.databases()? {
             let fenced = metas.iter().any(|m| m.port == Some(port) && m.service.fenced);
