@@ -32,6 +32,9 @@ const PG_UPGRADE: &[&str] = &["upgrade:stopped", "upgrade:transferred", "upgrade
 /// recorded consumed, before the new one first starts.
 pub const LINK: &[&str] = &["upgrade:consumed"];
 
+/// Places a fence reaches only with a pooler in front: paused, not yet fenced.
+pub const POOLER: &[&str] = &["fence:paused"];
+
 /// Every place inside the actions of an upgrade by `strategy`.
 pub fn inside(strategy: Strategy) -> Vec<&'static str> {
     let copy = match strategy {

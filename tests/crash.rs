@@ -21,7 +21,11 @@ const ROWS: u32 = 2000;
 struct Upgrade {
     strategy: Strategy,
     transfer: Transfer,
+    /// With `provider.local.pooler: pgbouncer`.
+    pooler: bool,
     actions: usize,
+    /// The numbers of the plan's fence and deploy: where writes are blocked.
+    outage: (usize, usize),
 }
 
 impl Upgrade {
@@ -30,16 +34,53 @@ impl Upgrade {
     }
 
     fn with(strategy: Strategy, transfer: Transfer) -> Upgrade {
+        Upgrade::planned(Upgrade { strategy, transfer, pooler: false, actions: 0, outage: (0, 0) })
+    }
+
+    /// A logical upgrade behind a pooler.
+    fn pooled() -> Upgrade {
+        common::ensure_pgbouncer();
+        Upgrade::planned(Upgrade {
+            strategy: Strategy::Logical,
+            transfer: Transfer::Auto,
+            pooler: true,
+            actions: 0,
+            outage: (0, 0),
+        })
+    }
+
+    fn planned(upgrade: Upgrade) -> Upgrade {
         ensure_postgres();
         let dir = scratch("crash_plan");
-        write_config(&dir, 17, false, Upgrade { strategy, transfer, actions: 0 });
+        write_config(&dir, 17, false, upgrade);
         std::fs::write(dir.join("live.json"), LIVE_ON_15).expect("snapshot");
         let plan = common::pgconverge(&["plan", "--live", "live.json", "--format", "json"], &dir);
         assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
         let plan: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan json");
-        let actions = plan["environments"][0]["actions"].as_array().expect("actions").len();
-        assert!(actions >= 10, "a whole upgrade: {plan}");
-        Upgrade { strategy, transfer, actions }
+        let actions = plan["environments"][0]["actions"].as_array().expect("actions");
+        assert!(actions.len() >= 10, "a whole upgrade: {plan}");
+        let number = |op: &str| 1 + actions.iter().position(|a| a["op"] == op).expect("the op is planned");
+        Upgrade { actions: actions.len(), outage: (number("fence"), number("deploy")), ..upgrade }
+    }
+
+    /// Every failpoint from the fence to the deploy, where a pooler holds the
+    /// application's queries: around and inside those actions, and between each and
+    /// its record.
+    fn inside_the_pause(self) -> Vec<String> {
+        let (fence, deploy) = self.outage;
+        let mut names: Vec<String> = (fence..=deploy)
+            .flat_map(|n| [format!("before:{n}"), format!("acted:{n}"), format!("after:{n}")])
+            .collect();
+        let inside = failpoint::inside(self.strategy);
+        let paused = ["fence:", "catch_up:", "deploy:"];
+        names.extend(
+            failpoint::POOLER
+                .iter()
+                .chain(&inside)
+                .filter(|n| paused.iter().any(|p| n.starts_with(p)))
+                .map(|n| n.to_string()),
+        );
+        names
     }
 
     /// Every failpoint of the upgrade: around each action, and inside the actions.
@@ -72,7 +113,10 @@ const LIVE_ON_15: &str = r#"{"format_version": 1, "environments": {"test": {"ser
   {"id": "pg15-00000001", "version": 15, "prefix": "DEFAULT", "status": "attached"}]}}}"#;
 
 fn write_config(dir: &Path, major: u32, state: bool, upgrade: Upgrade) {
-    let state = if state { "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n" } else { "" };
+    let mut state = if state { "state:\n  postgres:\n    dsn_env: PGCONVERGE_STATE_DSN\n" } else { "" }.to_owned();
+    if upgrade.pooler {
+        state += "provider:\n  local:\n    pooler: pgbouncer\n";
+    }
     let (strategy, transfer) = (upgrade.strategy.as_str(), upgrade.transfer.as_str());
     std::fs::write(
         dir.join("pgconverge.yaml"),
@@ -147,7 +191,8 @@ fn trip_one(mode: &str, upgrade: Upgrade, name: &str, state: Option<&str>) {
     let _servers = Servers(root.clone());
     write_config(&dir, 15, state.is_some(), upgrade);
     assert_eq!(pgconverge(&["apply", "--auto-approve"], &dir).code, 0);
-    let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    let before = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    let url = before.clone();
     psql(&url, &format!("CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, {ROWS}) g"))
         .expect("load");
     write_config(&dir, 17, state.is_some(), upgrade);
@@ -171,6 +216,10 @@ fn trip_one(mode: &str, upgrade: Upgrade, name: &str, state: Option<&str>) {
         assert_eq!(undone, linked && !committed, "{spec}: a link nothing started is undone: {}", again.stderr);
     }
     let url = env_file(&root.join("test.env"))["DATABASE_URL"].clone();
+    if upgrade.pooler {
+        assert_eq!(url, before, "{spec}: the application's DSN changed behind a pooler");
+    }
+    // Behind a pooler left paused this query would wait, and fail after its timeout.
     let check = psql(&url, "SELECT count(*), max(id), current_setting('server_version_num')::int / 10000 FROM t")
         .expect("check");
     assert_eq!(check, format!("{ROWS}|{ROWS}|17"), "{spec}: rows after recovery");
@@ -225,6 +274,14 @@ fn crash_at_every_failpoint_with_the_ledger_in_a_state_database_then_apply_again
 fn crash_at_every_failpoint_of_a_logical_upgrade_then_apply_again() {
     let upgrade = Upgrade::of(Strategy::Logical);
     trip("crash", upgrade, &upgrade.every(), None);
+}
+
+#[test]
+fn crash_at_every_failpoint_inside_a_poolers_pause_then_apply_again() {
+    let upgrade = Upgrade::pooled();
+    let names = upgrade.inside_the_pause();
+    assert!(names.len() > 20, "{names:?}");
+    trip("crash", upgrade, &names, None);
 }
 
 #[test]
