@@ -242,10 +242,12 @@ pub fn subscribe(source: &Server, target: &Server, name: &str) -> Result<()> {
         source.port
     );
     // Applied transactions commit asynchronously, so that one apply worker keeps up with
-    // many writers on the source (a flush per transaction would not); the copy's WAL
-    // writer flushes them every 10 ms, so that the report the catch-up waits for does not
-    // wait for its default 200 ms round. Changes are applied as each table's owner, never as the subscription's superuser
-    // owner: the application's check constraints and triggers run with its own rights.
+    // many writers on the source (a flush per transaction would not). The copy reports
+    // only what it has flushed, so the slot never moves past what a crash could lose; its
+    // WAL writer flushes every 10 ms, so that the report the catch-up waits for does not
+    // wait for the default 200 ms round. Changes are applied as each table's owner, never
+    // as the subscription's superuser owner: the application's check constraints and
+    // triggers run with its own rights.
     // A subscription that fails stops (pgconverge then gives the copy up) rather than
     // retrying against a live source whose slot keeps WAL meanwhile.
     target.sql("postgres", "ALTER SYSTEM SET wal_writer_delay = '10ms'; SELECT pg_reload_conf();")?;

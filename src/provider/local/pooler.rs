@@ -11,7 +11,9 @@
 //! Crash safety: the pooler lives in a process group of its own and outlives pgconverge,
 //! so a crash inside the pause leaves it paused (queries wait, nothing lost). Observe
 //! starts it when it is down and makes its pauses agree with the fences the records
-//! hold: a pooled database whose server is fenced is paused, any other resumed.
+//! hold: a pooled database whose server is fenced is paused, any other resumed. It does
+//! so once per process (and again after starting it): from then on the process's own
+//! fences, unfences and deploys keep the two in step.
 //!
 //! ```text
 //! root/poolers/<env>.json           its port and the admin's password (0600)
