@@ -273,6 +273,11 @@ impl LocalProvider {
         // once the copy has stopped changing), so that verify itself only compares.
         let matched = meta.matched.filter(|m| m.source == from && m.how == verify && verify != Verify::None);
         let part = if matched.is_some() { Part::Catalog } else { Part::All };
+        // A fingerprint of the source kept from earlier holds its rows now, not where the
+        // stream started: with rows matched there, its catalogs are taken afresh.
+        if matched.is_some() {
+            self.fingerprints.remove(&from);
+        }
         let fingerprint_source = verify != Verify::None && !self.fingerprints.contains_key(&from);
         let (copy_fp, source_fp) = std::thread::scope(|s| {
             let source = &source;
@@ -297,11 +302,17 @@ impl LocalProvider {
             }
             fp
         };
-        if let Some(fp) = copy_fp? {
-            self.fingerprints.insert(id.clone(), (verify, with_rows(fp)));
-        }
-        if let Some(fp) = source_fp {
-            self.fingerprints.insert(from, (verify, with_rows(fp)));
+        // Rows matched where the stream started stand only for both sides at once: with
+        // one side missing, verify takes both afresh.
+        match (copy_fp?, source_fp) {
+            (Some(copy), Some(source)) => {
+                self.fingerprints.insert(id.clone(), (verify, with_rows(copy)));
+                self.fingerprints.insert(from, (verify, with_rows(source)));
+            }
+            (Some(copy), None) if matched.is_none() => {
+                self.fingerprints.insert(id.clone(), (verify, copy));
+            }
+            _ => {}
         }
         Ok(())
     }
