@@ -62,6 +62,20 @@ fn markdown_no_changes() {
     insta::assert_snapshot!(markdown(&example(CONVERGED)));
 }
 
+/// One timeline per changing environment, its critical bars exactly the fence, what runs
+/// inside the outage, and the deploy; none when nothing changes.
+#[test]
+fn markdown_draws_the_outage_of_each_changing_environment() {
+    let report = example(&example_live());
+    let out = markdown(&report);
+    let changing: Vec<_> = report.environments.iter().filter(|e| !e.steps.is_empty()).collect();
+    assert_eq!(out.matches("```mermaid\ngantt\n").count(), changing.len(), "{out}");
+    let crit = out.lines().filter(|l| l.contains(":crit, ")).count();
+    let want: u32 = changing.iter().map(|e| e.outage_actions + 2).sum();
+    assert_eq!(crit as u32, want, "{out}");
+    assert!(!markdown(&example(CONVERGED)).contains("mermaid"));
+}
+
 #[test]
 fn json_plan() {
     let mut out = Vec::new();

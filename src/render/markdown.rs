@@ -61,6 +61,8 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
         }
         writeln!(out, "```")?;
         writeln!(out)?;
+        timeline(out, env)?;
+        writeln!(out)?;
         for (i, step) in env.steps.iter().enumerate() {
             let flag = step.risk.map(|r| format!(" **{}**", risk_label(r))).unwrap_or_default();
             let outage = if step.in_outage { " ⏸" } else { "" };
@@ -82,6 +84,42 @@ pub fn plan(out: &mut impl Write, report: &Report) -> io::Result<()> {
         writeln!(out, "</details>")?;
     }
     warnings(out, report)
+}
+
+/// The actions as a Mermaid Gantt chart (GitHub and GitLab draw ```mermaid blocks), one
+/// bar per action, those from the fence to the deploy marked critical: the write outage
+/// at a glance. The bars have no real length: the plan does not know how long each takes.
+fn timeline(out: &mut impl Write, env: &EnvReport) -> io::Result<()> {
+    let fence = env.steps.iter().position(|s| matches!(s.action, Action::Fence { .. }));
+    let deploy = env.steps.iter().rposition(|s| matches!(s.action, Action::Deploy));
+    let blocked = |i: usize| fence.is_some_and(|f| f <= i) && deploy.is_some_and(|d| i <= d) || env.steps[i].in_outage;
+    writeln!(out, "```mermaid")?;
+    writeln!(out, "gantt")?;
+    writeln!(out, "    title {}: one bar per action, writes blocked in red", mermaid_text(&env.name.to_string()))?;
+    writeln!(out, "    dateFormat X")?;
+    writeln!(out, "    axisFormat %s")?;
+    let mut section = None;
+    for (i, step) in env.steps.iter().enumerate() {
+        let now = if blocked(i) {
+            "writes blocked"
+        } else if deploy.is_some_and(|d| i > d) {
+            "after the deploy"
+        } else {
+            "writes flow"
+        };
+        if section != Some(now) {
+            writeln!(out, "    section {now}")?;
+            section = Some(now);
+        }
+        let tag = if blocked(i) { "crit, " } else { "" };
+        writeln!(out, "    {}. {} :{tag}a{}, {i}, {}", i + 1, mermaid_text(&step.action.to_string()), i + 1, i + 1)?;
+    }
+    writeln!(out, "```")
+}
+
+/// Text for a Mermaid task or title: its syntax gives `:`, `;` and `#` meanings of their own.
+fn mermaid_text(text: &str) -> String {
+    text.chars().map(|c| if matches!(c, ':' | ';' | '#' | '\n') { ' ' } else { c }).collect()
 }
 
 /// Short labels a reviewer can scan for (and a CI rule can match).
@@ -145,4 +183,14 @@ fn warnings(out: &mut impl Write, report: &Report) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mermaid_text_cannot_end_a_task_or_start_a_comment() {
+        assert_eq!(mermaid_text("rename a:b → OLD; #1\nx"), "rename a b → OLD   1 x");
+    }
 }
