@@ -32,11 +32,6 @@ pub enum Part {
     Catalog,
 }
 
-/// Whether `key` belongs to the rows part.
-pub fn is_rows(key: &str) -> bool {
-    key.starts_with("rows:") || key.starts_with("row hash:")
-}
-
 /// Takes the fingerprint of database `db`, in one session: every value comes back as a
 /// `key|value` line, and psql's `\gexec` runs one statement per table (each free to use
 /// parallel workers), so a fingerprint costs one program start, not one per query.

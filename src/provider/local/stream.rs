@@ -189,6 +189,19 @@ mod tests {
     }
 
     #[test]
+    fn a_pipe_without_a_file_stops_its_producer_when_the_consumer_dies() {
+        // `yes` never ends on its own: only being stopped ends this pipe.
+        let s = pipe(sh("yes"), sh("head -c 10 >/dev/null; echo gone >&2; exit 3")).expect("pipe runs");
+        let e = s.consumer_error.expect("the consumer failed");
+        assert!(e.contains("gone"), "{e}");
+        let checked = Scratch::new("pipe");
+        let seen = checked.file();
+        let s = pipe(sh("head -c 100000 /dev/zero"), sh(&format!("cat > {}", seen.display()))).expect("pipe runs");
+        assert!(s.producer_error.is_none() && s.consumer_error.is_none(), "{s:?}");
+        assert_eq!(std::fs::metadata(&seen).expect("what the consumer saw").len(), 100_000);
+    }
+
+    #[test]
     fn a_missing_program_is_an_error() {
         let dir = Scratch::new("missing");
         let file = dir.file();
