@@ -155,7 +155,9 @@ pub fn apply(
         })?;
         let total = env_plan.actions.len();
         let mut outage = Duration::ZERO;
-        let mut blocked_since: Option<Instant> = None;
+        // An apply that finishes an upgrade a stopped one left fenced starts inside the
+        // outage: it counts (and bounds the pause) from its own start.
+        let mut blocked_since: Option<Instant> = prediction.writes_blocked().then(Instant::now);
         // A backup followed by a restore of it runs as one streamed step; the restore's
         // turn then only reports it.
         let mut restored_with_backup = false;

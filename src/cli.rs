@@ -88,6 +88,11 @@ pub enum Command {
         /// instead of stopping at once.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
         lock_timeout: std::time::Duration,
+        /// Output: text for people; json: one document on stdout once apply ends (what
+        /// it did, action by action), everything else on stderr. json needs
+        /// --auto-approve.
+        #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
+        format: ShowFormat,
     },
     /// Show the live services.
     Show {
@@ -120,7 +125,7 @@ pub enum Format {
     Json,
 }
 
-/// Output format of `show`.
+/// Output format of `show` and `apply`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ShowFormat {
     Text,
@@ -343,6 +348,136 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(value * seconds))
 }
 
+/// The environment an apply stopped in, when it stopped inside one.
+fn stopped_in(e: &Error) -> Option<String> {
+    match e {
+        Error::Apply(
+            ApplyError::Refused { env, .. }
+            | ApplyError::Action { env, .. }
+            | ApplyError::Interrupted { env, .. }
+            | ApplyError::Surprise { env, .. },
+        ) => Some(env.clone()),
+        _ => None,
+    }
+}
+
+/// `apply`: plan (or take the saved plan), show it on `out`, confirm, carry it out, and
+/// record what was done into `record`.
+fn apply_command(
+    Target { file, env }: Target,
+    saved: Option<PathBuf>,
+    auto_approve: bool,
+    lock_timeout: std::time::Duration,
+    out: &mut impl Write,
+    record: &mut render::result::Record,
+) -> Result<Outcome, Error> {
+    let config = config::load(&file)?;
+    let only = env_names(&env)?;
+    let saved: Option<Plan> = match &saved {
+        Some(path) => {
+            let p: Plan = read_json(path, "plan")?;
+            let refuse = |message: String, hint| Error::Input { at: path.display().to_string(), message, hint };
+            if p.format_version != crate::model::FORMAT_VERSION {
+                return Err(refuse(
+                    format!("plan format_version {} is not supported", p.format_version),
+                    "make the plan again with this version of pgconverge",
+                ));
+            }
+            if !only.is_empty() {
+                return Err(refuse(
+                    "--env cannot narrow a saved plan: it runs whole, as it was shown".into(),
+                    "make the plan for those environments: `pgconverge plan --env NAME --out FILE`",
+                ));
+            }
+            if p.config != plan::config_digest(&config) {
+                return Err(refuse(
+                    format!("the plan was made for another config than {} as it is now", file.display()),
+                    "make the plan again from this config: `pgconverge plan --out FILE`",
+                ));
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    let mut provider = provider_of(&config, &file)?;
+    provider.preflight()?;
+    let _lock = match &config.state {
+        Some(state) => apply::lock_in(&provider_state(&state.postgres, provider.identity())?, lock_timeout)?,
+        None => apply::Held::File(Lock::acquire(provider.root(), lock_timeout)?),
+    };
+    provider.recover()?;
+    let mut ledger = ledger_of(&config, provider.as_ref())?;
+    let mut live = provider.observe()?;
+    ledger
+        .update(|l| l.prune(&live))
+        .map_err(|e| Error::Provider(ProviderError::Failed(format!("cannot write the ledger: {e}"))))?;
+    ledger.ledger.merge(&mut live);
+    let live = live.settled();
+    provider.recover_observed()?;
+    // A saved plan is shown and run as it is, never a fresh one in its place.
+    let report = match saved {
+        Some(p) => {
+            apply::check_fresh(&p, &live)?;
+            plan::report_of(&config, &live, &p)?
+        }
+        None => plan::plan(&config, &live, &only)?,
+    };
+    let plan = report.plan.clone();
+    record.planned(&plan);
+    provider.check(&plan)?;
+    let compose = compose_edit(&config, &file, &only)?;
+    if !plan.has_changes() {
+        writeln!(out, "No changes. The live services match the config.").map_err(stdout_error)?;
+        if let Some(edit) = &compose {
+            render_compose_edit(out, edit, Format::Text).map_err(stdout_error)?;
+            if !auto_approve {
+                confirm(out)?;
+            }
+            write_compose_edit(out, edit)?;
+        }
+        return Ok(Outcome::Done);
+    }
+    render::text::plan(out, &report, use_color()).map_err(stdout_error)?;
+    if let Some(edit) = &compose {
+        render_compose_edit(out, edit, Format::Text).map_err(stdout_error)?;
+    }
+    if !auto_approve {
+        confirm(out)?;
+    }
+    crate::interrupt::install()
+        .map_err(|e| Error::Provider(ProviderError::Failed(format!("cannot handle signals: {e}"))))?;
+    let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
+    let started = std::time::Instant::now();
+    let desired = config.desired();
+    let mut progress = StderrProgress::default();
+    let mut recording = render::result::Recording { inner: &mut progress, record: &mut *record };
+    let applied = apply::apply(provider.as_mut(), &desired, &plan, &live, &mut recording, &mut ledger)?;
+    let outages: Vec<(String, std::time::Duration)> =
+        applied.write_outages.iter().map(|(env, d)| (env.to_string(), *d)).collect();
+    record.converged(&outages);
+    writeln!(
+        out,
+        "Apply complete: {total} action{} in {:.1} s.",
+        if total == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64()
+    )
+    .map_err(stdout_error)?;
+    for (env, outage) in &applied.write_outages {
+        writeln!(out, "Writes were blocked for {:.2} s in environment {env} (fence to deploy).", outage.as_secs_f64())
+            .map_err(stdout_error)?;
+    }
+    for env in plan.environments.iter().filter(|e| !e.actions.is_empty()) {
+        if let Some(path) = provider.env_file(&env.name).filter(|p| p.exists()) {
+            writeln!(out, "Environment {}: the application reads {}", env.name, path.display())
+                .map_err(stdout_error)?;
+        }
+    }
+    if let Some(edit) = &compose {
+        write_compose_edit(out, edit)?;
+    }
+    Ok(Outcome::Done)
+}
+
 /// Runs one command, writing results to `out`.
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
     match cli.command {
@@ -391,111 +526,25 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let changes = report.plan.has_changes() || compose.is_some();
             Ok(if detailed_exitcode && changes { Outcome::ChangesPending } else { Outcome::Done })
         }
-        Command::Apply { target: Target { file, env }, plan: saved, auto_approve, lock_timeout } => {
-            let config = config::load(&file)?;
-            let only = env_names(&env)?;
-            let saved: Option<Plan> = match &saved {
-                Some(path) => {
-                    let p: Plan = read_json(path, "plan")?;
-                    let refuse = |message: String, hint| Error::Input { at: path.display().to_string(), message, hint };
-                    if p.format_version != crate::model::FORMAT_VERSION {
-                        return Err(refuse(
-                            format!("plan format_version {} is not supported", p.format_version),
-                            "make the plan again with this version of pgconverge",
-                        ));
-                    }
-                    if !only.is_empty() {
-                        return Err(refuse(
-                            "--env cannot narrow a saved plan: it runs whole, as it was shown".into(),
-                            "make the plan for those environments: `pgconverge plan --env NAME --out FILE`",
-                        ));
-                    }
-                    if p.config != plan::config_digest(&config) {
-                        return Err(refuse(
-                            format!("the plan was made for another config than {} as it is now", file.display()),
-                            "make the plan again from this config: `pgconverge plan --out FILE`",
-                        ));
-                    }
-                    Some(p)
-                }
-                None => None,
+        Command::Apply { target, plan: saved, auto_approve, lock_timeout, format: ShowFormat::Text } => {
+            apply_command(target, saved, auto_approve, lock_timeout, out, &mut render::result::Record::default())
+        }
+        Command::Apply { target, plan: saved, auto_approve, lock_timeout, format: ShowFormat::Json } => {
+            let mut record = render::result::Record::default();
+            let result = if auto_approve {
+                apply_command(target, saved, true, lock_timeout, &mut std::io::stderr(), &mut record)
+            } else {
+                Err(Error::Input {
+                    at: "apply --format json".into(),
+                    message: "needs --auto-approve: its standard output is the result document, not a prompt".into(),
+                    hint: "review the plan with `pgconverge plan`, then run apply --format json --auto-approve",
+                })
             };
-            let mut provider = provider_of(&config, &file)?;
-            provider.preflight()?;
-            let _lock = match &config.state {
-                Some(state) => apply::lock_in(&provider_state(&state.postgres, provider.identity())?, lock_timeout)?,
-                None => apply::Held::File(Lock::acquire(provider.root(), lock_timeout)?),
-            };
-            provider.recover()?;
-            let mut ledger = ledger_of(&config, provider.as_ref())?;
-            let mut live = provider.observe()?;
-            ledger
-                .update(|l| l.prune(&live))
-                .map_err(|e| Error::Provider(ProviderError::Failed(format!("cannot write the ledger: {e}"))))?;
-            ledger.ledger.merge(&mut live);
-            let live = live.settled();
-            provider.recover_observed()?;
-            // A saved plan is shown and run as it is, never a fresh one in its place.
-            let report = match saved {
-                Some(p) => {
-                    apply::check_fresh(&p, &live)?;
-                    plan::report_of(&config, &live, &p)?
-                }
-                None => plan::plan(&config, &live, &only)?,
-            };
-            let plan = report.plan.clone();
-            provider.check(&plan)?;
-            let compose = compose_edit(&config, &file, &only)?;
-            if !plan.has_changes() {
-                writeln!(out, "No changes. The live services match the config.").map_err(stdout_error)?;
-                if let Some(edit) = &compose {
-                    render_compose_edit(out, edit, Format::Text).map_err(stdout_error)?;
-                    if !auto_approve {
-                        confirm(out)?;
-                    }
-                    write_compose_edit(out, edit)?;
-                }
-                return Ok(Outcome::Done);
-            }
-            render::text::plan(out, &report, use_color()).map_err(stdout_error)?;
-            if let Some(edit) = &compose {
-                render_compose_edit(out, edit, Format::Text).map_err(stdout_error)?;
-            }
-            if !auto_approve {
-                confirm(out)?;
-            }
-            crate::interrupt::install()
-                .map_err(|e| Error::Provider(ProviderError::Failed(format!("cannot handle signals: {e}"))))?;
-            let total: usize = plan.environments.iter().map(|e| e.actions.len()).sum();
-            let started = std::time::Instant::now();
-            let desired = config.desired();
-            let applied =
-                apply::apply(provider.as_mut(), &desired, &plan, &live, &mut StderrProgress::default(), &mut ledger)?;
-            writeln!(
-                out,
-                "Apply complete: {total} action{} in {:.1} s.",
-                if total == 1 { "" } else { "s" },
-                started.elapsed().as_secs_f64()
-            )
-            .map_err(stdout_error)?;
-            for (env, outage) in &applied.write_outages {
-                writeln!(
-                    out,
-                    "Writes were blocked for {:.2} s in environment {env} (fence to deploy).",
-                    outage.as_secs_f64()
-                )
-                .map_err(stdout_error)?;
-            }
-            for env in plan.environments.iter().filter(|e| !e.actions.is_empty()) {
-                if let Some(path) = provider.env_file(&env.name).filter(|p| p.exists()) {
-                    writeln!(out, "Environment {}: the application reads {}", env.name, path.display())
-                        .map_err(stdout_error)?;
-                }
-            }
-            if let Some(edit) = &compose {
-                write_compose_edit(out, edit)?;
-            }
-            Ok(Outcome::Done)
+            let error = result.as_ref().err().map(|e| (e.to_string(), stopped_in(e)));
+            let doc = render::result::document(&record, error.as_ref().map(|(m, env)| (m.as_str(), env.as_deref())));
+            let text = serde_json::to_string_pretty(&doc).map_err(|e| stdout_error(std::io::Error::other(e)))?;
+            writeln!(out, "{}", crate::model::printable(&text)).map_err(stdout_error)?;
+            result
         }
         Command::Show { target: Target { file, env }, live: snapshot, format } => {
             let only = env_names(&env)?;

@@ -3,6 +3,7 @@
 
 pub mod json;
 pub mod markdown;
+pub mod result;
 pub mod text;
 
 use crate::config::DesiredEnv;
