@@ -543,7 +543,15 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let error = result.as_ref().err().map(|e| (e.to_string(), stopped_in(e)));
             let doc = render::result::document(&record, error.as_ref().map(|(m, env)| (m.as_str(), env.as_deref())));
             let text = serde_json::to_string_pretty(&doc).map_err(|e| stdout_error(std::io::Error::other(e)))?;
-            writeln!(out, "{}", crate::model::printable(&text)).map_err(stdout_error)?;
+            // serde_json leaves DEL and the C1 controls as they are (JSON allows them in
+            // strings), and a terminal may act on them: escaped the JSON way instead.
+            let text: String = text
+                .chars()
+                .map(
+                    |c| if ('\u{7f}'..='\u{9f}').contains(&c) { format!("\\u{:04x}", c as u32) } else { c.to_string() },
+                )
+                .collect();
+            writeln!(out, "{text}").map_err(stdout_error)?;
             result
         }
         Command::Show { target: Target { file, env }, live: snapshot, format } => {

@@ -166,4 +166,12 @@ fn without_auto_approve_or_with_a_bad_config_apply_is_refused_in_json_too() {
     assert_eq!(doc["result"], "refused");
     assert_eq!(doc["environments"], serde_json::json!([]));
     assert!(!dir.join(".pgconverge").exists(), "nothing touched");
+    // A control character a terminal would act on (CSI), echoed in the error (a saved
+    // plan's file name), stays escaped and the document stays JSON.
+    config(&dir, 15);
+    let run = pgconverge_with(&["apply", "--format", "json", "--auto-approve", "plan\u{9b}31m.json"], &dir, &[]);
+    assert_eq!(run.code, 1);
+    assert!(!run.stdout.contains('\u{9b}') && run.stdout.contains("\\u009b31m"), "{}", run.stdout);
+    let doc: Value = serde_json::from_str(&run.stdout).expect("still one JSON document");
+    assert_eq!(doc["result"], "refused");
 }
