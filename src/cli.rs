@@ -331,6 +331,32 @@ impl apply::Progress for StderrProgress {
     }
 }
 
+/// A `Progress` that also records each action's start and time, for `apply --format json`.
+struct Recording<'a> {
+    inner: &'a mut dyn apply::Progress,
+    record: &'a mut render::result::Record,
+}
+
+impl apply::Progress for Recording<'_> {
+    fn started(&mut self, env: &str, number: usize, total: usize, action: &plan::Action) {
+        self.record.started(env, number, std::time::Instant::now());
+        self.inner.started(env, number, total, action);
+    }
+
+    fn finished(
+        &mut self,
+        env: &str,
+        number: usize,
+        total: usize,
+        action: &plan::Action,
+        seconds: f64,
+        detail: Option<String>,
+    ) {
+        self.record.finished(env, number, seconds);
+        self.inner.finished(env, number, total, action, seconds, detail);
+    }
+}
+
 /// `30s`, `5m`, `1h`, `90` (seconds).
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
@@ -450,7 +476,7 @@ fn apply_command(
     let started = std::time::Instant::now();
     let desired = config.desired();
     let mut progress = StderrProgress::default();
-    let mut recording = render::result::Recording { inner: &mut progress, record: &mut *record };
+    let mut recording = Recording { inner: &mut progress, record: &mut *record };
     let applied = apply::apply(provider.as_mut(), &desired, &plan, &live, &mut recording, &mut ledger)?;
     let outages: Vec<(String, std::time::Duration)> =
         applied.write_outages.iter().map(|(env, d)| (env.to_string(), *d)).collect();
@@ -541,7 +567,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
                 })
             };
             let error = result.as_ref().err().map(|e| (e.to_string(), stopped_in(e)));
-            let doc = render::result::document(&record, error.as_ref().map(|(m, env)| (m.as_str(), env.as_deref())));
+            let stopped = error.as_ref().map(|(m, env)| (m.as_str(), env.as_deref()));
+            let doc = render::result::document(&record, stopped, std::time::Instant::now());
             let text = serde_json::to_string_pretty(&doc).map_err(|e| stdout_error(std::io::Error::other(e)))?;
             // serde_json leaves DEL and the C1 controls as they are (JSON allows them in
             // strings), and a terminal may act on them: escaped the JSON way instead.

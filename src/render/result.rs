@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::apply::Progress;
-use crate::plan::{Action, Plan};
+use crate::plan::Plan;
 
 /// What an apply got to: the plan it ran, when each action started and how long each
 /// that finished took, the write outage of each environment that finished.
@@ -25,49 +24,27 @@ impl Record {
         self.plan = Some(plan.clone());
     }
 
+    /// Action `number` of `env` started `at`.
+    pub fn started(&mut self, env: &str, number: usize, at: Instant) {
+        self.actions.insert((env.to_owned(), number), (at, None));
+    }
+
+    /// Action `number` of `env` finished, after `seconds`.
+    pub fn finished(&mut self, env: &str, number: usize, seconds: f64) {
+        if let Some(entry) = self.actions.get_mut(&(env.to_owned(), number)) {
+            entry.1 = Some(seconds);
+        }
+    }
+
     /// Apply ended well: each environment's write outage.
     pub fn converged(&mut self, outages: &[(String, Duration)]) {
         self.outages = outages.iter().map(|(env, d)| (env.clone(), d.as_secs_f64())).collect();
     }
 }
 
-/// A `Progress` that records into a `Record` as well.
-pub struct Recording<'a> {
-    pub inner: &'a mut dyn Progress,
-    pub record: &'a mut Record,
-}
-
-impl std::fmt::Debug for Recording<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recording").field("record", &self.record).finish_non_exhaustive()
-    }
-}
-
-impl Progress for Recording<'_> {
-    fn started(&mut self, env: &str, number: usize, total: usize, action: &Action) {
-        self.record.actions.insert((env.to_owned(), number), (Instant::now(), None));
-        self.inner.started(env, number, total, action);
-    }
-
-    fn finished(
-        &mut self,
-        env: &str,
-        number: usize,
-        total: usize,
-        action: &Action,
-        seconds: f64,
-        detail: Option<String>,
-    ) {
-        if let Some(entry) = self.record.actions.get_mut(&(env.to_owned(), number)) {
-            entry.1 = Some(seconds);
-        }
-        self.inner.finished(env, number, total, action, seconds, detail);
-    }
-}
-
-/// The document. `error`: why apply stopped, and the environment it stopped in when it
-/// was inside one.
-pub fn document(record: &Record, error: Option<(&str, Option<&str>)>) -> Value {
+/// The document, at `now`. `error`: why apply stopped, and the environment it stopped in
+/// when it was inside one.
+pub fn document(record: &Record, error: Option<(&str, Option<&str>)>, now: Instant) -> Value {
     let round = |s: f64| (s * 1000.0).round() / 1000.0;
     let mut any_started = false;
     let environments: Vec<Value> = record
@@ -89,7 +66,7 @@ pub fn document(record: &Record, error: Option<(&str, Option<&str>)>) -> Value {
                     };
                     let (result, seconds) = match record.actions.get(&(name.clone(), i + 1)) {
                         Some((_, Some(s))) => ("done", Some(round(*s))),
-                        Some((at, None)) => ("failed", Some(round(at.elapsed().as_secs_f64()))),
+                        Some((at, None)) => ("failed", Some(round(now.saturating_duration_since(*at).as_secs_f64()))),
                         None => ("not_run", None),
                     };
                     started += usize::from(result != "not_run");
