@@ -60,3 +60,8 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The result of a scoped thread doing `what`; a thread that panicked is an error.
+pub fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>, what: &str) -> Result<T> {
+    handle.join().unwrap_or_else(|_| Err(Error::Server(format!("the {what} thread panicked"))))
+}

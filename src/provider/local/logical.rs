@@ -378,7 +378,7 @@ fn columns(server: &Server) -> Result<Vec<String>> {
 pub fn schema_differences(source: &Server, target: &Server) -> Result<Vec<String>> {
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| columns(source));
-        (a.join().unwrap_or_else(|_| Err(Error::Server("the schema thread panicked".into()))), columns(target))
+        (super::error::joined(a, "schema"), columns(target))
     });
     let (a, b) = (a?, b?);
     let mut out: Vec<String> = a.iter().filter(|c| !b.contains(c)).map(|c| format!("source has {c}")).collect();

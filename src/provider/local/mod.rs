@@ -369,7 +369,7 @@ impl Provider for LocalProvider {
                 a.map_or_else(|| fingerprint::timed(&source, APP_DB, how, fingerprint::Part::All, "source"), Ok)
             });
             let b = b.map_or_else(|| fingerprint::timed(&copy, APP_DB, how, fingerprint::Part::All, "copy"), Ok);
-            (a.join().unwrap_or_else(|_| Err(error::Error::Server("the fingerprint thread panicked".into()))), b)
+            (error::joined(a, "fingerprint"), b)
         });
         let (a, b) = (a?, b?);
         let diff = fingerprint::differences(&a, &b);

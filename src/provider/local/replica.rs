@@ -71,10 +71,7 @@ impl LocalProvider {
             let caught = logical::flushed_lsn(source).and_then(|lsn| {
                 logical::wait_caught_up(source, target, &name, &lsn, logical::CATCH_UP_LIMIT).map(|w| (lsn, w))
             });
-            (
-                caught,
-                sequences.join().unwrap_or_else(|_| Err(error::Error::Server("the sequence thread panicked".into()))),
-            )
+            (caught, error::joined(sequences, "sequence"))
         });
         let (lsn, waited) = match caught {
             Ok(caught) => caught,
@@ -193,12 +190,7 @@ impl LocalProvider {
             let rows = (verify != Verify::None)
                 .then(|| s.spawn(|| fingerprint::take_part(&source, APP_DB, verify, Part::Rows, Some(&slot.snapshot))));
             let streamed = stream::pipe(dump, restore_command(&target));
-            (
-                streamed,
-                rows.map(|h| {
-                    h.join().unwrap_or_else(|_| Err(error::Error::Server("the fingerprint thread panicked".into())))
-                }),
-            )
+            (streamed, rows.map(|h| error::joined(h, "fingerprint")))
         });
         let lsn = slot.lsn.clone();
         drop(slot);
@@ -218,12 +210,7 @@ impl LocalProvider {
             let rows = (verify != Verify::None)
                 .then(|| s.spawn(|| fingerprint::take_part(&target, APP_DB, verify, Part::Rows, None)));
             let analyzed = target.sql(APP_DB, "VACUUM (ANALYZE)");
-            (
-                analyzed,
-                rows.map(|h| {
-                    h.join().unwrap_or_else(|_| Err(error::Error::Server("the fingerprint thread panicked".into())))
-                }),
-            )
+            (analyzed, rows.map(|h| error::joined(h, "fingerprint")))
         });
         analyzed?;
         let matched = match (source_rows.transpose()?, copy_rows.transpose()?) {
