@@ -257,23 +257,26 @@ impl Server {
             return false;
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while self.refusing() && std::time::Instant::now() < deadline {
+        while self.postmaster().is_some() && self.refusing() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         self.postmaster().is_some()
     }
 
-    /// The server answers and refuses connections for now (starting up, recovering):
-    /// what `pg_isready` reports as 1 (SQLSTATE 57P03 to a startup packet), asked here
-    /// rather than by starting a program, since every action asks it of each server.
-    /// The packet names the superuser, trusted over the socket, so the server logs nothing.
+    /// The server cannot take connections for now: no socket yet, or it answers and
+    /// refuses (starting up, recovering: what `pg_isready` reports as 1, SQLSTATE 57P03
+    /// to a startup packet). Asked here rather than by starting a program, since every
+    /// action asks it of each server. The packet names the superuser, trusted over the
+    /// socket, so the server logs nothing.
     fn refusing(&self) -> bool {
         use std::io::{Read, Write};
         if !check_private_dir(&self.socket_dir, self.owner()).unwrap_or(false) {
             return false;
         }
         let path = self.socket_dir.join(format!(".s.PGSQL.{}", self.port));
-        let Ok(mut socket) = std::os::unix::net::UnixStream::connect(&path) else { return false };
+        // A live postmaster without its socket yet is still starting (a start that a
+        // killed apply began): not taking connections either.
+        let Ok(mut socket) = std::os::unix::net::UnixStream::connect(&path) else { return true };
         let limit = Some(std::time::Duration::from_secs(10));
         let _ = socket.set_read_timeout(limit).and_then(|()| socket.set_write_timeout(limit));
         let mut body = 196_608u32.to_be_bytes().to_vec(); // protocol 3.0
@@ -452,6 +455,6 @@ mod tests {
         assert!(!ready.refusing());
         let (dir, silent) = answering(Vec::new());
         std::fs::remove_file(dir.path().join(".s.PGSQL.5999")).expect("remove the socket");
-        assert!(!silent.refusing(), "no answer is not a refusal");
+        assert!(silent.refusing(), "no socket yet: not taking connections either");
     }
 }
