@@ -105,6 +105,32 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
         format: ShowFormat,
     },
+    /// Write a first pgconverge.yaml from the services that run now, each at the major it
+    /// runs, so that the next plan has nothing to change.
+    Init {
+        /// Where the services live.
+        #[arg(long, value_enum)]
+        provider: InitProvider,
+        /// local: the provider's root, as given here (relative to the working directory).
+        /// Default .pgconverge beside the file.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// divio: the application's slug or uuid; every one of its environments is declared.
+        #[arg(long, value_name = "APP", required_if_eq("provider", "divio"))]
+        application: Option<String>,
+        /// divio: the Control Panel zone, or a full URL. Default divio.com.
+        #[arg(long, value_name = "ZONE")]
+        zone: Option<String>,
+        /// divio: the environment variable that holds the API token. Default DIVIO_TOKEN.
+        #[arg(long, value_name = "NAME")]
+        token_env: Option<String>,
+        /// The file to write; `-` writes it on standard output.
+        #[arg(long, value_name = "FILE", default_value = "pgconverge.yaml")]
+        out: PathBuf,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the JSON schema of pgconverge.yaml.
     Schema,
     /// Print a shell completion script (e.g. `pgconverge completions bash > /etc/bash_completion.d/pgconverge`).
@@ -123,6 +149,13 @@ pub enum Format {
     Text,
     Markdown,
     Json,
+}
+
+/// The providers `init` can draft a config for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InitProvider {
+    Local,
+    Divio,
 }
 
 /// Output format of `show` and `apply`.
@@ -224,10 +257,10 @@ fn provider_of(config: &Config, file: &Path) -> Result<Box<dyn Provider>, Error>
 
 /// The core's ledger (`crate::ledger`): in the state database when the config names one,
 /// else in `root/ledger.json`.
-fn ledger_of(config: &Config, provider: &dyn Provider) -> Result<crate::ledger::Kept, Error> {
+fn ledger_of(state: Option<&config::StateConfig>, provider: &dyn Provider) -> Result<crate::ledger::Kept, Error> {
     use crate::ledger::{Kept, Ledger};
     let unreadable = |e: String| Error::Provider(ProviderError::Inconsistent(e));
-    match &config.state {
+    match state {
         Some(state) => {
             let db = provider_state(&state.postgres, provider.identity())?;
             let ledger = match db.get("ledger").map_err(|e| Error::Provider(e.into()))? {
@@ -271,7 +304,7 @@ fn observe(config: &Config, file: &Path, live: Option<&Path>) -> Result<(Live, O
         None => {
             let mut p = provider_of(config, file)?;
             let mut live = p.observe()?;
-            ledger_of(config, p.as_ref())?.ledger.merge(&mut live);
+            ledger_of(config.state.as_ref(), p.as_ref())?.ledger.merge(&mut live);
             let live = live.settled();
             Ok((live, Some(p)))
         }
@@ -432,7 +465,7 @@ fn apply_command(
         None => apply::Held::File(Lock::acquire(provider.root(), lock_timeout)?),
     };
     provider.recover()?;
-    let mut ledger = ledger_of(&config, provider.as_ref())?;
+    let mut ledger = ledger_of(config.state.as_ref(), provider.as_ref())?;
     let mut live = provider.observe()?;
     ledger
         .update(|l| l.prune(&live))
@@ -612,6 +645,27 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             .map_err(stdout_error)?;
             Ok(Outcome::Done)
         }
+        Command::Init { provider, root, application, zone, token_env, out: file, force } => {
+            let provider = match (provider, root, application) {
+                (InitProvider::Local, root, None) if zone.is_none() && token_env.is_none() => Init::Local { root },
+                (InitProvider::Divio, None, Some(application)) => Init::Divio(config::DivioConfig {
+                    application,
+                    zone,
+                    token_env,
+                    root: None,
+                    fence_command: None,
+                    unfence_command: None,
+                    verify_command: None,
+                    poll_seconds: None,
+                    wait_minutes: None,
+                }),
+                (InitProvider::Local, ..) => {
+                    return Err(init_usage("--application, --zone and --token-env are for --provider divio"))
+                }
+                (InitProvider::Divio, ..) => return Err(init_usage("--root is for --provider local")),
+            };
+            init_command(provider, &file, force, out)
+        }
         Command::Schema => {
             writeln!(out, "{}", schema_json()).map_err(stdout_error)?;
             Ok(Outcome::Done)
@@ -626,6 +680,157 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             Ok(Outcome::Done)
         }
     }
+}
+
+/// What `init` observes.
+enum Init {
+    Local { root: Option<PathBuf> },
+    Divio(config::DivioConfig),
+}
+
+fn init_usage(message: &str) -> Error {
+    Error::Input { at: "init".into(), message: message.into(), hint: "see `pgconverge init --help`" }
+}
+
+/// `init`: observes the provider, drafts the config (`crate::init`), checks it by planning
+/// against it, and writes it to `path` (`-`: `out`) and nothing else.
+fn init_command(init: Init, path: &Path, force: bool, out: &mut impl Write) -> Result<Outcome, Error> {
+    let to_stdout = path == Path::new("-");
+    // The file the draft is for: the provider's paths are relative to its directory.
+    let file = if to_stdout { PathBuf::from("pgconverge.yaml") } else { path.to_owned() };
+    let at = file.display().to_string();
+    if !to_stdout && !force && std::fs::symlink_metadata(&file).is_ok() {
+        return Err(Error::Input {
+            at,
+            message: "the file exists; init writes a new config and leaves this one as it is".into(),
+            hint: "pass --force to overwrite it, or --out FILE to write another",
+        });
+    }
+    let (drafted, mut provider, order): (crate::init::Provider, Box<dyn Provider>, Option<Vec<EnvName>>) = match init {
+        Init::Local { root } => {
+            let given = root.unwrap_or_else(|| file.parent().unwrap_or(Path::new("")).join(".pgconverge"));
+            let root = written_root(&given, &file)?;
+            let local = config::LocalConfig { root: Some(PathBuf::from(&root)), ..Default::default() };
+            let provider = LocalProvider::new(&local, &file)?;
+            if !provider.root().join("state").is_dir() {
+                return Err(Error::Input {
+                    at: given.display().to_string(),
+                    message: "holds no services of the local provider (it has no state/ directory)".into(),
+                    hint: "--root names the directory the local provider keeps its servers in (`root` in its config)",
+                });
+            }
+            let pooler = std::fs::read_dir(provider.root().join("poolers"))
+                .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "json")));
+            (crate::init::Provider::Local { root, pooler }, Box::new(provider), None)
+        }
+        Init::Divio(divio) => {
+            let envs = DivioProvider::new(&divio, &file, Vec::new())?.environments()?;
+            let desired = envs
+                .iter()
+                .map(|name| config::DesiredEnv {
+                    name: name.clone(),
+                    postgres: Vec::new(),
+                    upgrade: config::Upgrade::default(),
+                })
+                .collect();
+            let provider = DivioProvider::new(&divio, &file, desired)?;
+            let drafted = crate::init::Provider::Divio {
+                application: divio.application.clone(),
+                zone: divio.zone.clone(),
+                token_env: divio.token_env.clone(),
+            };
+            (drafted, Box::new(provider), Some(envs))
+        }
+    };
+    let mut live = provider.observe()?;
+    ledger_of(None, provider.as_ref())?.ledger.merge(&mut live);
+    let live = live.settled();
+    let order = order.unwrap_or_else(|| live.environments.keys().cloned().collect());
+    let draft = crate::init::draft(&live, &order, &drafted);
+    if draft.environments == 0 {
+        return Err(Error::Input {
+            at: "init".into(),
+            message: format!(
+                "no PostgreSQL service is attached in any of the {} environment(s) found: there is nothing to declare",
+                order.len()
+            ),
+            hint: "write pgconverge.yaml by hand (see examples/): the first apply adds what it declares",
+        });
+    }
+    let config = config::parse(&file, &draft.text).map_err(|e| {
+        Error::Provider(ProviderError::Failed(format!("init drafted a config it cannot read back (a bug): {e}")))
+    })?;
+    // What the next plan makes of it: nothing, unless work was left half done.
+    let (live, _) = observe(&config, &file, None)?;
+    let report = plan::plan(&config, &live, &[])?;
+
+    let mut summary = String::new();
+    if to_stdout {
+        write!(out, "{}", draft.text).map_err(stdout_error)?;
+    } else {
+        let written = if force {
+            crate::atomic::write_atomically(&file, draft.text.as_bytes(), 0o644)
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&file)
+                .and_then(|mut f| f.write_all(draft.text.as_bytes()).and_then(|()| f.sync_all()))
+        };
+        written.map_err(|source| Error::Write { path: at.clone(), source })?;
+        summary.push_str(&format!("Wrote {at}: "));
+    }
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    summary.push_str(&format!(
+        "{}, {} declared at the majors they run.\n",
+        plural(draft.environments, "environment"),
+        plural(draft.services, "service")
+    ));
+    if report.plan.has_changes() {
+        for env in report.plan.environments.iter().filter(|e| !e.actions.is_empty()) {
+            summary.push_str(&format!(
+                "`pgconverge plan` still has {} in {}: work left half done; see the comments in the file.\n",
+                plural(env.actions.len(), "action"),
+                env.name
+            ));
+        }
+    } else {
+        summary.push_str("`pgconverge plan` has nothing to change.\n");
+    }
+    for note in &draft.notes {
+        summary.push_str(&format!("  {}\n", crate::model::printable(note)));
+    }
+    if to_stdout {
+        eprint!("{summary}");
+    } else {
+        write!(out, "{summary}").map_err(stdout_error)?;
+    }
+    Ok(Outcome::Done)
+}
+
+/// The local provider's root as the config beside `file` writes it: relative to the
+/// file's directory when it is under it, else absolute.
+fn written_root(root: &Path, file: &Path) -> Result<String, Error> {
+    let resolve = |p: &Path, what: &str| {
+        let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+        std::fs::canonicalize(p).map_err(|e| Error::Input {
+            at: p.display().to_string(),
+            message: format!("cannot find the {what}: {e}"),
+            hint: "--root names the directory the local provider keeps its servers in; --out a file in an existing directory",
+        })
+    };
+    let root = resolve(root, "root")?;
+    let dir = resolve(file.parent().unwrap_or(Path::new("")), "file's directory")?;
+    let written = match root.strip_prefix(&dir) {
+        Ok(rel) if rel.as_os_str().is_empty() => PathBuf::from("."),
+        Ok(rel) => rel.to_owned(),
+        Err(_) => root.clone(),
+    };
+    written.to_str().map(str::to_owned).ok_or_else(|| Error::Input {
+        at: root.display().to_string(),
+        message: "the root's path is not UTF-8, which pgconverge.yaml cannot hold".into(),
+        hint: "move the root to a path of UTF-8 characters",
+    })
 }
 
 /// The compose file of `local_dev` and the edit that makes it follow its environment;

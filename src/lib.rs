@@ -9,6 +9,7 @@ pub mod binaries;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+pub mod init;
 pub mod interrupt;
 pub mod ledger;
 pub mod localdev;

@@ -428,7 +428,7 @@ fn completions_and_man_page_cover_every_command() {
         let run = pgconverge(&["completions", shell], &dir);
         assert_eq!(run.code, 0, "{shell}: {}", run.stderr);
         assert!(run.stdout.contains(marker), "{shell}: {}", run.stdout);
-        for sub in ["validate", "plan", "apply", "show", "schema", "completions", "man"] {
+        for sub in ["validate", "plan", "apply", "show", "init", "schema", "completions", "man"] {
             assert!(run.stdout.contains(sub), "{shell} completion lacks {sub}");
         }
     }

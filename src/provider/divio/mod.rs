@@ -65,6 +65,8 @@ pub struct DivioProvider {
     wait: Duration,
     app_uuid: Option<String>,
     env_uuids: BTreeMap<EnvName, String>,
+    /// The application's environments in the API's order.
+    env_order: Vec<EnvName>,
     /// Catalogue entries by uuid (`None`: not PostgreSQL), and the regions already listed.
     catalogue: BTreeMap<String, (Option<u32>, String)>,
     regions_listed: BTreeSet<String>,
@@ -150,6 +152,7 @@ impl DivioProvider {
             wait: Duration::from_secs_f64(60.0 * config.wait_minutes.unwrap_or(60.0)),
             app_uuid: None,
             env_uuids: BTreeMap::new(),
+            env_order: Vec::new(),
             catalogue: BTreeMap::new(),
             regions_listed: BTreeSet::new(),
             instances: BTreeMap::new(),
@@ -163,6 +166,12 @@ impl DivioProvider {
         };
         p.records = p.read_records()?;
         Ok(p)
+    }
+
+    /// Every environment of the application, in the API's order.
+    pub fn environments(&mut self) -> Result<Vec<EnvName>> {
+        self.app()?;
+        Ok(self.env_order.clone())
     }
 
     fn instance(&self, id: &ServiceId) -> Result<&Instance> {

@@ -37,8 +37,10 @@ impl DivioProvider {
             }
         };
         let envs = self.api.list(&format!("{V3}/environments/?application={uuid}")).map_err(api_err)?;
+        self.env_order.clear();
         for e in answers::<types::Environment>(envs, "an environment")? {
             if let Ok(name) = EnvName::parse(&e.slug) {
+                self.env_order.push(name.clone());
                 self.env_uuids.insert(name, e.uuid);
             }
         }
