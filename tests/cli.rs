@@ -383,34 +383,40 @@ fn logs_go_to_stderr_as_json_when_asked() {
 }
 
 /// The CI examples: valid YAML, a plan job and an apply job each, and every pgconverge
-/// command in them one this pgconverge accepts.
+/// command in them one this pgconverge accepts (GitHub's through the action, whose
+/// commands `tests/action.rs` checks).
 #[test]
 fn ci_examples_run_commands_pgconverge_accepts() {
     use clap::Parser;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for (file, plan_job, apply_job) in
-        [("github-actions.yml", "plan", "apply"), ("gitlab-ci.yml", "pgconverge-plan", "pgconverge-apply")]
-    {
-        let text = std::fs::read_to_string(root.join("examples").join(file)).expect("example");
-        let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("valid YAML");
-        let jobs = doc.get("jobs").unwrap_or(&doc);
-        assert!(jobs.get(plan_job).is_some() && jobs.get(apply_job).is_some(), "{file}: jobs");
-        // Shell commands that start with `pgconverge`, up to their first redirection.
-        let commands: Vec<Vec<&str>> = text
-            .lines()
-            .map(|l| l.trim_start().trim_start_matches("- ").trim_start_matches("run:"))
-            .filter(|l| !l.starts_with('#'))
-            .flat_map(|l| l.split([';', '|']))
-            .map(str::trim)
-            .filter(|part| part.starts_with("pgconverge "))
-            .map(|part| part.split_whitespace().take_while(|w| !w.contains('>')).collect())
-            .collect();
-        assert!(commands.iter().any(|c| c.contains(&"plan") && c.contains(&"markdown")), "{file}: {commands:?}");
-        assert!(commands.iter().any(|c| c == &["pgconverge", "apply", "--auto-approve"]), "{file}: {commands:?}");
-        for c in &commands {
-            if let Err(e) = pgconverge::cli::Cli::try_parse_from(c) {
-                panic!("{file}: `{}` is refused: {e}", c.join(" "));
-            }
+    let text = std::fs::read_to_string(root.join("examples/github-actions.yml")).expect("example");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("valid YAML");
+    for (job, command) in [("plan", "plan"), ("apply", "apply")] {
+        let steps = doc["jobs"][job]["steps"].as_sequence().expect("steps");
+        let uses = steps.iter().find(|s| s["uses"].as_str().is_some_and(|u| u.contains("/pgconverge@")));
+        let uses = uses.unwrap_or_else(|| panic!("job {job} uses the action: {steps:?}"));
+        assert_eq!(uses["with"]["command"].as_str(), Some(command), "job {job}");
+        assert!(steps.len() <= 2 && !text.contains("run:"), "a use of the action, nothing else: {text}");
+    }
+
+    let text = std::fs::read_to_string(root.join("examples/gitlab-ci.yml")).expect("example");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("valid YAML");
+    assert!(doc.get("pgconverge-plan").is_some() && doc.get("pgconverge-apply").is_some(), "jobs");
+    // Shell commands that start with `pgconverge`, up to their first redirection.
+    let commands: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.trim_start().trim_start_matches("- ").trim_start_matches("run:"))
+        .filter(|l| !l.starts_with('#'))
+        .flat_map(|l| l.split([';', '|']))
+        .map(str::trim)
+        .filter(|part| part.starts_with("pgconverge "))
+        .map(|part| part.split_whitespace().take_while(|w| !w.contains('>')).collect())
+        .collect();
+    assert!(commands.iter().any(|c| c.contains(&"plan") && c.contains(&"markdown")), "{commands:?}");
+    assert!(commands.iter().any(|c| c == &["pgconverge", "apply", "--auto-approve"]), "{commands:?}");
+    for c in &commands {
+        if let Err(e) = pgconverge::cli::Cli::try_parse_from(c) {
+            panic!("gitlab-ci.yml: `{}` is refused: {e}", c.join(" "));
         }
     }
 }
