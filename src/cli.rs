@@ -789,7 +789,7 @@ fn init_command(init: Init, path: &Path, force: bool, out: &mut impl Write) -> R
     if report.plan.has_changes() {
         for env in report.plan.environments.iter().filter(|e| !e.actions.is_empty()) {
             summary.push_str(&format!(
-                "`pgconverge plan` still has {} in {}: work left half done; see the comments in the file.\n",
+                "`pgconverge plan` still has {} in {}: the comments in the file say why; review them before any apply.\n",
                 plural(env.actions.len(), "action"),
                 env.name
             ));
