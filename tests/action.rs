@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use common::{repo, scratch};
+use common::{ensure_postgres, repo, scratch, Servers};
 use serde_yaml::Value;
 
 fn action() -> Value {
@@ -167,4 +167,27 @@ fn the_action_step_plans_and_applies_and_reports_each_way_it_can_end() {
     let (code, outputs, _) = run_step(&dir, "destroy", "bad.yaml", "");
     assert_eq!((code, outputs["exitcode"].as_str()), (0, "1"), "an unknown command fails the job");
     assert!(!dir.join(".pgconverge/state").exists(), "nothing was applied");
+}
+
+#[test]
+fn the_action_step_applies_and_summarises_each_environment() {
+    ensure_postgres();
+    let dir = scratch("action-apply");
+    let _servers = Servers(dir.join(".pgconverge"));
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        "version: 1\nenvironments:\n  test:\n    postgres:\n      DEFAULT: 15\n",
+    )
+    .expect("config");
+    let (code, outputs, summary) = run_step(&dir, "apply", "pgconverge.yaml", "");
+    assert_eq!((code, outputs["exitcode"].as_str()), (0, "0"), "{outputs:?} {summary}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&outputs["result"]).expect("result")).expect("JSON");
+    assert_eq!(doc["result"], "converged", "{doc}");
+    let jq = Command::new("sh").args(["-c", "command -v jq"]).output().is_ok_and(|o| o.status.success());
+    if jq {
+        assert!(summary.starts_with("### pgconverge apply: converged\n\n- test: converged in "), "{summary}");
+    }
+    let (code, outputs, _) = run_step(&dir, "plan", "pgconverge.yaml", "");
+    assert_eq!((code, outputs["exitcode"].as_str()), (0, "0"), "converged: nothing to change");
 }
