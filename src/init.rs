@@ -107,25 +107,13 @@ fn declare(live: &EnvLive) -> EnvDraft {
 
     // A named `NEW_P`/`OLD_P` belongs to an upgrade of P only if P is there to upgrade
     // (attached, or in the other half of the upgrade); else it is a prefix of its own.
+    let paired = |p: &Prefix, other: Role| attached(p) || services.iter().any(|o| role(&o.prefix) == other);
     let roles: Vec<Role> = services
         .iter()
         .map(|s| match role(&s.prefix) {
-            Role::Temporary(Some(p)) => {
-                let other = services.iter().any(|o| role(&o.prefix) == Role::Retired(Some(p.clone())));
-                if attached(&p) || other {
-                    Role::Temporary(Some(p))
-                } else {
-                    Role::Own
-                }
-            }
-            Role::Retired(Some(p)) => {
-                let other = services.iter().any(|o| role(&o.prefix) == Role::Temporary(Some(p.clone())));
-                if attached(&p) || other {
-                    Role::Retired(Some(p))
-                } else {
-                    Role::Own
-                }
-            }
+            Role::Temporary(Some(p)) if paired(&p, Role::Retired(Some(p.clone()))) => Role::Temporary(Some(p)),
+            Role::Retired(Some(p)) if paired(&p, Role::Temporary(Some(p.clone()))) => Role::Retired(Some(p)),
+            Role::Temporary(Some(_)) | Role::Retired(Some(_)) => Role::Own,
             r => r,
         })
         .collect();

@@ -128,6 +128,17 @@ fn run_step(dir: &Path, command: &str, config: &str, environments: &str) -> (i32
     (code, outputs, std::fs::read_to_string(&summary).unwrap_or_default())
 }
 
+/// The result document the step's apply wrote.
+fn result(outputs: &BTreeMap<String, String>) -> serde_json::Value {
+    let text = std::fs::read_to_string(&outputs["result"]).expect("the result file");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The job summary of apply is jq's work (GitHub's runners have it); without it, none.
+fn has_jq() -> bool {
+    Command::new("sh").args(["-c", "command -v jq"]).output().is_ok_and(|o| o.status.success())
+}
+
 #[test]
 fn the_action_step_plans_and_applies_and_reports_each_way_it_can_end() {
     let dir = scratch("action");
@@ -156,11 +167,8 @@ fn the_action_step_plans_and_applies_and_reports_each_way_it_can_end() {
     // apply: the result document, summarised per environment (when jq is there).
     let (code, outputs, summary) = run_step(&dir, "apply", "bad.yaml", "");
     assert_eq!((code, outputs["exitcode"].as_str()), (0, "1"), "{outputs:?}");
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&outputs["result"]).expect("result")).expect("JSON");
-    assert_eq!(doc["result"], "refused", "{doc}");
-    let jq = Command::new("sh").args(["-c", "command -v jq"]).output().is_ok_and(|o| o.status.success());
-    if jq {
+    assert_eq!(result(&outputs)["result"], "refused");
+    if has_jq() {
         assert!(summary.starts_with("### pgconverge apply: refused"), "{summary}");
     }
 
@@ -181,11 +189,8 @@ fn the_action_step_applies_and_summarises_each_environment() {
     .expect("config");
     let (code, outputs, summary) = run_step(&dir, "apply", "pgconverge.yaml", "");
     assert_eq!((code, outputs["exitcode"].as_str()), (0, "0"), "{outputs:?} {summary}");
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&outputs["result"]).expect("result")).expect("JSON");
-    assert_eq!(doc["result"], "converged", "{doc}");
-    let jq = Command::new("sh").args(["-c", "command -v jq"]).output().is_ok_and(|o| o.status.success());
-    if jq {
+    assert_eq!(result(&outputs)["result"], "converged");
+    if has_jq() {
         assert!(summary.starts_with("### pgconverge apply: converged\n\n- test: converged in "), "{summary}");
     }
     let (code, outputs, _) = run_step(&dir, "plan", "pgconverge.yaml", "");
