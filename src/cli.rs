@@ -761,8 +761,9 @@ fn init_command(init: Init, path: &Path, force: bool, out: &mut impl Write) -> R
         Error::Provider(ProviderError::Failed(format!("init drafted a config it cannot read back (a bug): {e}")))
     })?;
     // What the next plan makes of it: nothing, unless work was left half done.
-    let (live, _) = observe(&config, &file, None)?;
+    let (live, provider) = observe(&config, &file, None)?;
     let report = plan::plan(&config, &live, &[])?;
+    let refused = provider.and_then(|p| p.check(&report.plan).err());
 
     let mut summary = String::new();
     if to_stdout {
@@ -793,6 +794,9 @@ fn init_command(init: Init, path: &Path, force: bool, out: &mut impl Write) -> R
                 plural(env.actions.len(), "action"),
                 env.name
             ));
+        }
+        if let Some(e) = refused {
+            summary.push_str(&format!("  It refuses to carry them out until a person decides: {e}\n"));
         }
     } else {
         summary.push_str("`pgconverge plan` has nothing to change.\n");

@@ -632,5 +632,12 @@ mod tests {
         assert!(draft.text.contains("# rollout: [\"true\", live]\n"), "{}", draft.text);
         assert_eq!(draft.notes.len(), 1, "the spare service: {:?}", draft.notes);
         assert_eq!(scalar("a\"b\\c\u{1b}\u{9b}"), "\"a\\\"b\\\\c\\u001b\\u009b\"");
+
+        let local = Provider::Local { root: "/srv/pg root".into(), pooler: true };
+        let text = super::draft(&live, &[env("live")], &local).text;
+        let config = crate::config::parse(std::path::Path::new("pgconverge.yaml"), &text).expect("reads back");
+        let local = config.provider.local.expect("local");
+        assert_eq!(local.root.as_deref(), Some(std::path::Path::new("/srv/pg root")));
+        assert_eq!(local.pooler, Some(crate::config::PoolerKind::Pgbouncer));
     }
 }

@@ -186,10 +186,29 @@ fn divio_init_declares_a_half_done_runbook_at_its_target() {
     world.instance(&live, "NEW", PG17, "PENDING_ATTACHMENT");
     let (_shared, base) = serve(world);
     let dir = scratch("init-divio-half");
-    let init = divio_run(&dir, &["init", "--provider", "divio", "--application", "shop", "--zone", &base]);
+    // The token in a variable of the team's choosing, which the file then names.
+    let token = [("MY_TOKEN", "tok-s3cret"), ("NETRC_PATH", "/nonexistent")];
+    let args = ["init", "--provider", "divio", "--application", "shop", "--zone", &base, "--token-env", "MY_TOKEN"];
+    let init = pgconverge_with(&args, &dir, &token);
     assert_eq!(init.code, 0, "{}{}", init.stdout, init.stderr);
+    assert!(init.stdout.contains("`pgconverge plan` still has"), "{}", init.stdout);
     let text = std::fs::read_to_string(dir.join("pgconverge.yaml")).expect("written");
+    assert!(text.contains("    token_env: MY_TOKEN\n"), "{text}");
     assert_eq!(declared(&dir), pairs(&[("live", &[("DEFAULT", 17)])]), "{text}");
+    // The rest of the runbook verifies: refused until a person sets verify_command.
+    assert!(init.stdout.contains("until a person decides") && init.stdout.contains("verify_command"));
+    let plan = pgconverge_with(&["plan", "--detailed-exitcode"], &dir, &token);
+    assert_eq!(plan.code, 1, "{}{}", plan.stdout, plan.stderr);
+    assert!(plan.stderr.contains("verify_command"), "{}", plan.stderr);
+    let decided = text.replace("    # verify_command: ./compare-copy\n", "    verify_command: 'true'\n");
+    let decided = decided.replace("    # fence_command: ./maintenance on\n", "    fence_command: 'true'\n");
+    std::fs::write(
+        dir.join("pgconverge.yaml"),
+        decided.replace("# unfence_command: ./maintenance off", "unfence_command: 'true'"),
+    )
+    .expect("decide");
+    let plan = pgconverge_with(&["plan", "--detailed-exitcode"], &dir, &token);
+    assert_eq!(plan.code, 2, "the rest of the runbook: {}{}", plan.stdout, plan.stderr);
     assert!(text.contains("# An upgrade is half done: NEW (PostgreSQL 17"), "{text}");
     assert!(!text.contains(PG15), "{text}");
 }
