@@ -280,9 +280,17 @@ fn declare(live: &EnvLive) -> EnvDraft {
 /// Writes `s` as a YAML scalar: plain where YAML reads it back as the same string, else
 /// double-quoted with every control character escaped.
 fn scalar(s: &str) -> String {
-    let plain = s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '.' || c == '/')
+    let mut chars = s.chars();
+    let start = match (chars.next(), chars.next()) {
+        (Some(c), _) if c.is_ascii_alphabetic() || c == '/' => true,
+        // `.pgconverge`, but never `.5` (a number to YAML).
+        (Some('.'), Some(c)) => c.is_ascii_alphabetic(),
+        _ => false,
+    };
+    let words = ["true", "false", "null", "yes", "no", "on", "off", "y", "n", ".inf", ".nan"];
+    let plain = start
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '_' | '-'))
-        && !["true", "false", "null", "yes", "no", "on", "off", "y", "n"].contains(&s.to_ascii_lowercase().as_str());
+        && !words.contains(&s.to_ascii_lowercase().as_str());
     if plain {
         return s.to_owned();
     }
@@ -633,11 +641,15 @@ mod tests {
         assert_eq!(draft.notes.len(), 1, "the spare service: {:?}", draft.notes);
         assert_eq!(scalar("a\"b\\c\u{1b}\u{9b}"), "\"a\\\"b\\\\c\\u001b\\u009b\"");
 
-        let local = Provider::Local { root: "/srv/pg root".into(), pooler: true };
-        let text = super::draft(&live, &[env("live")], &local).text;
-        let config = crate::config::parse(std::path::Path::new("pgconverge.yaml"), &text).expect("reads back");
-        let local = config.provider.local.expect("local");
-        assert_eq!(local.root.as_deref(), Some(std::path::Path::new("/srv/pg root")));
-        assert_eq!(local.pooler, Some(crate::config::PoolerKind::Pgbouncer));
+        for root in ["/srv/pg root", ".pgconverge", ".inf", ".5", "1e3", "~", "-x", "a: b", "#c", "NULL", "'q'"] {
+            let local = Provider::Local { root: root.into(), pooler: true };
+            let text = super::draft(&live, &[env("live")], &local).text;
+            let config = crate::config::parse(std::path::Path::new("pgconverge.yaml"), &text)
+                .unwrap_or_else(|e| panic!("{root}: {}", crate::config::report(&e)));
+            let local = config.provider.local.expect("local");
+            assert_eq!(local.root.as_deref(), Some(std::path::Path::new(root)));
+            assert_eq!(local.pooler, Some(crate::config::PoolerKind::Pgbouncer));
+        }
+        assert_eq!(scalar(".pgconverge"), ".pgconverge");
     }
 }
