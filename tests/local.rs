@@ -333,7 +333,7 @@ fn a_second_apply_is_refused_and_a_dead_lock_is_taken_over() {
 }
 
 #[test]
-fn a_server_that_is_down_is_started_and_deploy_runs_its_command() {
+fn a_server_that_is_down_is_started_by_apply_never_plan_and_deploy_runs_its_command() {
     let dir = scratch("local_down");
     let _servers = Servers(dir.join(".pgconverge"));
     let body = "  test:\n    postgres:\n      DEFAULT: 15\n";
@@ -351,8 +351,17 @@ fn a_server_that_is_down_is_started_and_deploy_runs_its_command() {
     drop(Servers(dir.join(".pgconverge"))); // stops every server
     let url = dsn(&dir, "DATABASE_URL");
     assert!(psql(&url, "SELECT 1").is_err(), "the server is down");
+    // plan and show change nothing (an apply may be running beside them): they say
+    // what the next apply does; apply starts it.
     let show = pgconverge(&["show"], &dir);
     assert_eq!(show.code, 0, "{}", show.stderr);
+    assert!(show.stderr.contains("server is down") && show.stderr.contains("the next apply starts it"));
+    let plan = pgconverge(&["plan", "--detailed-exitcode"], &dir);
+    assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
+    assert!(psql(&url, "SELECT 1").is_err(), "plan and show started nothing");
+    let again = pgconverge(&["apply", "--auto-approve"], &dir);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert!(again.stderr.contains("server was down; starting it"), "{}", again.stderr);
     assert_eq!(psql(&url, "SELECT 1").expect("started again"), "1");
 
     std::fs::write(
@@ -486,7 +495,7 @@ fn broken_machines_give_clear_errors_and_recover() {
     let conf = dir.join(".pgconverge/servers").join(id).join("data/postgresql.auto.conf");
     let original = std::fs::read_to_string(&conf).expect("conf");
     std::fs::write(&conf, format!("{original}\nshared_buffers = 'plenty'\n")).expect("break");
-    let run = pgconverge(&["show"], &dir);
+    let run = pgconverge(&["apply", "--auto-approve"], &dir);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("did not start") && run.stderr.contains("shared_buffers"), "{}", run.stderr);
     std::fs::write(&conf, original).expect("mend");

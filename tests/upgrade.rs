@@ -264,3 +264,42 @@ fn initdb_settings_are_read_back_as_given() {
         assert_eq!(read.expect("settings"), settings);
     }
 }
+
+/// `plan` and `show` change nothing, even where apply repairs: beside a running apply,
+/// a link that apply has just transferred and not yet committed looks exactly like one a
+/// crash left, and undoing it under apply would start two servers on the same files.
+/// Here a crash leaves it: plan says the next apply undoes it, leaves the old server's
+/// control file renamed away, and the next apply undoes it and finishes.
+#[test]
+fn plan_never_undoes_a_link_that_only_apply_may_settle() {
+    let dir = scratch("upgrade_link_plan");
+    let root = dir.join(".pgconverge");
+    let _servers = Servers(root.clone());
+    config(&dir, "transfer: link", 15);
+    apply(&dir);
+    psql(&dsn(&dir), SCHEMA).expect("load");
+    config(&dir, "transfer: link", 17);
+    let crashed = common::pgconverge_with(
+        &["apply", "--auto-approve"],
+        &dir,
+        &[("PGCONVERGE_FAILPOINTS", "upgrade:transferred=crash")],
+    );
+    assert_eq!(crashed.code, 137, "{}{}", crashed.stdout, crashed.stderr);
+    let renamed: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("servers"))
+        .expect("servers")
+        .flatten()
+        .map(|e| e.path().join("data/global/pg_control.old"))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(renamed.len(), 1, "pg_upgrade renamed the old server's control file away");
+
+    for args in [&["plan"][..], &["show"], &["plan", "--format", "json"]] {
+        let run = pgconverge(args, &dir);
+        assert!(run.code == 0 || run.code == 2, "{args:?}: {}{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains("the next apply undoes it first"), "{args:?}: {}", run.stderr);
+        assert!(renamed[0].exists(), "{args:?} gave the old server its control file back");
+    }
+    let again = apply(&dir);
+    assert!(again.stderr.contains("undoing a pg_upgrade --link"), "{}", again.stderr);
+    assert_eq!(psql(&dsn(&dir), CHECK).expect("check"), "17|5000|5000|1|1|5001");
+}

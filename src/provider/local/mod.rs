@@ -88,6 +88,11 @@ pub struct LocalProvider {
     /// Fingerprints taken ahead of a verify, while the copy streamed: each of a service
     /// that nothing can change until the verify (a fenced source, an unattached copy).
     fingerprints: BTreeMap<ServiceId, (Verify, fingerprint::Fingerprint)>,
+    /// `recover` ran, with apply's lock held: observe may repair what it finds (finish or
+    /// undo an interrupted link, start a server or pooler that is down, make the pauses
+    /// agree with the fences). Without it (plan, show, init) observe only reads and says
+    /// what the next apply will do: repairing beside a running apply could undo its work.
+    writable: bool,
 }
 
 fn failed(e: impl std::fmt::Display) -> ProviderError {
@@ -128,6 +133,7 @@ impl LocalProvider {
             told_paused: Default::default(),
             pooler_checked: Default::default(),
             fingerprints: Default::default(),
+            writable: false,
         })
     }
 
@@ -176,6 +182,7 @@ impl Provider for LocalProvider {
 
     fn recover(&mut self) -> Result<()> {
         self.claim_root()?;
+        self.writable = true;
         self.tidy()
     }
 
@@ -197,12 +204,19 @@ impl Provider for LocalProvider {
         let Ok(entries) = std::fs::read_dir(self.root.join("state")) else { return Ok(live) };
         for e in entries.flatten() {
             let Ok(env) = EnvName::parse(&e.file_name().to_string_lossy()) else { continue };
-            self.settle_links(&env)?;
+            if self.writable {
+                self.settle_links(&env)?;
+            } else {
+                self.tell_links(&env)?;
+            }
             let mut services = Vec::new();
             for mut meta in self.metas(&env)? {
                 // A consumed server's files are another's: it is never started again.
                 if meta.service.status != Status::New && meta.service.consumed_by.is_none() {
-                    self.private_socket_dir(&env, &mut meta)?;
+                    let socket = self.writable || self.socket_dir_ok(&meta)?;
+                    if self.writable {
+                        self.private_socket_dir(&env, &mut meta)?;
+                    }
                     let server = self.server(&meta)?;
                     if !server.data_dir.join("PG_VERSION").exists() {
                         return Err(ProviderError::Inconsistent(format!(
@@ -211,6 +225,12 @@ impl Provider for LocalProvider {
                             meta.service.status.as_str(),
                             server.data_dir.display()
                         )));
+                    }
+                    let reachable = socket && server.is_running();
+                    if !(self.writable || reachable) {
+                        tracing::warn!(service = %meta.service.id, "server is down (or its socket directory gone); the next apply starts it");
+                        services.push(meta.service);
+                        continue;
                     }
                     if !server.is_running() {
                         tracing::warn!(service = %meta.service.id, "server was down; starting it");
@@ -231,7 +251,11 @@ impl Provider for LocalProvider {
                 }
                 services.push(meta.service);
             }
-            self.settle_pooler(&env, &self.metas(&env)?)?;
+            if self.writable {
+                self.settle_pooler(&env, &self.metas(&env)?)?;
+            } else {
+                self.tell_pooler(&env, &self.metas(&env)?)?;
+            }
             if !services.is_empty() {
                 live.environments.insert(env, EnvLive { services });
             }

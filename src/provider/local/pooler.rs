@@ -298,6 +298,29 @@ impl LocalProvider {
         Ok(())
     }
 
+    /// What `settle_pooler` would do, said and not done (observe without the lock).
+    pub(super) fn tell_pooler(&mut self, env: &EnvName, metas: &[Meta]) -> Result<()> {
+        let Some(pooler) = self.pooler(env)? else { return Ok(()) };
+        if !metas.iter().any(|m| m.service.status.visible()) {
+            return Ok(());
+        }
+        if pooler.pid().is_none() {
+            tracing::warn!(env = %env, "the pooler is down: the application cannot connect until the next apply starts it");
+            return Ok(());
+        }
+        for (db, port, paused) in pooler.databases()? {
+            let fenced = metas.iter().any(|m| m.port == Some(port) && m.service.fenced);
+            if fenced && !paused {
+                tracing::warn!(env = %env, database = %db, "the pooler is not paused on a fenced server: the application's queries fail until the next apply pauses it");
+            } else if fenced && self.told_paused.insert(env.clone()) {
+                tracing::warn!(env = %env, database = %db, "the pooler is paused: the application's queries wait until an apply finishes the upgrade or gives it up");
+            } else if !fenced && paused {
+                tracing::warn!(env = %env, database = %db, "the pooler is left paused on a server that is not fenced (or an apply is pausing it): the next apply resumes it");
+            }
+        }
+        Ok(())
+    }
+
     /// The fence's first half: pauses `meta`'s pooled database, waiting at most the bound
     /// for transactions under way to end; one held open gives the pause up, the pooler
     /// resumed and the sessions that held it named.

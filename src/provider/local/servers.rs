@@ -57,17 +57,19 @@ impl LocalProvider {
         }
     }
 
+    /// The socket directory of `meta`'s server is there, and one pgconverge made for it.
+    pub(super) fn socket_dir_ok(&self, meta: &Meta) -> Result<bool> {
+        let owner = self.run_as.map(|r| r.uid).or_else(server::effective_uid).unwrap_or(0);
+        server::check_private_dir(&self.socket_dir(meta), owner).map_err(|e| ProviderError::Inconsistent(e.to_string()))
+    }
+
     /// Makes sure the socket directory of `meta`'s server is one pgconverge made for it
     /// alone (owned by the server's user, mode 0700, no symlink), and makes one when it is
     /// missing: a new random one under the temporary directory when the root is deep (the
     /// system may have cleaned it), the server restarted into it if it was running.
     pub(super) fn private_socket_dir(&self, env: &EnvName, meta: &mut Meta) -> Result<()> {
-        let owner = self.run_as.map(|r| r.uid).or_else(server::effective_uid).unwrap_or(0);
-        let dir = self.socket_dir(meta);
-        match server::check_private_dir(&dir, owner) {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => return Err(ProviderError::Inconsistent(e.to_string())),
+        if self.socket_dir_ok(meta)? {
+            return Ok(());
         }
         let running = self.server(meta)?.postmaster().is_some();
         let short = self.root.join("run").join(meta.service.id.as_str());

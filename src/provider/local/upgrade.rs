@@ -136,6 +136,18 @@ impl LocalProvider {
         Ok(())
     }
 
+    /// What `settle_links` would do, said and not done (observe without the lock).
+    pub(super) fn tell_links(&self, env: &EnvName) -> Result<()> {
+        for meta in self.metas(env)? {
+            let Some(from) = meta.link_from.clone() else { continue };
+            let source = self.load(env, &from).ok();
+            let finish = source.as_ref().is_none_or(|s| s.service.consumed_by.as_ref() == Some(&meta.service.id));
+            let what = if finish { "finishes" } else { "undoes" };
+            tracing::warn!(service = %meta.service.id, from = %from, "a pg_upgrade --link was interrupted here (or an apply is running it): the next apply {what} it first; this shows the records as they are");
+        }
+        Ok(())
+    }
+
     /// Undoes a `link` upgrade into `meta`'s server from `source`'s, which nothing has
     /// started since: the old cluster gets its `pg_control` back and serves again, the
     /// new one is made afresh (removing its links leaves the old files as they are).
