@@ -212,3 +212,31 @@ fn divio_init_declares_a_half_done_runbook_at_its_target() {
     assert!(text.contains("# An upgrade is half done: NEW (PostgreSQL 17"), "{text}");
     assert!(!text.contains(PG15), "{text}");
 }
+
+/// The runbook done by hand with the original kept: OLD (15) detached beside DEFAULT (17).
+/// The API shows no data of a detached service and there is no ledger, yet the next
+/// plan keeps it: init declares keep_old, and keep_old never deletes such an original.
+#[test]
+fn divio_init_keeps_an_original_kept_by_a_runbook_done_by_hand() {
+    let mut world = World::shop(&["live"]);
+    let live = world.env_uuid("live");
+    let original = world.databases("live")[0].uuid.clone();
+    world.instances.iter_mut().filter(|i| i.uuid == original).for_each(|i| {
+        i.prefix = "OLD".into();
+        i.status = "DETACHED".into();
+    });
+    let copy = world.instance(&live, "DEFAULT", PG17, "ATTACHED");
+    world.bindings.entry("live".into()).or_default().insert("DEFAULT".into(), copy);
+    let (shared, base) = serve(world);
+    let dir = scratch("init-divio-kept");
+    let init = divio_run(&dir, &["init", "--provider", "divio", "--application", "shop", "--zone", &base]);
+    assert_eq!(init.code, 0, "{}{}", init.stdout, init.stderr);
+    let text = std::fs::read_to_string(dir.join("pgconverge.yaml")).expect("written");
+    assert!(text.contains("    upgrade: {keep_old: true}\n"), "{text}");
+    assert!(text.contains("# OLD (PostgreSQL 15, detached) is the original an upgrade of DEFAULT kept"), "{text}");
+    assert_eq!(declared(&dir), pairs(&[("live", &[("DEFAULT", 17)])]), "{text}");
+    assert!(init.stdout.contains("`pgconverge plan` has nothing to change."), "{}", init.stdout);
+    let plan = divio_run(&dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 0, "the original stays: {}{}", plan.stdout, plan.stderr);
+    assert_eq!(lock(&shared).databases("live").len(), 2);
+}

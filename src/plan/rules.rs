@@ -363,9 +363,15 @@ impl Ctx {
         s.visible() && s.data.is_some_and(|d| self.is_declared(d.of))
     }
 
-    /// With keep_old, the original kept detached under a retired prefix.
+    /// With keep_old, the original kept detached under a retired prefix: one holding a
+    /// declared dataset, or a detached one whose data no record knows (an original whose
+    /// record was lost, or an upgrade made by hand): never deleted on a guess.
     pub fn retired_original(&self, s: &Svc) -> bool {
-        matches!(self.roles[s.prefix as usize], Role::Retired(_)) && s.data.is_some_and(|d| self.is_declared(d.of))
+        matches!(self.roles[s.prefix as usize], Role::Retired(_))
+            && match s.data {
+                Some(d) => self.is_declared(d.of),
+                None => s.status == Status::Detached && s.consumed.is_none(),
+            }
     }
 
     /// A copy of `p` is good enough to replace or be the application's copy.

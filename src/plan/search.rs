@@ -608,7 +608,7 @@ fn needs_copy(ctx: &Ctx, st: &State, p: u8, v: u32) -> bool {
 /// whether one of them is its delete.
 fn cost_to_go(ctx: &Ctx, s: &Svc) -> (u32, bool) {
     let declared_data = s.data.is_some_and(|d| ctx.is_declared(d.of));
-    let delete = !(ctx.keep_old && declared_data);
+    let delete = !(ctx.keep_old && (declared_data || ctx.retired_original(s)));
     let detach = u32::from(s.status == Status::Attached);
     (u32::from(delete) + detach + u32::from(must_rename_away(ctx, s)), delete)
 }

@@ -137,6 +137,27 @@ fn half_done_states_plan_the_rest() {
             &[],
         ),
         (
+            "keep_old keeps a detached original whose record was lost (an upgrade made by hand)",
+            "    upgrade: {keep_old: true}\n    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"OLD","status":"detached"},
+               {"id":"n","version":17,"prefix":"DEFAULT","status":"attached"}"#,
+            &[],
+        ),
+        (
+            "without keep_old that original goes",
+            "    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"OLD","status":"detached"},
+               {"id":"n","version":17,"prefix":"DEFAULT","status":"attached"}"#,
+            &["delete svc-1"],
+        ),
+        (
+            "keep_old keeps no empty service that is not detached",
+            "    upgrade: {keep_old: true}\n    postgres: {DEFAULT: 17}\n",
+            r#"{"id":"svc-1","version":16,"prefix":"OLD","status":"provisioned"},
+               {"id":"n","version":17,"prefix":"DEFAULT","status":"attached"}"#,
+            &["delete svc-1"],
+        ),
+        (
             "the copy lost completeness when its source was unfenced",
             "    postgres: {DEFAULT: 17}\n",
             r#"{"id":"svc-1","version":16,"prefix":"DEFAULT","status":"attached"},
