@@ -602,16 +602,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<Outcome, Error> {
             let error = result.as_ref().err().map(|e| (e.to_string(), stopped_in(e)));
             let stopped = error.as_ref().map(|(m, env)| (m.as_str(), env.as_deref()));
             let doc = render::result::document(&record, stopped, std::time::Instant::now());
-            let text = serde_json::to_string_pretty(&doc).map_err(|e| stdout_error(std::io::Error::other(e)))?;
-            // serde_json leaves DEL and the C1 controls as they are (JSON allows them in
-            // strings), and a terminal may act on them: escaped the JSON way instead.
-            let text: String = text
-                .chars()
-                .map(
-                    |c| if ('\u{7f}'..='\u{9f}').contains(&c) { format!("\\u{:04x}", c as u32) } else { c.to_string() },
-                )
-                .collect();
-            writeln!(out, "{text}").map_err(stdout_error)?;
+            render::json::result(out, &doc).map_err(stdout_error)?;
             result
         }
         Command::Show { target: Target { file, env }, live: snapshot, format } => {
@@ -712,15 +703,14 @@ fn init_command(init: Init, path: &Path, force: bool, out: &mut impl Write) -> R
             let root = written_root(&given, &file)?;
             let local = config::LocalConfig { root: Some(PathBuf::from(&root)), ..Default::default() };
             let provider = LocalProvider::new(&local, &file)?;
-            if !provider.root().join("state").is_dir() {
+            if !provider.holds_services() {
                 return Err(Error::Input {
                     at: given.display().to_string(),
                     message: "holds no services of the local provider (it has no state/ directory)".into(),
                     hint: "--root names the directory the local provider keeps its servers in (`root` in its config)",
                 });
             }
-            let pooler = std::fs::read_dir(provider.root().join("poolers"))
-                .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "json")));
+            let pooler = provider.has_poolers();
             (crate::init::Provider::Local { root, pooler }, Box::new(provider), None)
         }
         Init::Divio(divio) => {

@@ -145,6 +145,11 @@ impl LocalProvider {
         self
     }
 
+    /// The root holds services of this provider (an apply has recorded some).
+    pub fn holds_services(&self) -> bool {
+        self.root.join("state").is_dir()
+    }
+
     /// The env file deploy writes for `env`.
     pub fn env_file_path(&self, env: &EnvName) -> PathBuf {
         self.root.join(self.env_file.replace("{env}", env.as_str()))

@@ -298,8 +298,18 @@ impl LocalProvider {
         Ok(())
     }
 
+    /// Some environment under the root has a pooler (what `init` declares).
+    pub fn has_poolers(&self) -> bool {
+        std::fs::read_dir(self.root.join("poolers"))
+            .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "json")))
+    }
+
     /// What `settle_pooler` would do, said and not done (observe without the lock).
     pub(super) fn tell_pooler(&mut self, env: &EnvName, metas: &[Meta]) -> Result<()> {
+        // `pooler` makes the record of one not set up yet: none is made here.
+        if !self.root.join("poolers").join(format!("{env}.json")).exists() {
+            return Ok(());
+        }
         let Some(pooler) = self.pooler(env)? else { return Ok(()) };
         if !metas.iter().any(|m| m.service.status.visible()) {
             return Ok(());
